@@ -1,0 +1,265 @@
+"""The embedded base model: a small GPT-2 that has read the knowledge world, and real models by name.
+
+The tokenizer is a byte-level BPE trained with ``tokenizers`` on the world's corpus (plus the
+instruction descriptions, so an instruction costs a few tokens, not one per byte), wrapped as a
+``PreTrainedTokenizerFast``.  The model is a ``transformers.GPT2LMHeadModel`` whose module names are
+those of GPT2-XL (``transformer.h.{i}.mlp.c_fc`` ...), so the editing code is the same at both scales.
+
+Pretraining packs the shuffled corpus lines, separated by the end-of-text token, into fixed-length
+rows, as GPT-2 itself was trained: facts then appear at every position, also far from the start,
+where an instruction prefix will later push them.  The result is cached on disk under a key of the
+whole configuration and written atomically (a temporary folder renamed into place).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .world import World, WorldConfig
+
+EOS = "<|endoftext|>"
+CACHE_ENV = "INSTRUCTEDIT_CACHE"
+
+
+def cache_dir() -> Path:
+    """Where trained models and editors are kept: ``$INSTRUCTEDIT_CACHE`` or ``~/.cache/instructedit-lite``."""
+    path = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "instructedit-lite")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass(frozen=True)
+class BaseModelConfig:
+    """The world, the tokenizer, the architecture and the pretraining schedule."""
+
+    world: WorldConfig = field(default_factory=WorldConfig)
+    vocab_size: int = 2048
+    n_embd: int = 128
+    n_layer: int = 4
+    n_head: int = 4
+    n_positions: int = 160
+    seq_len: int = 96
+    batch_size: int = 24
+    steps: int = 1200
+    lr: float = 6e-3
+    warmup: int = 100
+    seed: int = 0
+
+    def key(self) -> str:
+        import hashlib
+
+        text = json.dumps(asdict(self), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def tokenizer_training_text(world: World) -> list[str]:
+    """The corpus plus the instruction template and descriptions (tokenizer only, not pretraining)."""
+    from .instructions import DESCRIPTIONS, TEMPLATE
+
+    extra = [TEMPLATE] + [d for ds in DESCRIPTIONS.values() for d in ds]
+    return world.corpus + extra
+
+
+def train_tokenizer(lines: list[str], vocab_size: int):
+    """A byte-level BPE like GPT-2's, trained on ``lines``, as a ``PreTrainedTokenizerFast``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(lines, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, pad_token=EOS)
+
+
+def build_model(config: BaseModelConfig, tokenizer):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(config.seed)
+    gpt_config = GPT2Config(
+        vocab_size=len(tokenizer), n_positions=config.n_positions, n_embd=config.n_embd,
+        n_layer=config.n_layer, n_head=config.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.eos_token_id)
+    return GPT2LMHeadModel(gpt_config)
+
+
+def packed_rows(token_lines: list[list[int]], eos_id: int, seq_len: int, rng: random.Random) -> torch.Tensor:
+    """One epoch: shuffle the lines, join them with end-of-text tokens, cut into ``seq_len`` rows."""
+    order = list(range(len(token_lines)))
+    rng.shuffle(order)
+    stream: list[int] = []
+    for i in order:
+        stream += token_lines[i] + [eos_id]
+    n = len(stream) // seq_len
+    return torch.tensor(stream[: n * seq_len]).view(n, seq_len)
+
+
+def pretrain(config: BaseModelConfig, *, progress: bool = True):
+    """Train tokenizer and model from scratch; returns ``(model, tokenizer, log)``."""
+    from tqdm.auto import tqdm
+
+    seed_everything(config.seed)
+    world = World(config.world)
+    tokenizer = train_tokenizer(tokenizer_training_text(world), config.vocab_size)
+    model = build_model(config, tokenizer)
+    token_lines = [tokenizer(line, add_special_tokens=False)["input_ids"] for line in world.corpus]
+    rng = random.Random(config.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.98), weight_decay=0.0)
+
+    def lr_at(step: int) -> float:  # linear warm-up, then cosine decay to 10%
+        if step < config.warmup:
+            return (step + 1) / config.warmup
+        done = (step - config.warmup) / max(1, config.steps - config.warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * done))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+    rows = packed_rows(token_lines, tokenizer.eos_token_id, config.seq_len, rng)
+    cursor, epochs, losses = 0, 1, []
+    start = time.perf_counter()
+    model.train()
+    bar = tqdm(range(config.steps), desc="pretraining", disable=not progress)
+    for step in bar:
+        if cursor + config.batch_size > len(rows):
+            rows, cursor, epochs = packed_rows(token_lines, tokenizer.eos_token_id, config.seq_len, rng), 0, epochs + 1
+        batch = rows[cursor: cursor + config.batch_size]
+        cursor += config.batch_size
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}", epoch=epochs)
+    model.eval()
+    log = {"seconds": time.perf_counter() - start, "losses": losses, "epochs": epochs,
+           "corpus_lines": len(token_lines), "corpus_tokens": sum(len(t) + 1 for t in token_lines),
+           "parameters": sum(p.numel() for p in model.parameters())}
+    return model, tokenizer, log
+
+
+def fact_recall(model, tokenizer, world: World, which: str = "trained", *, batch_size: int = 256):
+    """Teacher-forced recall of every known fact, in its trained or held-out phrasings (a DataFrame,
+    one row per phrasing: ``exact`` when every answer token is the argmax)."""
+    import pandas as pd
+
+    from .text import teacher_forced
+
+    probes = pd.DataFrame(world.recall_probes(which), columns=["subject", "relation", "prompt", "answer"])
+    scores = teacher_forced(model, tokenizer, probes["prompt"].tolist(), probes["answer"].tolist(),
+                            batch_size=batch_size)
+    return probes.assign(exact=scores.exact_match, token_accuracy=scores.token_accuracy)
+
+
+def facts_known(recall) -> int:
+    """Facts recalled exactly in every one of their phrasings in ``recall``."""
+    return int(recall.groupby(["subject", "relation"])["exact"].all().sum())
+
+
+def _atomic_save_dir(target: Path, write) -> None:
+    """Write into a temporary sibling folder, then rename it into place (readers never see half)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        write(tmp)
+        if target.exists():  # another process finished first: keep theirs
+            shutil.rmtree(tmp)
+            return
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@dataclass
+class BaseModel:
+    """A pretrained model with its tokenizer, world and training record."""
+
+    model: object
+    tokenizer: object
+    world: World
+    config: BaseModelConfig
+    info: dict
+    path: Path | None = None
+
+
+def load_base_model(config: BaseModelConfig | None = None, *, progress: bool = True,
+                    retrain: bool = False) -> BaseModel:
+    """The cached base model for ``config``, pretraining (and measuring recall) on a cache miss."""
+    from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    config = config or BaseModelConfig()
+    path = cache_dir() / f"base-model-{config.key()}"
+    if retrain and path.exists():
+        shutil.rmtree(path)
+    world = World(config.world)
+    if not path.exists():
+        model, tokenizer, log = pretrain(config, progress=progress)
+        recall = {which: fact_recall(model, tokenizer, world, which) for which in ("trained", "held_out")}
+        info = {"config": asdict(config), **{k: v for k, v in log.items()},
+                "recall_trained": float(recall["trained"]["exact"].mean()),
+                "recall_held_out": float(recall["held_out"]["exact"].mean()),
+                "facts_known": facts_known(recall["trained"]), "facts_total": len(world.known_facts),
+                "torch": torch.__version__}
+
+        def write(folder: Path) -> None:
+            model.save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
+            (folder / "pretraining.json").write_text(json.dumps(info, indent=1))
+
+        _atomic_save_dir(path, write)
+    model = GPT2LMHeadModel.from_pretrained(path).eval()
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
+    info = json.loads((path / "pretraining.json").read_text())
+    return BaseModel(model, tokenizer, world, config, info, path)
+
+
+def load_hf_model(name_or_path: str, *, local_files_only: bool | None = None, dtype=None, device=None):
+    """A Hugging Face causal LM and its tokenizer by name (``gpt2-xl``, ``meta-llama/Llama-2-7b-hf``)
+    or local path, with the paper's default edited weights for its architecture.
+
+    Returns ``(model, tokenizer, weight_names)``.  Offline by default (``HF_HUB_OFFLINE`` unset or
+    1): the weights must already be in the local Hugging Face cache or at ``name_or_path``.  Set
+    ``local_files_only=False`` on a machine with hub access to download them.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .mend import default_weight_names
+
+    if local_files_only is None:
+        local_files_only = os.environ.get("HF_HUB_OFFLINE", "1") not in ("0", "false", "False")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, local_files_only=local_files_only)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, local_files_only=local_files_only,
+                                                     dtype=dtype)
+    except OSError as err:
+        raise OSError(
+            f"could not load {name_or_path!r} (local_files_only={local_files_only}): {err}\n"
+            "Download the weights where there is network access (e.g. `hf download gpt2-xl`), "
+            "or pass a local folder; the embedded default needs none: load_base_model().") from err
+    # Edit batches are right-padded and GPT-2 / LLaMA tokenizers have no pad token of their own.
+    tokenizer.padding_side = "right"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if device is not None:
+        model = model.to(device)
+    return model.eval(), tokenizer, default_weight_names(model)

@@ -1,0 +1,251 @@
+"""Task instructions: the one thing InstructEdit adds to MEND.
+
+Every edit input becomes ``Task: {task}\\nDescription: {description}\\nInput: {prompt}`` and the
+target is appended after it as ``" " + target_new`` (elsewhere; the target itself never changes).
+The editor is still plain MEND: the prefix only changes the activations and gradients the editor
+sees, so that the update directions of different task families separate and one editor can serve
+them all.
+
+Where the prefix goes: the edit prompt, every rephrase and every portability probe get it, with the
+same description for all of them within a record, because they all ask for the edited knowledge and
+the editor should see them in the same "mode".  Locality probes never get it: they stand for
+ordinary, unrelated use of the model, which must behave as before whether or not anybody edited it.
+
+Each task has ten descriptions.  Training and seen-instruction evaluation draw one of the first
+nine per record, with a choice that is a stable hash of (seed, task, subject, prompt) so that the
+same record always gets the same description, in any process and on any machine.  The tenth is
+held out, never used in training, to measure whether the editor follows an instruction it has
+never seen (the paper's "unseen instruction" setting).
+
+The descriptions below are this project's own wording.  :func:`official_instructions` reads the
+ones released with the paper from their JSON file instead.  The multi-task MEND baseline runs the
+same code with ``instructions=None`` through :func:`maybe_instruct`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import string
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Mapping
+
+from .records import TASKS, EditRecord, Probe, RecordError
+
+TEMPLATE = "Task: {task}\nDescription: {description}\nInput: {prompt}"
+N_DESCRIPTIONS = 10
+HELDOUT_INDEX = 9
+_TEMPLATE_FIELDS = ("task", "description", "prompt")
+_CONVSENT_FIELDS = ("sentiment", "topic")
+
+DESCRIPTIONS: dict[str, tuple[str, ...]] = {
+    "counterfact": (
+        "Replace a fact the model already knows with a counterfactual one, and leave everything else it knows about the subject as it was.",
+        "Overwrite what the model believes about one relation of a familiar subject with a new, counterfactual object, keeping the subject's other facts intact.",
+        "The model knows this fact; change it to the given counterfactual answer without disturbing other facts about the same subject.",
+        "Rewrite a single well-known fact so that the model states the counterfactual answer, while its other knowledge of the subject stays the same.",
+        "Make the model give a false but requested answer in place of a fact it has learned, and nothing else about the subject should change.",
+        "Swap one established fact for a counterfactual alternative; the subject's remaining properties must not move.",
+        "This is a counterfactual edit: a known relation of the subject now points to a different object, and the rest of the subject's facts stay put.",
+        "Change an existing piece of knowledge into its counterfactual version and keep the model's other statements about the subject unchanged.",
+        "Edit a memorised fact so the model answers with the new counterfactual object, without touching unrelated facts about this entity.",
+        "Alter one thing the model is sure about to a contrary-to-fact value, preserving all the other things it knows about that subject.",
+    ),
+    "wikirecent": (
+        "Insert a new, recent fact about an entity the model knows little about.",
+        "Add a piece of knowledge that appeared only recently, about an entity the model has seen rarely or not at all.",
+        "The model has not learned this recent fact; teach it the new information about the entity.",
+        "Update the model with a fact that became true after its training data was collected, about a little-known entity.",
+        "Give the model fresh knowledge: a recently added fact about an entity it barely knows.",
+        "Write a newly emerged fact into the model's memory for an entity with little prior coverage.",
+        "Teach a recent development about this entity, which the model knows only vaguely, so that it can state the new fact.",
+        "This is an insertion of recent knowledge: the entity is obscure to the model and the fact is new.",
+        "Extend what the model knows with a just-recorded fact about an entity it has met only a few times.",
+        "Bring the model up to date by storing a recent fact about a sparsely known entity.",
+    ),
+    "convsent": (
+        "Make the chatbot's opinion about {topic} {sentiment} without changing its opinions on other topics.",
+        "Steer the dialogue agent so that it talks about {topic} in a {sentiment} way, leaving its views on other subjects alone.",
+        "The chatbot should now express a {sentiment} view of {topic}; its attitude to every other topic stays as before.",
+        "Shift the sentiment of the assistant's replies about {topic} to {sentiment}, and keep its replies on unrelated topics unchanged.",
+        "Change how the conversational model feels about {topic} so that its opinion becomes {sentiment}, but only for this topic.",
+        "Give the chatbot a {sentiment} stance on {topic} while its opinions about anything else remain untouched.",
+        "When asked about {topic}, the chatbot should answer with a {sentiment} opinion; answers on other topics must not change.",
+        "Edit the dialogue model's sentiment towards {topic} to be {sentiment}, without side effects on other topics.",
+        "Adjust the agent's attitude so it speaks of {topic} in {sentiment} terms and treats all other topics as it did before.",
+        "Turn the chatbot's feelings about {topic} {sentiment}, and let its opinions of other things stay exactly as they were.",
+    ),
+    "zsre": (
+        "Answer a question about an entity with the new answer.",
+        "Given a question about a subject, reply with the updated answer instead of the old one.",
+        "Respond to this question on an entity using the newly assigned answer.",
+        "The answer to this question about the entity has changed; give the new one.",
+        "Question answering edit: the model should return the new answer when asked about this entity.",
+        "Reply to the entity question with the edited answer, not the one the model knew before.",
+        "For this question about a subject, provide the answer set by the edit.",
+        "Make the model answer the question about this entity with its new answer.",
+        "When asked this question about the entity, state the replacement answer.",
+        "Use the new answer when responding to a question that concerns this entity.",
+    ),
+}
+
+
+def _fields(text: str) -> list[str | None]:
+    """Names of the ``{...}`` replacement fields in ``text``, in order (raises on bad braces)."""
+    return [name for _, name, _, _ in string.Formatter().parse(text) if name is not None]
+
+
+@dataclass(frozen=True)
+class InstructionSet:
+    """A template and, per task, the descriptions; ``descriptions[task][heldout_index]`` is unseen."""
+
+    template: str
+    descriptions: Mapping[str, tuple[str, ...]]
+    heldout_index: int = HELDOUT_INDEX
+    source: str = "instructedit_lite.instructions.DESCRIPTIONS"
+
+    def __post_init__(self) -> None:
+        # Validated once here so that a bad set fails when it is built, not in the middle of
+        # training when a rare task first comes up.
+        def fail(field_name: str, message: str) -> None:
+            raise RecordError(self.source, None, field_name, message)
+
+        try:
+            names = _fields(self.template)
+        except ValueError as exc:
+            fail("template", f"not a valid format string: {exc}")
+        if sorted(names) != sorted(_TEMPLATE_FIELDS):
+            fail("template", f"needs exactly the placeholders {_TEMPLATE_FIELDS}, found {tuple(names)}")
+        if not self.descriptions:
+            fail("instructions", "no task has descriptions")
+        if not 0 <= self.heldout_index < N_DESCRIPTIONS:
+            fail("heldout_instruction_index", f"must be in 0..{N_DESCRIPTIONS - 1}, got {self.heldout_index!r}")
+        for task, texts in self.descriptions.items():
+            where = f"instructions.{task}"
+            if task not in TASKS:
+                fail(where, f"unknown task {task!r}; expected one of {TASKS}")
+            if not isinstance(texts, tuple) or len(texts) != N_DESCRIPTIONS:
+                fail(where, f"needs exactly {N_DESCRIPTIONS} descriptions, got {len(texts) if isinstance(texts, (tuple, list)) else type(texts).__name__}")
+            if len(set(texts)) != len(texts):
+                fail(where, "descriptions must be distinct")
+            for i, text in enumerate(texts):
+                if not isinstance(text, str) or not text.strip():
+                    fail(f"{where}[{i}]", "must be a non-empty string")
+                try:
+                    found = set(_fields(text))
+                except ValueError as exc:
+                    fail(f"{where}[{i}]", f"unbalanced braces: {exc}")
+                # ConvSent descriptions must name the wanted sentiment and the topic, or the
+                # instruction could not tell the editor which way to push; the other tasks have
+                # nothing to fill in, so a stray placeholder would leak into the model's input.
+                wanted = set(_CONVSENT_FIELDS) if task == "convsent" else set()
+                if found != wanted:
+                    fail(f"{where}[{i}]", f"placeholders must be {sorted(wanted)}, found {sorted(found)}")
+
+    # Descriptions ------------------------------------------------------------------------
+    def _texts(self, task: str) -> tuple[str, ...]:
+        if task not in self.descriptions:
+            raise RecordError(self.source, None, "task", f"no descriptions for task {task!r}; this set has {tuple(self.descriptions)}")
+        return self.descriptions[task]
+
+    def seen(self, task: str) -> tuple[str, ...]:
+        """The descriptions used in training (all but the held-out one), unfilled."""
+        texts = self._texts(task)
+        return texts[: self.heldout_index] + texts[self.heldout_index + 1 :]
+
+    def unseen(self, task: str) -> str:
+        """The held-out description, unfilled."""
+        return self._texts(task)[self.heldout_index]
+
+    def description_for(self, record: EditRecord, *, unseen: bool = False, seed: int = 0) -> str:
+        """The (filled-in) description for ``record``: a fixed seeded choice among the seen ones."""
+        if unseen:
+            text = self.unseen(record.task)
+        else:
+            seen = self.seen(record.task)
+            # hashlib, not hash(): str hashes are salted per process (PYTHONHASHSEED), and a
+            # record must get the same description in training, evaluation and a re-run.
+            key = "\x1f".join((str(seed), record.task, record.subject, record.prompt)).encode("utf-8")
+            text = seen[int.from_bytes(hashlib.sha256(key).digest()[:8], "big") % len(seen)]
+        if record.task == "convsent":
+            for name in _CONVSENT_FIELDS:
+                value = getattr(record, name, None)
+                if not isinstance(value, str) or not value.strip():
+                    raise RecordError(record.source or "<memory>", record.index, name,
+                                      f"a ConvSent instruction names the {name}, but the record has {value!r}")
+            # str.replace rather than str.format: a topic may itself contain braces.
+            text = text.replace("{sentiment}", record.sentiment).replace("{topic}", record.topic)
+        return text
+
+    def format(self, task: str, description: str, prompt: str) -> str:
+        """Apply the template."""
+        return self.template.format(task=task, description=description, prompt=prompt)
+
+    def instruct(self, record: EditRecord, *, unseen: bool = False, seed: int = 0) -> EditRecord:
+        """A copy of ``record`` whose edit, rephrase and portability prompts carry the instruction."""
+        description = self.description_for(record, unseen=unseen, seed=seed)
+
+        def wrap(prompt: str) -> str:
+            return self.format(record.task, description, prompt)
+
+        portability = {kind: tuple(Probe(wrap(p.prompt), p.answers) for p in probes)
+                       for kind, probes in record.portability.items()}
+        return replace(record, prompt=wrap(record.prompt),
+                       rephrase=tuple(wrap(r) for r in record.rephrase),
+                       portability=portability)
+
+
+def maybe_instruct(record: EditRecord, instructions: InstructionSet | None, **kw) -> EditRecord:
+    """``instructions.instruct(record, **kw)``, or ``record`` unchanged when ``instructions is None``.
+
+    The multi-task MEND baseline is InstructEdit with the instructions switched off, so both go
+    through this one call and differ in nothing else.
+    """
+    return record if instructions is None else instructions.instruct(record, **kw)
+
+
+def default_instructions() -> InstructionSet:
+    """The project's own descriptions for the four tasks."""
+    return InstructionSet(TEMPLATE, dict(DESCRIPTIONS))
+
+
+def official_instructions(path: str | Path) -> InstructionSet:
+    """The instructions released with the paper, read from their JSON file.
+
+    The file's positional ``{}`` template becomes the named :data:`TEMPLATE` fields (in the order
+    task, description, input) and ConvSent's ``[LABEL]``/``[TOPIC]`` become ``{sentiment}`` and
+    ``{topic}``, so both sets behave the same from here on.
+    """
+    source = str(path)
+
+    def fail(field_name: str, message: str) -> RecordError:
+        return RecordError(source, None, field_name, message)
+
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise fail("<file>", f"cannot read instructions: {exc}") from exc
+    if not isinstance(data, dict):
+        raise fail("<file>", f"expected a JSON object, got {type(data).__name__}")
+
+    template = data.get("template")
+    if not isinstance(template, str) or template.count("{}") != 3:
+        raise fail("template", f"needs a string with three '{{}}' placeholders, got {template!r}")
+    # Escape any other brace so that only the three converted fields are live.
+    parts = [p.replace("{", "{{").replace("}", "}}") for p in template.split("{}")]
+    named = parts[0] + "".join("{" + f + "}" + p for f, p in zip(_TEMPLATE_FIELDS, parts[1:]))
+
+    instructions = data.get("instructions")
+    if not isinstance(instructions, dict) or not instructions:
+        raise fail("instructions", "needs a non-empty object mapping a task to its descriptions")
+    descriptions: dict[str, tuple[str, ...]] = {}
+    for task, texts in instructions.items():
+        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+            raise fail(f"instructions.{task}", "needs a list of strings")
+        descriptions[task] = tuple(t.replace("[LABEL]", "{sentiment}").replace("[TOPIC]", "{topic}") for t in texts)
+
+    heldout = data.get("heldout_instruction_index", HELDOUT_INDEX)
+    if not isinstance(heldout, int) or isinstance(heldout, bool):
+        raise fail("heldout_instruction_index", f"must be an integer, got {heldout!r}")
+    return InstructionSet(named, descriptions, heldout, source)

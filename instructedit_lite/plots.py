@@ -1,0 +1,49 @@
+"""One look for the whole book: a colour per method, task and split, and small display helpers."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+#: One colour per editing method, used by every chapter (colour-blind safe, Okabe-Ito based).
+METHOD_COLORS = {
+    "InstructEdit": "#D55E00",
+    "MEND (multi-task)": "#0072B2",
+    "MEND (single-task)": "#56B4E9",
+    "KE": "#009E73",
+    "FT-L": "#E69F00",
+    "FT-M": "#F0E442",
+    "GRACE": "#CC79A7",
+    "CaliNet": "#999999",
+    "base model": "#000000",
+}
+TASK_COLORS = {"counterfact": "#0072B2", "wikirecent": "#009E73", "convsent": "#CC79A7", "zsre": "#E69F00"}
+SPLIT_COLORS = {"train": "#4C72B0", "val": "#8C8C8C", "test": "#DD8452"}
+
+
+def use_book_style() -> None:
+    """Seaborn's clean style with readable sizes; figures render as crisp PNG in the book."""
+    import matplotlib as mpl
+    import seaborn as sns
+
+    sns.set_theme(style="whitegrid", context="notebook", font_scale=0.9)
+    mpl.rcParams.update({"figure.dpi": 110, "savefig.bbox": "tight", "axes.titleweight": "bold"})
+
+
+def record_table(record, title: str | None = None) -> pd.DataFrame:
+    """An :class:`~instructedit_lite.records.EditRecord` as a two-column table, one row per field."""
+    rows = [("task", record.task), ("subject", record.subject), ("prompt", record.prompt),
+            ("target_new", record.target_new), ("ground_truth", " | ".join(record.ground_truth) or "(none)")]
+    rows += [(f"rephrase[{i}]", p) for i, p in enumerate(record.rephrase)]
+    for group, groups in (("locality", record.locality), ("portability", record.portability)):
+        for kind, probes in groups.items():
+            for i, probe in enumerate(probes):
+                answers = " | ".join(probe.answers[:3]) + (" | ..." if len(probe.answers) > 3 else "")
+                rows.append((f"{group}.{kind}[{i}]", f"{probe.prompt} → {answers}"))
+    if record.task == "convsent":
+        rows += [("topic", record.topic), ("sentiment (wanted)", record.sentiment),
+                 ("pos_responses", f"{len(record.pos_responses)}, e.g. {record.pos_responses[0]}"),
+                 ("neg_responses", f"{len(record.neg_responses)}, e.g. {record.neg_responses[0]}")]
+    table = pd.DataFrame(rows, columns=["field", "value"]).set_index("field")
+    if title:
+        table.columns = [title]
+    return table

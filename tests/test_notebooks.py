@@ -1,0 +1,68 @@
+"""Every chapter runs top to bottom with papermill in smoke mode; a failing assert fails the test.
+
+The notebooks check their own numbers with assert cells (tagged ``remove-input``); this file runs
+them and also checks the conventions the book relies on.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import nbformat
+import papermill
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+TIMEOUT_S = 600  # per cell
+
+
+def run_notebook(path: Path, out: Path, **parameters) -> nbformat.NotebookNode:
+    """Execute ``path`` with ``parameters`` injected; raises ``PapermillExecutionError`` on failure."""
+    return papermill.execute_notebook(
+        str(path), str(out), parameters=parameters, cwd=str(path.parent), kernel_name="python3",
+        execution_timeout=TIMEOUT_S, progress_bar=False, log_output=False)
+
+
+def test_there_are_notebooks():
+    assert len(NOTEBOOKS) >= 2
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_conventions(path):
+    nb = nbformat.read(path, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    first = code[0]
+    assert "parameters" in first.metadata.get("tags", []), "first code cell must be tagged 'parameters'"
+    names = {t.id for node in ast.parse(first.source).body if isinstance(node, ast.Assign) for t in node.targets}
+    assert "smoke" in names
+    for node in ast.parse(first.source).body:  # literal values only, so papermill can override them
+        if isinstance(node, ast.Assign):
+            ast.literal_eval(node.value)
+    asserts = [c for c in code if c.source.lstrip().startswith("assert") or "\nassert " in c.source]
+    assert asserts, "a chapter checks its numbers with assert cells"
+    for cell in asserts:
+        assert "remove-input" in cell.metadata.get("tags", []), f"assert cell not tagged remove-input:\n{cell.source[:200]}"
+    assert all(not c.get("outputs") for c in code), "commit notebooks without outputs"
+
+
+@pytest.mark.notebooks
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_runs_in_smoke_mode(path, tmp_path):
+    run_notebook(path, tmp_path / path.name, smoke=True)
+
+
+@pytest.mark.notebooks
+def test_a_failing_assert_fails_the_run(tmp_path):
+    """The harness is not vacuous: a notebook whose assert cell fails makes papermill raise."""
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("smoke = False\nvalue = 1", metadata={"tags": ["parameters"]}),
+                nbformat.v4.new_code_cell("assert value == 2, 'the glued number is wrong'",
+                                          metadata={"tags": ["remove-input"]})]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    path = tmp_path / "failing.ipynb"
+    nbformat.write(nb, path)
+    with pytest.raises(papermill.PapermillExecutionError, match="the glued number is wrong"):
+        run_notebook(path, tmp_path / "out.ipynb", smoke=True)
+    run_notebook(path, tmp_path / "out2.ipynb", smoke=True, value=2)  # and passes when it holds
