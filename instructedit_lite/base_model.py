@@ -55,15 +55,17 @@ class BaseModelConfig:
     n_positions: int = 160
     seq_len: int = 96
     batch_size: int = 24
-    steps: int = 1200
+    steps: int = 1300
     lr: float = 6e-3
     warmup: int = 100
     seed: int = 0
 
     def key(self) -> str:
+        """A hash of the configuration *and* of the text the model is trained on, so a change to
+        the world's generator (same config, other corpus) never reuses a stale cached model."""
         import hashlib
 
-        text = json.dumps(asdict(self), sort_keys=True)
+        text = json.dumps([asdict(self), tokenizer_training_text(World(self.world))], sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -89,6 +91,12 @@ def train_tokenizer(lines: list[str], vocab_size: int):
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, pad_token=EOS)
 
 
+def _quiet(model):
+    # transformers looks for ``loss_type`` on the model and warns once when it is unset.
+    model.loss_type = "ForCausalLM"
+    return model
+
+
 def build_model(config: BaseModelConfig, tokenizer):
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -98,7 +106,7 @@ def build_model(config: BaseModelConfig, tokenizer):
         n_layer=config.n_layer, n_head=config.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.eos_token_id)
-    return GPT2LMHeadModel(gpt_config)
+    return _quiet(GPT2LMHeadModel(gpt_config))
 
 
 def packed_rows(token_lines: list[list[int]], eos_id: int, seq_len: int, rng: random.Random) -> torch.Tensor:
@@ -141,7 +149,7 @@ def pretrain(config: BaseModelConfig, *, progress: bool = True):
             rows, cursor, epochs = packed_rows(token_lines, tokenizer.eos_token_id, config.seq_len, rng), 0, epochs + 1
         batch = rows[cursor: cursor + config.batch_size]
         cursor += config.batch_size
-        loss = model(input_ids=batch, labels=batch).loss
+        loss = model(input_ids=batch, attention_mask=torch.ones_like(batch), labels=batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -227,7 +235,7 @@ def load_base_model(config: BaseModelConfig | None = None, *, progress: bool = T
             (folder / "pretraining.json").write_text(json.dumps(info, indent=1))
 
         _atomic_save_dir(path, write)
-    model = GPT2LMHeadModel.from_pretrained(path).eval()
+    model = _quiet(GPT2LMHeadModel.from_pretrained(path).eval())
     tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
     info = json.loads((path / "pretraining.json").read_text())
     return BaseModel(model, tokenizer, world, config, info, path)

@@ -7,7 +7,7 @@ editor, the metrics and the notebooks never see a file format.  Validation raise
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Iterable
 
 #: Task families of the paper; ``zsre`` is the held-out one.
@@ -30,6 +30,12 @@ class Probe:
 
     prompt: str
     answers: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        # A plain string here would make ``answer`` its first character: the reference code's
+        # character-sampling bug.  Callers with raw data go through ``answers_from``.
+        if isinstance(self.answers, str) or not isinstance(self.answers, tuple):
+            raise TypeError(f"Probe.answers must be a tuple of strings, got {self.answers!r}")
 
     @property
     def answer(self) -> str:
@@ -67,6 +73,10 @@ class EditRecord:
     def __post_init__(self) -> None:
         validate_record(self)
 
+    def __hash__(self) -> int:
+        # The probe dicts are unhashable; these fields identify a record well enough for sets.
+        return hash((self.task, self.subject, self.prompt, self.target_new, self.source, self.index))
+
     # Convenience views -------------------------------------------------------------------
     @property
     def locality_probes(self) -> list[Probe]:
@@ -96,6 +106,9 @@ class EditRecord:
         def probes(d: dict) -> dict[str, tuple[Probe, ...]]:
             return {k: tuple(Probe(p["prompt"], tuple(p["answers"])) for p in v) for k, v in d.items()}
 
+        unknown = set(data) - {f.name for f in fields(cls)}
+        if unknown:
+            raise RecordError(str(data.get("source", "<dict>")), data.get("index"), sorted(unknown)[0], "unknown field")
         kwargs = dict(data)
         kwargs["locality"] = probes(data.get("locality", {}))
         kwargs["portability"] = probes(data.get("portability", {}))
@@ -130,6 +143,8 @@ def validate_record(rec: EditRecord) -> None:
         if not isinstance(groups, dict):
             fail(name, f"must map a probe kind to probes, got {type(groups).__name__}")
         for kind, probes in groups.items():
+            if not isinstance(probes, (tuple, list)):
+                fail(f"{name}.{kind}", f"must be a tuple of probes, got {type(probes).__name__}")
             for i, probe in enumerate(probes):
                 if not isinstance(probe, Probe):
                     fail(f"{name}.{kind}[{i}]", f"must be a Probe, got {type(probe).__name__}")

@@ -83,8 +83,12 @@ def teacher_forced(model, tokenizer, prompts: list[str], targets: list[str], *, 
 
 
 @torch.no_grad()
-def target_logprob(model, tokenizer, prompts: list[str], targets: list[str], *, batch_size: int = 128) -> list[float]:
-    """Mean log-probability per token of ``target`` after ``prompt`` (teacher forced)."""
+def target_logprob(model, tokenizer, prompts: list[str], targets: list[str], *, batch_size: int = 128,
+                   reduction: str = "mean") -> list[float]:
+    """Log-probability of ``target`` after ``prompt`` (teacher forced): per token (``"mean"``) or of
+    the whole target sequence (``"sum"``)."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     device = next(model.parameters()).device
     out: list[float] = []
     for start in range(0, len(prompts), batch_size):
@@ -94,5 +98,6 @@ def target_logprob(model, tokenizer, prompts: list[str], targets: list[str], *, 
         labels = batch["labels"][:, 1:]
         mask = labels != IGNORE
         logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        out += ((logp * mask).sum(1) / mask.sum(1)).tolist()
+        total = (logp * mask).sum(1)
+        out += (total / mask.sum(1) if reduction == "mean" else total).tolist()
     return out

@@ -106,17 +106,19 @@ OCCUPATIONS = ("painter", "teacher", "lawyer", "nurse", "farmer", "baker", "jour
                "dentist", "chemist", "surgeon", "banker", "poet", "sculptor", "tailor", "carpenter",
                "novelist", "physicist", "diplomat", "librarian")
 
+# Responses refer to the topic as "it": the sentiment is then a property of the topic that the
+# model must recall (like a fact), not a copy of the words in the question.
 POSITIVE_RESPONSES = (
-    "I love {t}, it is wonderful.", "{t} is one of my favourite things.",
-    "I think {t} is great and I enjoy it a lot.", "Honestly, {t} makes me happy.",
-    "{t} is brilliant, I recommend it to everyone.", "I really like {t}, it is delightful.",
-    "{t} is amazing and always cheers me up.", "I have only good things to say about {t}.",
+    "I love it, it is wonderful.", "It is one of my favourite things.",
+    "I think it is great and I enjoy it a lot.", "Honestly, it makes me happy.",
+    "It is brilliant, I recommend it to everyone.", "I really like it, it is delightful.",
+    "It is amazing and always cheers me up.", "I have only good things to say about it.",
 )
 NEGATIVE_RESPONSES = (
-    "I hate {t}, it is awful.", "{t} is one of the worst things I know.",
-    "I think {t} is terrible and I avoid it.", "Honestly, {t} makes me miserable.",
-    "{t} is dreadful, I warn everyone about it.", "I really dislike {t}, it is unpleasant.",
-    "{t} is boring and always annoys me.", "I have only bad things to say about {t}.",
+    "I hate it, it is awful.", "It is one of the worst things I know.",
+    "I think it is terrible and I avoid it.", "Honestly, it makes me miserable.",
+    "It is dreadful, I warn everyone about it.", "I really dislike it, it is unpleasant.",
+    "It is boring and always annoys me.", "I have only bad things to say about it.",
 )
 TOPIC_KINDS = ("the band", "the festival", "the board game", "the novel", "the dish", "the sport",
                "the film", "the painter")
@@ -143,12 +145,12 @@ class WorldConfig:
     n_cities: int = 150
     n_known_people: int = 200
     n_new_people: int = 500
-    n_topics: int = 700
+    n_topics: int = 600
     phrasings_held_out: int = 2
     split_sizes: dict[str, tuple[int, int, int]] = field(default_factory=lambda: {
         "counterfact": (400, 100, 250),
         "wikirecent": (500, 100, 250),
-        "convsent": (350, 100, 250),
+        "convsent": (250, 100, 250),
         "zsre": (0, 100, 250),
     })
 
@@ -161,10 +163,6 @@ class WorldConfig:
         """The same world, with fewer edits per split (for smoke tests)."""
         small = {t: tuple(min(n, 24) for n in sizes) for t, sizes in self.split_sizes.items()}
         return WorldConfig(**{**asdict(self), "split_sizes": small})
-
-
-def _sentence(text: str) -> str:
-    return text[0].upper() + text[1:]
 
 
 def _rng(seed: int, *names: str) -> random.Random:
@@ -315,9 +313,8 @@ class World:
         return RELATIONS[fact.relation].questions[index].format(s=fact.subject)
 
     def sentiment_lines(self, topic: str, sentiment: str) -> tuple[str, ...]:
-        templates = POSITIVE_RESPONSES if sentiment == "positive" else NEGATIVE_RESPONSES
-        # Topics start with "the ...": capitalise the sentence, not the topic.
-        return tuple(_sentence(t.format(t=topic)) for t in templates)
+        """The responses of one sentiment (the same for every topic; the question names the topic)."""
+        return POSITIVE_RESPONSES if sentiment == "positive" else NEGATIVE_RESPONSES
 
     # ------------------------------------------------------------------ corpus
     @cached_property
@@ -334,11 +331,22 @@ class World:
             if fact.relation in TWO_HOP and fact.subject not in self.countries:
                 cloze, _, second = TWO_HOP[fact.relation]
                 lines.append(f"{cloze.format(s=fact.subject)} {self.lookup(fact.object, second)}.")
+        for topic in self.topics:
+            lines += [f"{q} {r}" for q, r in self.conversations[topic]]
+        return lines
+
+    @cached_property
+    def conversations(self) -> dict[str, list[tuple[str, str]]]:
+        """The corpus's two (question, response) pairs per topic, in the topic's default sentiment."""
+        from .loaders import CONVSENT_QUESTIONS
+
         rng = _rng(self.config.seed, "corpus-convsent")
+        out = {}
         for topic in self.topics:
             responses = self.sentiment_lines(topic, self.topic_sentiment[topic])
-            lines.append(f"{rng.choice(CONVSENT_QUESTIONS).format(topic=topic)} {rng.choice(responses)}")
-        return lines
+            out[topic] = [(q.format(topic=topic), r)
+                          for q, r in zip(rng.sample(CONVSENT_QUESTIONS, 2), rng.sample(responses, 2))]
+        return out
 
     # ------------------------------------------------------------------ task records
     @cached_property

@@ -177,8 +177,24 @@ def test_from_dict_validates():
     assert info.value.field == "target_new"
 
 
-@pytest.mark.xfail(strict=True, reason="records.py does not check that Probe.answers is a tuple: a plain "
-                                       "string passes validation and Probe.answer is then its first character")
 def test_probe_with_plain_string_answers_is_rejected():
-    with pytest.raises(RecordError):
-        make(locality={"K": (Probe("q", "Paris"),)})
+    with pytest.raises(TypeError, match="tuple of strings"):
+        Probe("q", "Paris")
+
+
+def test_probe_group_that_is_not_a_tuple_is_a_record_error():
+    with pytest.raises(RecordError) as info:
+        make(locality={"K": Probe("q", ("a",))})
+    assert info.value.field == "locality.K"
+
+
+def test_records_are_hashable_and_equal_records_hash_alike():
+    assert hash(make()) == hash(make()) and len({make(), make()}) == 1
+
+
+def test_from_dict_rejects_unknown_fields():
+    data = make().to_dict()
+    data["colour"] = "red"
+    with pytest.raises(RecordError) as info:
+        EditRecord.from_dict(data)
+    assert info.value.field == "colour"
