@@ -31,7 +31,7 @@ def test_tokenizer_is_a_fast_gpt2_style_tokenizer(base):
     text = "Task: counterfact\nDescription: x\nInput: The capital of Peru is Lima."
     assert tok.decode(tok(text)["input_ids"]) == text  # byte-level: lossless
     # frequent words of the world are single tokens with their leading space, as in GPT-2
-    assert len(tok(" Paris", add_special_tokens=False)["input_ids"]) == 1
+    assert len(tok(" capital", add_special_tokens=False)["input_ids"]) == 1
     assert len(tok(" Zqxjvw", add_special_tokens=False)["input_ids"]) > 1
 
 

@@ -44,7 +44,7 @@ def test_sizes_are_large_enough(world):
     for task in TASKS:
         assert len(world.records(task, "test")) >= 200
     for task in ("counterfact", "wikirecent", "convsent"):
-        assert len(world.records(task, "train")) >= 300
+        assert len(world.records(task, "train")) >= 250
     assert world.records("zsre", "train") == []  # held out: no editor trains on it
 
 

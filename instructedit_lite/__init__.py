@@ -1,0 +1,15 @@
+"""instructedit-lite: InstructEdit (IJCAI 2024) reproduced step by step on a laptop CPU.
+
+Modules, each one idea:
+
+- :mod:`~instructedit_lite.records`: the edit-request record type and its validation;
+- :mod:`~instructedit_lite.loaders`: the public data formats read into records;
+- :mod:`~instructedit_lite.world`: the embedded knowledge world, its corpus and task families;
+- :mod:`~instructedit_lite.base_model`: tokenizer, pretraining, the cache, Hugging Face models;
+- :mod:`~instructedit_lite.instructions`: the instruction template and descriptions;
+- :mod:`~instructedit_lite.text`: prompt/target batches and teacher-forced scoring;
+- :mod:`~instructedit_lite.mend`: the MEND editor;
+- :mod:`~instructedit_lite.plots`: the book's colours and display helpers.
+"""
+
+__version__ = "0.1.0"
