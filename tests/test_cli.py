@@ -1,0 +1,98 @@
+"""The ``instructedit-lite`` command line: argument parsing and dispatch (nothing is trained here)."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from instructedit_lite import base_model, bench, cli
+from instructedit_lite import train as tr
+
+
+def fake_base():
+    return SimpleNamespace(info={"recall_trained": 0.97, "recall_held_out": 0.86, "losses": [1.0], "config": {}},
+                           path=Path("/nowhere/base-model-x"), config=SimpleNamespace(key=lambda: "x"),
+                           world=None, model=None, tokenizer=None)
+
+
+def test_pretrain_prints_recall_as_json(monkeypatch):
+    calls = []
+    monkeypatch.setattr(base_model, "load_base_model", lambda **kw: calls.append(kw) or fake_base())
+    out = io.StringIO()
+    assert cli.main(["pretrain", "--quiet"], stream=out) == 0
+    data = json.loads(out.getvalue())
+    assert data["recall_trained"] == 0.97 and data["recall_held_out"] == 0.86
+    assert "losses" not in data and calls == [{"progress": False, "retrain": False}]
+
+
+def test_train_parses_and_dispatches_to_the_cache(monkeypatch):
+    seen = {}
+
+    def fake_train_editor(config, base, *, cache, progress):
+        seen.update(config=config, cache=cache, progress=progress)
+        summary = {"steps": config.steps, "train_seconds": 1.5, "skipped_steps": 0, "best_step": 4,
+                   "initial": {"val_loss": 2.0, "val_reliability": 0.1, "val_locality": 1.0},
+                   "best": {"step": 4, "val_loss": 1.0, "val_reliability": 0.9, "reliability/counterfact": 0.9}}
+        return SimpleNamespace(summary=summary, path=Path("/cache/editor-x-y"))
+
+    monkeypatch.setattr(base_model, "load_base_model", lambda **kw: fake_base())
+    monkeypatch.setattr(tr, "train_editor", fake_train_editor)
+    out = io.StringIO()
+    argv = ["train", "--regime", "single", "--tasks", "wikirecent", "--smoke", "--steps", "7", "--seed", "3",
+            "--no-cache", "--quiet"]
+    assert cli.main(argv, stream=out) == 0
+    config = seen["config"]
+    assert (config.regime, config.tasks, config.steps, config.seed) == ("single", ("wikirecent",), 7, 3)
+    assert config.val_every == tr.default_config("single", "wikirecent", smoke=True).val_every
+    assert seen["cache"] is False and seen["progress"] is False
+    data = json.loads(out.getvalue())
+    assert data["best"]["val_reliability"] == 0.9 and data["tasks"] == ["wikirecent"]
+
+
+def test_train_with_out_folder_calls_train(monkeypatch, tmp_path):
+    seen = {}
+
+    def fake_train(config, model, tokenizer, *, train_records, val_records, out_dir, progress):
+        seen.update(config=config, out_dir=out_dir)
+        summary = {"steps": 2, "train_seconds": 0.1, "skipped_steps": 0, "best_step": 0,
+                   "initial": {"val_loss": 1.0, "val_reliability": 0.0, "val_locality": 1.0}, "best": {"val_loss": 1.0}}
+        return SimpleNamespace(summary=summary)
+
+    monkeypatch.setattr(base_model, "load_base_model", lambda **kw: fake_base())
+    monkeypatch.setattr(tr, "records_for", lambda config, world: ({}, {}))
+    monkeypatch.setattr(tr, "train", fake_train)
+    out = io.StringIO()
+    assert cli.main(["train", "--tasks", "counterfact,convsent", "--out", str(tmp_path), "--quiet"], stream=out) == 0
+    assert seen["out_dir"] == tmp_path and seen["config"].regime == "instruct"
+    assert seen["config"].tasks == ("counterfact", "convsent")
+    assert seen["config"].steps == tr.default_config("instruct").steps
+
+
+def test_bad_arguments(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--regime", "sometimes"])
+    with pytest.raises(SystemExit):
+        cli.main(["frobnicate"])
+    capsys.readouterr()
+    # a configuration error is one line and exit status 2, not a traceback
+    assert cli.main(["train", "--regime", "single", "--quiet"]) == 2
+    assert "needs its one task" in capsys.readouterr().err
+    assert cli.main(["train", "--regime", "single", "--tasks", "counterfact,convsent", "--quiet"]) == 2
+    assert "exactly one task" in capsys.readouterr().err
+
+
+def test_bench_prints_and_writes_json(monkeypatch, tmp_path):
+    monkeypatch.setattr(bench, "edit_cost", lambda **kw: {"edit_s": 0.02, "fwd_bwd_s": 0.01, "ratio": 2.0, **kw})
+    out, target = io.StringIO(), tmp_path / "sub" / "cost.json"
+    assert cli.main(["bench", "--out", str(target), "--repeats", "3"], stream=out) == 0
+    written = json.loads(target.read_text())
+    assert written["ratio"] == 2.0 and written["repeats"] == 3
+    assert "edit / forward+backward = 2.00" in out.getvalue()
+    # the module entry point takes the same arguments
+    monkeypatch.setattr("sys.stdout", io.StringIO())
+    assert bench.main(["--out", str(tmp_path / "b.json"), "--repeats", "2"]) == 0
+    assert json.loads((tmp_path / "b.json").read_text())["repeats"] == 2
