@@ -9,6 +9,8 @@ Modules, each one idea:
 - :mod:`~instructedit_lite.instructions`: the instruction template and descriptions;
 - :mod:`~instructedit_lite.text`: prompt/target batches and teacher-forced scoring;
 - :mod:`~instructedit_lite.mend`: the MEND editor;
+- :mod:`~instructedit_lite.train`: meta-training of editors in the three regimes, cached;
+- :mod:`~instructedit_lite.bench` and :mod:`~instructedit_lite.cli`: the edit-cost benchmark and the command line;
 - :mod:`~instructedit_lite.plots`: the book's colours and display helpers.
 """
 

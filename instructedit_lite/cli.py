@@ -2,7 +2,7 @@
 
     instructedit-lite pretrain [--retrain]
     instructedit-lite train --regime instruct --tasks counterfact,wikirecent,convsent [--steps N]
-                            [--seed S] [--out DIR] [--smoke] [--no-cache]
+                            [--seed S] [--out DIR] [--smoke] [--no-cache] [--threads T]
     instructedit-lite bench [--out FILE] [--repeats N] [--threads T]
 
 Everything is cached under ``$INSTRUCTEDIT_CACHE`` (default ``~/.cache/instructedit-lite``).
@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output folder (resumable); default: the editor cache under $INSTRUCTEDIT_CACHE")
     t.add_argument("--smoke", action="store_true", help="a few dozen edits only")
     t.add_argument("--no-cache", action="store_true", help="train again even if a cached editor exists")
+    t.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1: the embedded model's matrices are too small to gain from more)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
 
     b = sub.add_parser("bench", help="time one edit against one forward+backward of the base model")
@@ -76,7 +78,11 @@ def cmd_train(args, stream) -> int:
     from .base_model import load_base_model
     from .train import records_for, train, train_editor
 
+    import torch
+
     config = train_config_from_args(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     base = load_base_model(progress=not args.quiet)
     if args.out is not None:
         train_records, val_records = records_for(config, base.world)

@@ -235,10 +235,13 @@ class RunningNorm(nn.Module):
         row-by-row updates up to rounding:
         ``μ ← μ_a + d·n_b/n``, ``M2 ← M2_a + M2_b + d²·n_a·n_b/n`` with ``d = μ_b − μ_a``.
         """
+        # A non-finite row (an overflowed gradient) would poison the statistics for good, even
+        # though the training loop skips that step's optimiser update: leave such rows out.
+        rows = rows.detach().to(torch.float64)
+        rows = rows[torch.isfinite(rows).all(-1)]
         n_b = rows.shape[0]
         if n_b == 0:
             return
-        rows = rows.detach().to(torch.float64)
         n_a = self.count.item()
         n = n_a + n_b
         mean_b = rows.mean(0)

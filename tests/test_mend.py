@@ -588,3 +588,13 @@ def test_timing_helper_leaves_model_and_editor_unchanged(gpt2, batch):
     assert all(torch.equal(v, stats[k]) for k, v in editor.state_dict().items())
     assert not any(p.requires_grad for p in gpt2.parameters())
     assert all(p.grad is None for p in gpt2.parameters())
+
+
+def test_running_norm_ignores_non_finite_rows():
+    from instructedit_lite.mend import RunningNorm
+
+    norm = RunningNorm(3).train()
+    rows = torch.tensor([[1.0, 2.0, 3.0], [float("nan"), 0.0, 0.0], [3.0, 4.0, float("inf")], [5.0, 6.0, 7.0]])
+    norm.update(rows)
+    assert norm.count.item() == 2
+    assert torch.allclose(norm.mean, torch.tensor([3.0, 4.0, 5.0], dtype=torch.float64))
