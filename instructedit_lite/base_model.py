@@ -18,13 +18,13 @@ import math
 import os
 import random
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
+from .atomic import atomic_save_dir
 from .world import World, WorldConfig
 
 EOS = "<|endoftext|>"
@@ -196,21 +196,6 @@ def facts_known(recall) -> int:
     return int(recall.groupby(["subject", "relation"])["exact"].all().sum())
 
 
-def _atomic_save_dir(target: Path, write) -> None:
-    """Write into a temporary sibling folder, then rename it into place (readers never see half)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        write(tmp)
-        if target.exists():  # another process finished first: keep theirs
-            shutil.rmtree(tmp)
-            return
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 @dataclass
 class BaseModel:
     """A pretrained model with its tokenizer, world and training record."""
@@ -247,7 +232,7 @@ def load_base_model(config: BaseModelConfig | None = None, *, progress: bool = T
             tokenizer.save_pretrained(folder)
             (folder / "pretraining.json").write_text(json.dumps(info, indent=1))
 
-        _atomic_save_dir(path, write)
+        atomic_save_dir(path, write)
     model = _quiet(GPT2LMHeadModel.from_pretrained(path).eval())
     tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
     info = json.loads((path / "pretraining.json").read_text())

@@ -36,13 +36,14 @@ from __future__ import annotations
 import contextlib
 import os
 import statistics
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
+
+from .atomic import atomic_torch_save
 
 try:  # GPT-2's linear layer: y = x W + b with W stored as (d_in, d_out).
     from transformers.pytorch_utils import Conv1D
@@ -556,16 +557,7 @@ class MendEditor(nn.Module):
             "weights": {n: {"layout": i.layout, "shape": list(i.shape)} for n, i in self.infos.items()},
             "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()},
         }
-        folder = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=".mend-", suffix=".tmp", dir=folder)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(blob, f)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(tmp)
-            raise
+        atomic_torch_save(blob, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: nn.Module) -> "MendEditor":

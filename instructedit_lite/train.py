@@ -48,6 +48,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .atomic import atomic_torch_save, atomic_write_text
 from .instructions import InstructionSet, default_instructions, maybe_instruct
 from .mend import MendConfig, MendEditor, applied, functional_forward, lm_loss
 from .records import EditRecord
@@ -576,32 +577,6 @@ def validate(model, editor: MendEditor, tokenizer, records: Mapping[str, list[Ed
 # ---------------------------------------------------------------------------------------------
 
 
-def _atomic_torch_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
-
-
 def _cpu_state(module: torch.nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
@@ -706,7 +681,7 @@ def train(config: TrainConfig, model, tokenizer, *, train_records: Mapping[str, 
     def checkpoint() -> None:
         if out is None:
             return
-        _atomic_torch_save({
+        atomic_torch_save({
             "format": CHECKPOINT_FORMAT, "config": config.to_dict(), "config_key": config.key(),
             "step": step, "skipped": skipped, "optimizer_steps": optimizer_steps, "seconds": seconds,
             "editor": _cpu_state(editor), "opt_net": opt_net.state_dict(), "opt_alpha": opt_alpha.state_dict(),
@@ -796,7 +771,7 @@ def train(config: TrainConfig, model, tokenizer, *, train_records: Mapping[str, 
         best_editor.save(out / "editor-best.pt")
         final_editor.save(out / "editor-final.pt")
         _write_tables(out, curves, validation)
-        _atomic_write_text(out / "summary.json", json.dumps(_jsonable(summary), indent=1))
+        atomic_write_text(out / "summary.json", json.dumps(_jsonable(summary), indent=1))
     return TrainResult(best_editor, final_editor, curves, validation, summary, finished)
 
 
@@ -813,8 +788,8 @@ def _jsonable(value):
 def _write_tables(out: Path, curves: list[dict], validation: list[dict]) -> None:
     import pandas as pd
 
-    _atomic_write_text(out / "curves.csv", pd.DataFrame(curves).to_csv(index=False))
-    _atomic_write_text(out / "validation.csv", pd.DataFrame(validation).to_csv(index=False))
+    atomic_write_text(out / "curves.csv", pd.DataFrame(curves).to_csv(index=False))
+    atomic_write_text(out / "validation.csv", pd.DataFrame(validation).to_csv(index=False))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -867,7 +842,7 @@ def train_editor(config: TrainConfig, base, *, cache: bool = True, progress: boo
         folder = editor_dir(config, base)
         if (folder / "summary.json").exists():
             return load_trained_editor(folder, base.model)
-        _atomic_write_text(folder / "config.json", json.dumps(config.to_dict(), indent=1))
+        atomic_write_text(folder / "config.json", json.dumps(config.to_dict(), indent=1))
         result = train(config, base.model, base.tokenizer, train_records=train_records, val_records=val_records,
                        out_dir=folder, progress=progress)
         return TrainedEditor(result.editor, config, pd.DataFrame(result.curves), pd.DataFrame(result.validation),

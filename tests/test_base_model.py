@@ -9,6 +9,7 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from instructedit_lite import base_model as bm
+from instructedit_lite.atomic import atomic_save_dir
 from instructedit_lite.world import World
 
 
@@ -85,7 +86,7 @@ def test_interrupted_cache_write_leaves_nothing(tmp_path, monkeypatch):
 
     target = tmp_path / "model"
     with pytest.raises(KeyboardInterrupt):
-        bm._atomic_save_dir(target, broken_write)
+        atomic_save_dir(target, broken_write)
     assert list(tmp_path.iterdir()) == []
 
 
