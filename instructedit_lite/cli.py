@@ -4,6 +4,8 @@
     instructedit-lite train --regime instruct --tasks counterfact,wikirecent,convsent [--steps N]
                             [--seed S] [--out DIR] [--smoke] [--no-cache] [--threads T]
     instructedit-lite bench [--out FILE] [--repeats N] [--threads T]
+    instructedit-lite evaluate --method InstructEdit --task zsre [--split test] [--n 50] [--out FILE.json]
+    instructedit-lite reproduce [--smoke] --out DIR [--n N] [--processes P]
 
 Everything is cached under ``$INSTRUCTEDIT_CACHE`` (default ``~/.cache/instructedit-lite``).
 """
@@ -51,6 +53,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="time one edit against one forward+backward of the base model")
     bench.add_arguments(b)
+
+    from .experiments import COMPARED, SINGLE, UNSEEN
+    from .records import TASKS
+
+    e = sub.add_parser("evaluate", help="evaluate one method on a task split (one edit per case); JSON out")
+    e.add_argument("--method", required=True, choices=list(COMPARED) + [UNSEEN, SINGLE])
+    e.add_argument("--task", required=True, choices=TASKS)
+    e.add_argument("--split", default="test", choices=("train", "val", "test"))
+    e.add_argument("--n", type=int, default=50, help="cases (the first N records of the split)")
+    e.add_argument("--fluency-cases", type=int, default=5, help="cases whose generated text is scored")
+    e.add_argument("--out", type=Path, default=None, help="JSON file for the summary (the per-case CSV goes beside it)")
+    e.add_argument("--smoke", action="store_true", help="use smoke-trained editors (a few dozen edits)")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    r = sub.add_parser("reproduce", help="the book's editors and experiments end to end: results.json + results.md")
+    r.add_argument("--out", type=Path, required=True, help="output folder")
+    r.add_argument("--smoke", action="store_true", help="smoke editors and a few cases per task (a few minutes)")
+    r.add_argument("--n", type=int, default=None, help="test cases per task (default 50; smoke 4)")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--processes", type=int, default=None, help="editors trained side by side (default: cores)")
+    r.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
 
@@ -109,7 +132,51 @@ def cmd_bench(args, stream) -> int:
     return 0
 
 
-COMMANDS = {"pretrain": cmd_pretrain, "train": cmd_train, "bench": cmd_bench}
+def cmd_evaluate(args, stream) -> int:
+    import torch
+
+    from .base_model import load_base_model
+    from .evaluate import evaluate_methods, nested, summarize, write_results
+    from .experiments import build_methods, editor_configs
+    from .train import train_editor
+
+    if args.n < 1:
+        raise ValueError(f"--n must be >= 1, got {args.n}")
+    torch.set_num_threads(1)
+    base = load_base_model(progress=not args.quiet)
+    needs = {"KE": ["KE"], "MEND (multi-task)": ["MEND (multi-task)"], "InstructEdit": ["InstructEdit"]}
+    needs["InstructEdit (unseen instruction)"] = ["InstructEdit"]
+    needs["MEND (single-task)"] = [f"MEND (single-task: {t})" for t in ("counterfact", "wikirecent", "convsent")]
+    configs = editor_configs(smoke=args.smoke)
+    wanted = needs.get(args.method, [])
+    trained = {name: train_editor(configs[name], base, progress=not args.quiet) for name in wanted}
+    from .baselines import BASELINES
+
+    methods = build_methods(trained, baselines=(args.method,) if args.method in BASELINES else ())
+    records = base.world.records(args.task, args.split)[: args.n]
+    if not records:
+        raise ValueError(f"task {args.task!r} has no {args.split!r} records")
+    cases = evaluate_methods([methods[args.method]], base.model, base.tokenizer, records,
+                             fluency_cases=args.fluency_cases, progress=not args.quiet)
+    summary = nested(summarize(cases))
+    if args.out is not None:
+        paths = write_results(cases, args.out.parent, args.out.stem)
+        summary = {**summary, "files": {k: str(v) for k, v in paths.items()}}
+    _print_json(summary, stream)
+    return 0
+
+
+def cmd_reproduce(args, stream) -> int:
+    from .experiments import reproduce
+
+    results = reproduce(args.out, smoke=args.smoke, seed=args.seed, n_cases=args.n, processes=args.processes,
+                        progress=not args.quiet)
+    _print_json({"out": str(args.out), "headline": results["headline"], "timings": results["timings"]}, stream)
+    return 0
+
+
+COMMANDS = {"pretrain": cmd_pretrain, "train": cmd_train, "bench": cmd_bench, "evaluate": cmd_evaluate,
+            "reproduce": cmd_reproduce}
 
 
 def main(argv: Sequence[str] | None = None, *, stream=None) -> int:

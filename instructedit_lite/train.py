@@ -58,7 +58,7 @@ __all__ = [
     "REGIMES", "EDIT_LOSS_INPUTS", "MIXINGS", "TRAINABLE_TASKS", "TrainConfig", "PAPER_CONFIGS", "default_config",
     "EditExample", "build_example", "locality_kl", "unlikelihood_loss", "convsent_edit_loss",
     "meta_losses", "schedule", "task_probabilities", "records_for", "validate", "TrainResult", "train", "TrainedEditor",
-    "train_editor", "editor_dir", "load_trained_editor",
+    "train_editor", "editor_dir", "load_trained_editor", "make_editor", "load_editor", "METHODS", "train_editors",
 ]
 
 #: Bumped whenever a change of this module changes what a configuration trains (cache key).
@@ -67,6 +67,7 @@ CHECKPOINT_FORMAT = 1
 REGIMES = ("single", "multi", "instruct")
 EDIT_LOSS_INPUTS = ("edit", "rephrase")
 MIXINGS = ("proportional", "uniform")
+METHODS = ("mend", "ke")
 TRAINABLE_TASKS = ("counterfact", "wikirecent", "convsent")
 #: Fields of :class:`TrainConfig` that change how a run is carried out, never what it produces.
 _NOT_IN_KEY = ("checkpoint_every",)
@@ -117,6 +118,10 @@ class TrainConfig:
     instruction_seed: int = 0
     checkpoint_every: int = 500
     mend: MendConfig = field(default_factory=MendConfig)
+    #: ``"mend"`` (MEND, InstructEdit) or ``"ke"`` (KnowledgeEditor, trained with the same loop).
+    method: str = "mend"
+    #: KE's hyper-parameters (:class:`~instructedit_lite.ke.KEConfig` fields); ``method="ke"`` only.
+    ke: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.mend, Mapping):
@@ -136,6 +141,10 @@ class TrainConfig:
             raise ValueError(f"regime 'single' trains on exactly one task, got {self.tasks}")
         if self.edit_loss_input not in EDIT_LOSS_INPUTS:
             raise ValueError(f"TrainConfig.edit_loss_input must be one of {EDIT_LOSS_INPUTS}, got {self.edit_loss_input!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"TrainConfig.method must be one of {METHODS}, got {self.method!r}")
+        if self.ke is not None and self.method != "ke":
+            raise ValueError("TrainConfig.ke is set but method is not 'ke'")
         if self.mixing not in MIXINGS:
             raise ValueError(f"TrainConfig.mixing must be one of {MIXINGS}, got {self.mixing!r}")
         for name in ("steps", "grad_accum", "val_every", "n_val", "checkpoint_every", "n_responses", "max_locality"):
@@ -179,6 +188,8 @@ class TrainConfig:
     def key(self) -> str:
         """Short stable hash of everything that changes the trained editor (cache key)."""
         data = {k: v for k, v in self.to_dict().items() if k not in _NOT_IN_KEY}
+        if data["method"] == "mend":  # MEND keys predate the method field: keep their caches valid
+            del data["method"], data["ke"]
         text = json.dumps({"version": TRAIN_VERSION, **data}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
@@ -608,6 +619,26 @@ class TrainResult:
     finished: bool
 
 
+def make_editor(config: TrainConfig, model, generator: torch.Generator | None = None):
+    """The untrained editor of ``config.method`` for ``model``: a MendEditor or a KEEditor."""
+    if config.method == "ke":
+        from .ke import KEConfig, KEEditor
+
+        return KEEditor(model, KEConfig.from_dict({"weight_names": config.mend.weight_names,
+                                                   "alpha_init": config.mend.alpha_init, **(config.ke or {})}),
+                        generator=generator)
+    return MendEditor(model, config.mend, generator=generator)
+
+
+def load_editor(path: str | os.PathLike, model, method: str = "mend"):
+    """A saved editor of ``method`` (see :func:`make_editor`) for ``model``."""
+    if method == "ke":
+        from .ke import KEEditor
+
+        return KEEditor.load(path, model)
+    return MendEditor.load(path, model)
+
+
 @contextlib.contextmanager
 def _frozen(model) -> Any:
     """The base model in eval mode with every ``requires_grad`` off; flags and mode restored."""
@@ -651,7 +682,7 @@ def train(config: TrainConfig, model, tokenizer, *, train_records: Mapping[str, 
     sizes = {t: len(train_records[t]) for t in config.tasks}
     plan = schedule(config, sizes)
 
-    editor = MendEditor(model, config.mend, generator=torch.Generator().manual_seed(config.seed))
+    editor = make_editor(config, model, generator=torch.Generator().manual_seed(config.seed))
     editor.train()
     opt_net = torch.optim.Adam(editor.network_parameters(), lr=config.lr)
     opt_alpha = torch.optim.Adam(editor.alpha_parameters(), lr=config.alpha_lr)
@@ -823,8 +854,9 @@ def load_trained_editor(path: str | os.PathLike, model) -> TrainedEditor:
 
     path = Path(path)
     summary = json.loads((path / "summary.json").read_text())
-    editor = MendEditor.load(path / "editor-best.pt", model).eval()
-    return TrainedEditor(editor, TrainConfig.from_dict(summary["config"]), pd.read_csv(path / "curves.csv"),
+    config = TrainConfig.from_dict(summary["config"])
+    editor = load_editor(path / "editor-best.pt", model, config.method).eval()
+    return TrainedEditor(editor, config, pd.read_csv(path / "curves.csv"),
                          pd.read_csv(path / "validation.csv"), summary, path, loaded=True)
 
 
@@ -852,3 +884,45 @@ def train_editor(config: TrainConfig, base, *, cache: bool = True, progress: boo
                        out_dir=tmp, progress=progress)
     return TrainedEditor(result.editor, config, pd.DataFrame(result.curves), pd.DataFrame(result.validation),
                          _jsonable(result.summary), None)
+
+
+def _train_in_worker(config_dict: dict[str, Any], base_config, cache: str) -> str:
+    """Body of one worker process of :func:`train_editors`: train (or load) one cached editor."""
+    os.environ["INSTRUCTEDIT_CACHE"] = cache
+    torch.set_num_threads(1)
+    from .base_model import load_base_model
+
+    base = load_base_model(base_config, progress=False)
+    trained = train_editor(TrainConfig.from_dict(config_dict), base, progress=False)
+    return str(trained.path)
+
+
+def train_editors(configs: Mapping[str, TrainConfig], base, *, processes: int | None = None,
+                  progress: bool = True) -> dict[str, TrainedEditor]:
+    """Train (or load from the cache) several editors, ``processes`` of them at a time.
+
+    Each run is single-threaded (the embedded model's matrices are too small to gain from more
+    threads), so on a machine with ``n`` cores ``n`` runs go side by side in separate processes
+    (default: ``min(cores, runs still to train)``).  Every run goes through :func:`train_editor`,
+    with its cache, checkpoints and resume, so the result is the same as training them one by one:
+    each editor depends only on its own configuration and seed.  Returns name → TrainedEditor.
+    """
+    import concurrent.futures as cf
+    import multiprocessing
+
+    from tqdm.auto import tqdm
+
+    from .base_model import cache_dir
+
+    todo = {name: c for name, c in configs.items() if not (editor_dir(c, base) / "summary.json").exists()}
+    processes = processes or min(os.cpu_count() or 1, len(todo) or 1)
+    if len(todo) > 1 and processes > 1:
+        # spawn, not fork: a forked child of a process that already ran torch's thread pool can hang.
+        context = multiprocessing.get_context("spawn")
+        base_config = base.config
+        with cf.ProcessPoolExecutor(max_workers=processes, mp_context=context) as pool:
+            futures = {pool.submit(_train_in_worker, c.to_dict(), base_config, str(cache_dir())): name
+                       for name, c in todo.items()}
+            for future in tqdm(cf.as_completed(futures), total=len(futures), desc="editors", disable=not progress):
+                future.result()  # re-raises a worker's error here
+    return {name: train_editor(c, base, progress=progress) for name, c in configs.items()}

@@ -96,3 +96,58 @@ def test_bench_prints_and_writes_json(monkeypatch, tmp_path):
     monkeypatch.setattr("sys.stdout", io.StringIO())
     assert bench.main(["--out", str(tmp_path / "b.json"), "--repeats", "2"]) == 0
     assert json.loads((tmp_path / "b.json").read_text())["repeats"] == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluate and reproduce
+# ---------------------------------------------------------------------------------------------
+
+
+def tiny_base():
+    from tiny import hand_records, tiny_model, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    records = hand_records(n=3)
+    world = SimpleNamespace(records=lambda task, split: list(records[task]))
+    return SimpleNamespace(model=tiny_model(tok), tokenizer=tok, world=world, info={}, path=None,
+                           config=SimpleNamespace(key=lambda: "tiny"))
+
+
+def test_evaluate_a_baseline_writes_summary_and_cases(monkeypatch, tmp_path):
+    monkeypatch.setattr(base_model, "load_base_model", lambda **kw: tiny_base())
+    out = io.StringIO()
+    target = tmp_path / "ftm.json"
+    argv = ["evaluate", "--method", "FT-M", "--task", "counterfact", "--n", "2", "--fluency-cases", "0",
+            "--out", str(target), "--quiet"]
+    assert cli.main(argv, stream=out) == 0
+    printed = json.loads(out.getvalue())
+    assert set(printed["FT-M"]) == {"counterfact"}
+    assert printed["FT-M"]["counterfact"]["n"] == 2
+    assert 0.0 <= printed["FT-M"]["counterfact"]["reliability"] <= 1.0
+    written = json.loads(target.read_text())
+    assert written["FT-M"]["counterfact"]["reliability"] == printed["FT-M"]["counterfact"]["reliability"]
+    assert (tmp_path / "ftm-cases.csv").exists()
+
+
+def test_evaluate_rejects_a_bad_count(monkeypatch, capsys):
+    monkeypatch.setattr(base_model, "load_base_model", lambda **kw: tiny_base())
+    assert cli.main(["evaluate", "--method", "base model", "--task", "zsre", "--n", "0", "--quiet"]) == 2
+    assert "--n must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["evaluate", "--method", "nonsense", "--task", "zsre"])
+
+
+def test_reproduce_smoke_end_to_end(tmp_path):
+    """REAL RUN: the smoke editors (trained or loaded from the cache) and every method on 2 cases per
+    task; checks the files and the structure of results.json."""
+    out = io.StringIO()
+    assert cli.main(["reproduce", "--smoke", "--n", "2", "--out", str(tmp_path), "--quiet"], stream=out) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results) >= {"settings", "multitask", "holdout", "unseen_instructions", "headline", "timings"}
+    assert set(results["multitask"]["InstructEdit"]) == {"counterfact", "wikirecent", "convsent", "average"}
+    assert set(results["holdout"]) >= {"InstructEdit", "MEND (multi-task)", "KE", "FT-L", "GRACE"}
+    assert results["settings"]["cases_per_task"] == 2 and results["settings"]["smoke"] is True
+    markdown = (tmp_path / "results.md").read_text()
+    assert "## Hold-out editing" in markdown and "| InstructEdit |" in markdown
+    assert len((tmp_path / "cases.csv").read_text().splitlines()) > 1
+    assert "headline" in json.loads(out.getvalue())

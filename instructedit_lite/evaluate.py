@@ -1,0 +1,267 @@
+"""Evaluation: every test case is one edit on the original model, scored, then undone exactly.
+
+For each record and each method (:class:`~instructedit_lite.editors.Editor`):
+
+1. ``rec = method.prepare(record)``: InstructEdit prefixes the edit prompt, the rephrases and the
+   portability probes with the task instruction; locality probes are never prefixed.
+2. Before the edit (once per record, shared by all methods): the locality rows' logits.
+3. Inside ``with method.edited(model, tokenizer, rec)``: one batched forward pass over all scoring
+   rows (edit prompt, rephrases, portability), one over the locality rows, and, for the first
+   ``fluency_cases`` records of each task, a greedy generation for the fluency score.
+4. On leaving the block the model is the original again; the next case starts from it.
+
+Scores per case (columns of the tidy table, one row per method × case):
+
+=================  =========================================  =========================================
+column             fact tasks (counterfact, wikirecent, zsre)  convsent
+=================  =========================================  =========================================
+reliability        token accuracy of ``target_new``            ES on the edit question
+reliability_em     exact match of ``target_new``               1 if the wanted sentiment wins there
+generalization     token accuracy on the rephrases (mean)      ES on the rephrased question
+generalization_em  exact match on the rephrases (mean)         1 if the wanted sentiment wins there
+portability        token accuracy of the portability answers  (none)
+portability_em     exact match of the portability answers      (none)
+locality           argmax agreement pre/post, locality rows    agreement on another topic's responses
+drawdown           KL(pre ‖ post) on the locality rows         DD: the same, the ConvSent metric
+fluency            n-gram entropy of generated text            the same
+=================  =========================================  =========================================
+
+ES (edit success) = ``σ(mean log p(wanted responses) − mean log p(unwanted responses))`` after the
+question, over all responses of each sentiment (:func:`~instructedit_lite.metrics.edit_success`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import metrics
+from .atomic import atomic_write_text
+from .editors import Editor
+from .records import EditRecord
+from .text import prompt_target_batch
+
+__all__ = ["METRICS", "evaluate_case", "evaluate_methods", "summarize", "average_over_tasks", "write_results",
+           "locality_rows", "generate", "nested", "timed", "paired_difference"]
+
+#: Metric columns of the per-case table, in display order.
+METRICS = ("reliability", "reliability_em", "generalization", "generalization_em", "portability", "portability_em",
+           "locality", "drawdown", "fluency")
+
+
+def locality_rows(record: EditRecord) -> list[tuple[str, str]]:
+    """The locality ``(prompt, answer)`` rows: the first answer of each probe; for ConvSent every
+    response of the other topic (the drawdown is measured on all of them)."""
+    if record.task == "convsent":
+        return [(p.prompt, a) for p in record.locality_probes for a in p.answers]
+    return [(p.prompt, p.answer) for p in record.locality_probes]
+
+
+@torch.no_grad()
+def _forward(model, tokenizer, rows: Sequence[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor]:
+    device = next(model.parameters()).device
+    prompts, answers = zip(*rows)
+    batch = prompt_target_batch(tokenizer, list(prompts), list(answers), device)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return logits, batch["labels"]
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompt: str, max_new_tokens: int = 100) -> str:
+    """Greedy continuation of ``prompt`` (at most the model's context length), decoded."""
+    device = next(model.parameters()).device
+    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
+    limit = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 1024)
+    n = min(max_new_tokens, limit - ids.shape[1])
+    if n <= 0:
+        raise ValueError(f"prompt of {ids.shape[1]} tokens leaves no room to generate (context {limit})")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                         do_sample=False, pad_token_id=pad)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def _fact_rows(rec: EditRecord) -> list[tuple[str, str, str]]:
+    rows = [("reliability", rec.prompt, rec.target_new)]
+    rows += [("generalization", r, rec.target_new) for r in rec.rephrase]
+    rows += [("portability", p.prompt, p.answer) for p in rec.portability_probes]
+    return rows
+
+
+def _convsent_rows(rec: EditRecord) -> list[tuple[str, str, str]]:
+    rows = []
+    for kind, questions in (("reliability", [rec.prompt]), ("generalization", list(rec.rephrase))):
+        for q_index, question in enumerate(questions):
+            rows += [(f"{kind}/{q_index}/wanted", question, r) for r in rec.wanted_responses]
+            rows += [(f"{kind}/{q_index}/unwanted", question, r) for r in rec.unwanted_responses]
+    return rows
+
+
+def _fact_scores(kinds: list[str], logits, labels) -> dict[str, float]:
+    acc = metrics.token_accuracy(logits, labels).tolist()
+    out: dict[str, float] = {}
+    for kind in ("reliability", "generalization", "portability"):
+        values = [a for k, a in zip(kinds, acc) if k == kind]
+        out[kind] = float(np.mean(values)) if values else math.nan
+        out[f"{kind}_em"] = float(np.mean([a == 1.0 for a in values])) if values else math.nan
+    return out
+
+
+def _convsent_scores(kinds: list[str], logits, labels) -> dict[str, float]:
+    logp = metrics.mean_logprob(logits, labels)
+    out: dict[str, float] = {}
+    for kind in ("reliability", "generalization"):
+        es, wins = [], []
+        questions = sorted({k.split("/")[1] for k in kinds if k.startswith(kind + "/")})
+        for q in questions:
+            wanted = logp[[i for i, k in enumerate(kinds) if k == f"{kind}/{q}/wanted"]]
+            unwanted = logp[[i for i, k in enumerate(kinds) if k == f"{kind}/{q}/unwanted"]]
+            es.append(metrics.edit_success(wanted, unwanted))
+            wins.append(float(wanted.mean() > unwanted.mean()))
+        out[kind] = float(np.mean(es)) if es else math.nan
+        out[f"{kind}_em"] = float(np.mean(wins)) if wins else math.nan
+    out["portability"] = out["portability_em"] = math.nan
+    return out
+
+
+def evaluate_case(method: Editor, model, tokenizer, record: EditRecord, *, pre_locality=None,
+                  fluency_tokens: int = 0) -> dict[str, Any]:
+    """One test case: edit, score, undo.  ``pre_locality``: the unedited model's logits on
+    :func:`locality_rows` (computed here if not given).  ``fluency_tokens > 0`` also generates that
+    many tokens after the edit prompt and scores their fluency."""
+    rec = method.prepare(record)
+    loc_rows = locality_rows(record)
+    if pre_locality is None:
+        pre_locality = _forward(model, tokenizer, loc_rows)[0]
+    score_rows = _convsent_rows(rec) if record.task == "convsent" else _fact_rows(rec)
+    kinds = [k for k, _, _ in score_rows]
+    with method.edited(model, tokenizer, rec) as info:
+        logits, labels = _forward(model, tokenizer, [(p, a) for _, p, a in score_rows])
+        post_locality, loc_labels = _forward(model, tokenizer, loc_rows)
+        text = generate(model, tokenizer, rec.prompt, fluency_tokens) if fluency_tokens else None
+    scores = (_convsent_scores if record.task == "convsent" else _fact_scores)(kinds, logits, labels)
+    scores["locality"] = float(metrics.agreement(pre_locality, post_locality, loc_labels).mean())
+    scores["drawdown"] = float(metrics.drawdown(pre_locality, post_locality, loc_labels).mean())
+    scores["fluency"] = metrics.fluency(text) if text is not None else math.nan
+    return {"method": method.name, "task": record.task, "case": record.index, "subject": record.subject,
+            **scores, "edit_seconds": info.seconds, "generated": text,
+            **{f"detail:{k}": v for k, v in info.details.items()}}
+
+
+def evaluate_methods(methods: Sequence[Editor], model, tokenizer, records: Mapping[str, Sequence[EditRecord]] | Sequence[EditRecord],
+                     *, fluency_cases: int = 0, fluency_tokens: int = 100, progress: bool = True) -> pd.DataFrame:
+    """Every method on every record (task → records, or a flat list), one row per method × case.
+
+    Records are the outer loop so that the unedited model's locality logits are computed once
+    per record and shared by all methods.  The model's weights are checked to be the original
+    ones after every case (a leaked edit would corrupt every later number).
+    """
+    from tqdm.auto import tqdm
+
+    if isinstance(records, Mapping):
+        records = [r for recs in records.values() for r in recs]
+    names = [m.name for m in methods]
+    if len(set(names)) != len(names):
+        raise ValueError(f"evaluate_methods: method names must be distinct, got {names}")
+    fingerprint = _fingerprint(model)
+    seen_per_task: dict[str, int] = {}
+    rows = []
+    bar = tqdm(total=len(records) * len(methods), desc="evaluating", disable=not progress)
+    for record in records:
+        n_task = seen_per_task.get(record.task, 0)
+        seen_per_task[record.task] = n_task + 1
+        pre = _forward(model, tokenizer, locality_rows(record))[0]
+        for method in methods:
+            rows.append(evaluate_case(method, model, tokenizer, record, pre_locality=pre,
+                                      fluency_tokens=fluency_tokens if n_task < fluency_cases else 0))
+            bar.update(1)
+        if _fingerprint(model) != fingerprint:
+            raise RuntimeError(f"the model was not restored after editing {record.source}, record {record.index}")
+    bar.close()
+    return pd.DataFrame(rows)
+
+
+def _fingerprint(model) -> float:
+    """A cheap checksum of all weights (float64 sum of |w|), to catch edits that leak."""
+    return float(sum(p.detach().double().abs().sum() for p in model.parameters()))
+
+
+def summarize(cases: pd.DataFrame, by: Sequence[str] = ("method", "task"),
+              columns: Iterable[str] = METRICS + ("edit_seconds",)) -> pd.DataFrame:
+    """Mean of every metric per group (NaN where a metric does not apply), with the case count."""
+    columns = [c for c in columns if c in cases]
+    grouped = cases.groupby(list(by), sort=False)
+    out = grouped[columns].mean()
+    out.insert(0, "n", grouped.size())
+    return out
+
+
+def average_over_tasks(summary: pd.DataFrame) -> pd.DataFrame:
+    """The per-method mean of the per-task means (each task weighs the same, as in the paper)."""
+    return summary.drop(columns="n").groupby(level="method", sort=False).mean()
+
+
+def _jsonable(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (np.floating, np.integer)):
+        return _jsonable(value.item())
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def nested(summary: pd.DataFrame) -> dict[str, dict[str, dict[str, float]]]:
+    """A ``(method, task)`` summary as ``{method: {task: {metric: value}}}`` (NaN → None)."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for (method, task), row in summary.iterrows():
+        out.setdefault(method, {})[task] = _jsonable(row.to_dict())
+    return out
+
+
+def write_results(cases: pd.DataFrame, out_dir: str | Path, name: str = "evaluation") -> dict[str, Path]:
+    """``<name>-cases.csv`` (one row per case) and ``<name>.json`` (method → task → metric means),
+    each written atomically.  Returns the paths."""
+    out = Path(out_dir)
+    summary = summarize(cases)
+    paths = {"cases": out / f"{name}-cases.csv", "summary": out / f"{name}.json"}
+    atomic_write_text(paths["cases"], cases.to_csv(index=False))
+    atomic_write_text(paths["summary"], json.dumps(nested(summary), indent=1))
+    return paths
+
+
+def timed(fn, *args, **kwargs):
+    """``(fn(*args, **kwargs), seconds)``."""
+    start = time.perf_counter()
+    value = fn(*args, **kwargs)
+    return value, time.perf_counter() - start
+
+
+def paired_difference(cases: pd.DataFrame, a: str, b: str, metric: str = "reliability",
+                      tasks: Sequence[str] | None = None, *, n_boot: int = 2000, seed: int = 0) -> dict[str, float]:
+    """Method ``a`` minus method ``b`` on ``metric``, averaged over ``tasks`` (each task weighs the
+    same), with a 95% paired bootstrap interval: the cases of each task are resampled together for
+    both methods, since both edited the same records."""
+    tasks = list(tasks) if tasks is not None else sorted(cases.task.unique())
+    rng = np.random.default_rng(seed)
+    diffs, boots = [], []
+    for task in tasks:
+        pa = cases[(cases.method == a) & (cases.task == task)].set_index("case")[metric]
+        pb = cases[(cases.method == b) & (cases.task == task)].set_index("case")[metric]
+        if len(pa) == 0 or len(pb) == 0 or set(pa.index) != set(pb.index):
+            raise ValueError(f"paired_difference: {a!r} and {b!r} were not evaluated on the same {task} cases")
+        d = (pa - pb.loc[pa.index]).to_numpy()
+        diffs.append(d.mean())
+        boots.append(d[rng.integers(0, len(d), size=(n_boot, len(d)))].mean(1))
+    boot = np.mean(boots, axis=0)
+    return {"difference": float(np.mean(diffs)), "low": float(np.quantile(boot, 0.025)),
+            "high": float(np.quantile(boot, 0.975))}

@@ -1,0 +1,274 @@
+"""The book's experiments as functions: which editors, which methods, which test cases.
+
+The chapters and ``instructedit-lite reproduce`` call the same functions, so the command line
+reproduces exactly what the book shows:
+
+* :func:`editor_configs`: the meta-trained editors (InstructEdit, multi-task MEND, KE, and one
+  single-task MEND per training task);
+* :func:`scaling_configs` and :func:`balance_configs`: the editors of the task-scaling and
+  data-balance analyses (chapter 6);
+* :func:`build_methods`: every method of the comparison behind the one
+  :class:`~instructedit_lite.editors.Editor` interface;
+* :func:`evaluation_records`: the first ``n`` test records of each task (the same for every method);
+* :func:`main_evaluation`: every method on every task in one pass; the paper's three experiments
+  (multi-task, hold-out, unseen instructions) are views of its table (:func:`multitask_table`,
+  :func:`holdout_table`, :func:`unseen_table`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Mapping, Sequence
+
+import pandas as pd
+
+from .editors import Editor, EditInfo, MendMethod, Unedited
+from .evaluate import average_over_tasks, evaluate_methods, summarize
+from .instructions import InstructionSet, default_instructions
+from .records import TASKS, EditRecord
+from .train import TRAINABLE_TASKS, TrainConfig, TrainedEditor, default_config
+
+__all__ = ["editor_configs", "scaling_configs", "balance_configs", "build_methods", "PerTaskMethod",
+           "evaluation_records", "main_evaluation", "multitask_table", "holdout_table", "unseen_table",
+           "N_CASES", "N_CASES_SMOKE", "FLUENCY_CASES", "UNSEEN", "SINGLE", "COMPARED"]
+
+#: Test cases per task in the book (and in ``reproduce``), and in smoke mode.
+N_CASES = 50
+N_CASES_SMOKE = 4
+#: Cases per task whose generated text is scored for fluency (generation is the slow part).
+FLUENCY_CASES = 5
+UNSEEN = "InstructEdit (unseen instruction)"
+SINGLE = "MEND (single-task)"
+#: The methods of the multi-task comparison, in table order (the paper's Table 3 plus FT-M).
+COMPARED = ("base model", "FT-L", "FT-M", "CaliNet", "GRACE", "KE", "MEND (multi-task)", "InstructEdit")
+
+
+def editor_configs(seed: int = 0, smoke: bool = False) -> dict[str, TrainConfig]:
+    """The meta-trained editors of chapters 4 and 5, by name."""
+    configs = {"InstructEdit": default_config("instruct", seed=seed, smoke=smoke),
+               "MEND (multi-task)": default_config("multi", seed=seed, smoke=smoke),
+               "KE": default_config("multi", seed=seed, smoke=smoke, method="ke")}
+    for task in TRAINABLE_TASKS:
+        configs[f"MEND (single-task: {task})"] = default_config("single", (task,), seed=seed, smoke=smoke)
+    return configs
+
+
+def scaling_configs(seed: int = 0, smoke: bool = False) -> dict[int, TrainConfig]:
+    """InstructEdit trained on 1, 2 and 3 tasks (the paper's order: Recent, + CounterFact, + ConvSent),
+    with the same number of edits each."""
+    order = ("wikirecent", "counterfact", "convsent")
+    return {n: default_config("instruct", order[:n], seed=seed, smoke=smoke) if n < 3
+            else default_config("instruct", seed=seed, smoke=smoke) for n in (1, 2, 3)}
+
+
+#: ConvSent's share of the edits when it dominates, as in the paper's full data (ConvSent's training
+#: file is about ten times CounterFact's): 6 : 1 : 1, i.e. 75% of the edits.
+DOMINANT_WEIGHTS = {"convsent": 6.0, "counterfact": 1.0, "wikirecent": 1.0}
+
+
+def balance_configs(seed: int = 0, smoke: bool = False) -> dict[str, TrainConfig]:
+    """InstructEdit with the default task mix (proportional to the splits: ConvSent 22% of the
+    edits) and with ConvSent dominant (75%)."""
+    return {"default mix": default_config("instruct", seed=seed, smoke=smoke),
+            "ConvSent dominant": default_config("instruct", seed=seed, smoke=smoke, task_weights=DOMINANT_WEIGHTS)}
+
+
+class PerTaskMethod(Editor):
+    """One editor per task, chosen by the record's task: the single-task MEND row of Table 3."""
+
+    def __init__(self, by_task: Mapping[str, Editor], name: str = SINGLE):
+        self.by_task, self.name = dict(by_task), name
+
+    def prepare(self, record: EditRecord) -> EditRecord:
+        return self._for(record).prepare(record)
+
+    def _for(self, record: EditRecord) -> Editor:
+        if record.task not in self.by_task:
+            raise ValueError(f"{self.name}: no editor for task {record.task!r} (has {sorted(self.by_task)})")
+        return self.by_task[record.task]
+
+    def edited(self, model, tokenizer, record: EditRecord) -> contextlib.AbstractContextManager[EditInfo]:
+        return self._for(record).edited(model, tokenizer, record)
+
+
+def build_methods(trained: Mapping[str, TrainedEditor], *, instructions: InstructionSet | None = None,
+                  baselines: Sequence[str] = ("FT-L", "FT-M", "CaliNet", "GRACE")) -> dict[str, Editor]:
+    """Every method of the comparison, by name (see :data:`COMPARED`), plus InstructEdit with the
+    held-out instruction (:data:`UNSEEN`) and the single-task editors (:data:`SINGLE`)."""
+    from .baselines import make_baseline
+
+    instructions = instructions or default_instructions()
+    methods: dict[str, Editor] = {"base model": Unedited()}
+    for name in baselines:
+        methods[name] = make_baseline(name)
+    # Meta-trained methods are wired up only when their editors are given (the CLI trains only
+    # what it evaluates).
+    if "KE" in trained:
+        methods["KE"] = MendMethod(trained["KE"].editor, "KE")
+    if "MEND (multi-task)" in trained:
+        methods["MEND (multi-task)"] = MendMethod(trained["MEND (multi-task)"].editor, "MEND (multi-task)")
+    if "InstructEdit" in trained:
+        editor = trained["InstructEdit"].editor
+        methods["InstructEdit"] = MendMethod(editor, "InstructEdit", instructions=instructions)
+        methods[UNSEEN] = MendMethod(editor, UNSEEN, instructions=instructions, unseen=True)
+    singles = {t: trained[f"MEND (single-task: {t})"] for t in TRAINABLE_TASKS if f"MEND (single-task: {t})" in trained}
+    if singles:
+        methods[SINGLE] = PerTaskMethod({t: MendMethod(s.editor, SINGLE) for t, s in singles.items()})
+    return methods
+
+
+def evaluation_records(world, n: int, tasks: Sequence[str] = TASKS) -> dict[str, list[EditRecord]]:
+    """The first ``n`` records of each task's test split."""
+    return {t: world.records(t, "test")[:n] for t in tasks}
+
+
+def main_evaluation(methods: Mapping[str, Editor], base, records: Mapping[str, list[EditRecord]], *,
+                    fluency_cases: int = FLUENCY_CASES, progress: bool = True) -> pd.DataFrame:
+    """One pass: every method on every record, except the single-task editors on the held-out
+    task (there is no single-task ZsRE editor).  One row per method × case."""
+    fact_records = {t: r for t, r in records.items() if t in TRAINABLE_TASKS}
+    single = [m for name, m in methods.items() if name == SINGLE]
+    others = [m for name, m in methods.items() if name != SINGLE]
+    parts = [evaluate_methods(others, base.model, base.tokenizer, records, fluency_cases=fluency_cases,
+                              progress=progress)]
+    if single:
+        parts.append(evaluate_methods(single, base.model, base.tokenizer, fact_records,
+                                      fluency_cases=fluency_cases, progress=progress))
+    return pd.concat(parts, ignore_index=True)
+
+
+def _table(cases: pd.DataFrame, methods: Sequence[str], tasks: Sequence[str]) -> pd.DataFrame:
+    subset = cases[cases.method.isin(methods) & cases.task.isin(tasks)]
+    summary = summarize(subset).reindex([(m, t) for m in methods for t in tasks
+                                         if ((subset.method == m) & (subset.task == t)).any()])
+    return summary
+
+
+def multitask_table(cases: pd.DataFrame, methods: Sequence[str] = COMPARED + (SINGLE,)) -> pd.DataFrame:
+    """Experiment 1 (the paper's Table 3): per method and training task, and the average over the
+    three tasks (``task = "average"``)."""
+    per_task = _table(cases, methods, TRAINABLE_TASKS)
+    average = average_over_tasks(per_task)
+    average.index = pd.MultiIndex.from_tuples([(m, "average") for m in average.index], names=["method", "task"])
+    combined = pd.concat([per_task.drop(columns="n"), average])
+    order = [(m, t) for m in methods for t in (*TRAINABLE_TASKS, "average") if (m, t) in combined.index]
+    return combined.reindex(order)
+
+
+def holdout_table(cases: pd.DataFrame, methods: Sequence[str] = COMPARED) -> pd.DataFrame:
+    """Experiment 2: every method on ZsRE, which no editor was trained on."""
+    return _table(cases, methods, ("zsre",)).droplevel("task")
+
+
+def unseen_table(cases: pd.DataFrame) -> pd.DataFrame:
+    """Experiment 3: InstructEdit with a seen vs the held-out instruction, per task."""
+    return _table(cases, ("InstructEdit", UNSEEN), TASKS)
+
+
+def headline(cases: pd.DataFrame) -> dict[str, Any]:
+    """The numbers the chapter and ``reproduce`` state, as plain floats."""
+    multi = multitask_table(cases)
+    hold = holdout_table(cases)
+    unseen = unseen_table(cases)
+
+    def avg(method: str, metric: str = "reliability") -> float:
+        return float(multi.loc[(method, "average"), metric])
+
+    out = {
+        "multitask_reliability": {m: avg(m) for m in multi.index.get_level_values("method").unique()},
+        "instructedit_minus_multitask_mend": avg("InstructEdit") - avg("MEND (multi-task)"),
+        "instructedit_minus_best_baseline": avg("InstructEdit") - max(
+            avg(m) for m in multi.index.get_level_values("method").unique() if m not in ("InstructEdit", SINGLE)),
+        "holdout_reliability": {m: float(hold.loc[m, "reliability"]) for m in hold.index},
+        "unseen_minus_seen_reliability": {
+            t: float(unseen.loc[(UNSEEN, t), "reliability"] - unseen.loc[("InstructEdit", t), "reliability"])
+            for t in unseen.index.get_level_values("task").unique()},
+    }
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end: ``instructedit-lite reproduce``
+# ---------------------------------------------------------------------------------------------
+
+
+def _markdown(table: pd.DataFrame, digits: int = 3) -> str:
+    """A DataFrame as a GitHub Markdown table (no extra dependency)."""
+    frame = table.reset_index()
+    head = "| " + " | ".join(str(c) for c in frame.columns) + " |"
+    rule = "|" + "|".join("---" for _ in frame.columns) + "|"
+
+    def cell(v):
+        if isinstance(v, float):
+            return "–" if v != v else f"{v:.{digits}f}"
+        return str(v)
+
+    body = ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join([head, rule, *body])
+
+
+RESULT_COLUMNS = ["reliability", "generalization", "locality", "portability", "fluency"]
+
+
+def reproduce(out_dir, *, smoke: bool = False, seed: int = 0, n_cases: int | None = None,
+              processes: int | None = None, progress: bool = True) -> dict[str, Any]:
+    """The book's editors and experiments end to end: train (or load) the editors, evaluate every
+    method, and write ``out_dir/results.json``, ``out_dir/results.md`` and the per-case table
+    ``out_dir/cases.csv`` (each written atomically).  Returns the results dictionary."""
+    import json
+    import platform
+    import time
+    from pathlib import Path
+
+    import torch
+
+    from .atomic import atomic_write_text
+    from .base_model import BaseModelConfig, load_base_model
+    from .evaluate import _jsonable, nested
+    from .train import train_editors
+    from .world import WorldConfig
+
+    out = Path(out_dir)
+    n_cases = n_cases or (N_CASES_SMOKE if smoke else N_CASES)
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    base = load_base_model(BaseModelConfig(world=WorldConfig(seed=seed)), progress=progress)
+    timings["base_model_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    trained = train_editors(editor_configs(seed, smoke), base, processes=processes, progress=progress)
+    timings["editors_s"] = time.perf_counter() - start
+    torch.set_num_threads(1)  # evaluation edits one case at a time: small matrices, one thread is fastest
+
+    start = time.perf_counter()
+    methods = build_methods(trained)
+    records = evaluation_records(base.world, n_cases)
+    cases = main_evaluation(methods, base, records, fluency_cases=min(FLUENCY_CASES, n_cases), progress=progress)
+    timings["evaluation_s"] = time.perf_counter() - start
+    per_method_seconds = cases.groupby("method")["edit_seconds"].mean()
+
+    multi = multitask_table(cases)
+    hold = holdout_table(cases)
+    unseen = unseen_table(cases)
+    results = {
+        "settings": {"smoke": smoke, "seed": seed, "cases_per_task": n_cases, "base_model": base.config.key(),
+                     "editors": {name: {"config_key": t.config.key(), "train_seconds": t.summary["train_seconds"],
+                                        "loaded_from_cache": t.loaded} for name, t in trained.items()},
+                     "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine()},
+        "multitask": nested(multi),
+        "holdout": _jsonable({m: row.to_dict() for m, row in hold.iterrows()}),
+        "unseen_instructions": nested(unseen),
+        "headline": _jsonable(headline(cases)),
+        "timings": _jsonable({**timings, "mean_edit_seconds": per_method_seconds.to_dict()}),
+    }
+    markdown = "\n\n".join([
+        f"# instructedit-lite reproduce ({'smoke' if smoke else 'full'}: {n_cases} test cases per task, seed {seed})",
+        "## Multi-task editing (Table 3 analogue)", _markdown(multi[RESULT_COLUMNS]),
+        "## Hold-out editing (ZsRE, no editor trained on it)", _markdown(hold[RESULT_COLUMNS]),
+        "## Unseen instructions", _markdown(unseen[["reliability", "generalization", "locality"]]),
+        "## Timings (seconds)", _markdown(pd.Series(timings, name="seconds").to_frame()),
+    ]) + "\n"
+    atomic_write_text(out / "cases.csv", cases.to_csv(index=False))
+    atomic_write_text(out / "results.md", markdown)
+    atomic_write_text(out / "results.json", json.dumps(results, indent=1))
+    return results

@@ -1,0 +1,103 @@
+"""The book's experiments (instructedit_lite.experiments): configurations, the method set, and the
+three views of one evaluation table, on synthetic per-case tables whose answers are known."""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from instructedit_lite import experiments as ex
+from instructedit_lite.editors import EditInfo, Editor
+from instructedit_lite.train import TRAINABLE_TASKS
+from tiny import hand_records
+
+
+def test_editor_configs_cover_the_book():
+    configs = ex.editor_configs()
+    assert configs["InstructEdit"].instructed and not configs["MEND (multi-task)"].instructed
+    assert configs["KE"].method == "ke" and configs["KE"].tasks == TRAINABLE_TASKS
+    for task in TRAINABLE_TASKS:
+        assert configs[f"MEND (single-task: {task})"].tasks == (task,)
+    # InstructEdit and multi-task MEND differ only in the instructions
+    a, b = configs["InstructEdit"].to_dict(), configs["MEND (multi-task)"].to_dict()
+    assert {k for k in a if a[k] != b[k]} == {"regime"}
+    assert ex.editor_configs(smoke=True)["InstructEdit"].steps < configs["InstructEdit"].steps
+
+
+def test_scaling_and_balance_configs():
+    scaling = ex.scaling_configs()
+    assert [c.tasks for c in scaling.values()][:2] == [("wikirecent",), ("wikirecent", "counterfact")]
+    assert scaling[3].key() == ex.editor_configs()["InstructEdit"].key()  # reused, not retrained
+    assert len({c.steps for c in scaling.values()}) == 1
+    balance = ex.balance_configs()
+    assert balance["default mix"].key() == ex.editor_configs()["InstructEdit"].key()
+    weights = balance["ConvSent dominant"].task_weights
+    assert weights["convsent"] / sum(weights.values()) == pytest.approx(0.75)
+
+
+class Named(Editor):
+    def __init__(self, name):
+        self.name = name
+        self.calls = []
+
+    @contextlib.contextmanager
+    def edited(self, model, tokenizer, record):
+        self.calls.append(record.task)
+        yield EditInfo()
+
+
+def test_per_task_method_dispatches_by_task():
+    by_task = {t: Named(t) for t in ("counterfact", "convsent")}
+    method = ex.PerTaskMethod(by_task)
+    recs = hand_records()
+    with method.edited(None, None, recs["convsent"][0]):
+        pass
+    assert by_task["convsent"].calls == ["convsent"] and by_task["counterfact"].calls == []
+    with pytest.raises(ValueError, match="no editor for task 'zsre'"):
+        method.prepare(recs["zsre"][0])
+
+
+def synthetic_cases(n: int = 20, seed: int = 0) -> pd.DataFrame:
+    """InstructEdit edits everything at 0.9, multi-task MEND at 0.7, the unseen instruction at 0.88."""
+    rng = np.random.default_rng(seed)
+    level = {"InstructEdit": 0.9, "MEND (multi-task)": 0.7, ex.UNSEEN: 0.88, "base model": 0.2, "KE": 0.6,
+             "FT-L": 0.2, "FT-M": 0.95, "CaliNet": 0.95, "GRACE": 0.95, ex.SINGLE: 0.8}
+    rows = []
+    for method, value in level.items():
+        for task in ("counterfact", "wikirecent", "convsent", "zsre"):
+            if method == ex.SINGLE and task == "zsre":
+                continue
+            for case in range(n):
+                rows.append({"method": method, "task": task, "case": case,
+                             "reliability": float(np.clip(value + rng.normal(0, 0.01), 0, 1)),
+                             "generalization": value - 0.1, "locality": 1.0 - value / 10, "portability": 0.3,
+                             "reliability_em": float(value > 0.5), "fluency": 4.0, "edit_seconds": 0.01})
+    return pd.DataFrame(rows)
+
+
+def test_multitask_table_has_per_task_rows_and_the_average():
+    table = ex.multitask_table(synthetic_cases())
+    assert list(table.loc["InstructEdit"].index) == ["counterfact", "wikirecent", "convsent", "average"]
+    assert table.loc[("InstructEdit", "average"), "reliability"] == pytest.approx(0.9, abs=0.01)
+    assert "zsre" not in table.index.get_level_values("task")
+    assert table.index.get_level_values("method")[0] == "base model"  # table order of COMPARED
+
+
+def test_holdout_and_unseen_tables():
+    cases = synthetic_cases()
+    hold = ex.holdout_table(cases)
+    assert ex.SINGLE not in hold.index and hold.loc["MEND (multi-task)", "reliability"] == pytest.approx(0.7, abs=0.01)
+    unseen = ex.unseen_table(cases)
+    assert set(unseen.index.get_level_values("method")) == {"InstructEdit", ex.UNSEEN}
+    head = ex.headline(cases)
+    assert head["instructedit_minus_multitask_mend"] == pytest.approx(0.2, abs=0.01)
+    assert head["unseen_minus_seen_reliability"]["zsre"] == pytest.approx(-0.02, abs=0.01)
+    assert head["instructedit_minus_best_baseline"] == pytest.approx(-0.05, abs=0.01)
+
+
+def test_markdown_table():
+    text = ex._markdown(pd.DataFrame({"a": [0.12345, float("nan")]}, index=pd.Index(["x", "y"], name="m")))
+    assert text.splitlines()[0] == "| m | a |" and "| x | 0.123 |" in text and "| y | – |" in text
