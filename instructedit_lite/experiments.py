@@ -243,7 +243,8 @@ def reproduce(out_dir, *, smoke: bool = False, seed: int = 0, n_cases: int | Non
     start = time.perf_counter()
     methods = build_methods(trained)
     records = evaluation_records(base.world, n_cases)
-    cases = main_evaluation(methods, base, records, fluency_cases=min(FLUENCY_CASES, n_cases), progress=progress)
+    cases = main_evaluation(methods, base, records, fluency_cases=1 if smoke else min(FLUENCY_CASES, n_cases),
+                            progress=progress)
     timings["evaluation_s"] = time.perf_counter() - start
     per_method_seconds = cases.groupby("method")["edit_seconds"].mean()
 
