@@ -9,7 +9,13 @@ Modules, each one idea:
 - :mod:`~instructedit_lite.instructions`: the instruction template and descriptions;
 - :mod:`~instructedit_lite.text`: prompt/target batches and teacher-forced scoring;
 - :mod:`~instructedit_lite.mend`: the MEND editor;
-- :mod:`~instructedit_lite.train`: meta-training of editors in the three regimes, cached;
+- :mod:`~instructedit_lite.train`: meta-training of editors in the three regimes, cached, side by side;
+- :mod:`~instructedit_lite.ke`: KE, the edit-conditioned hypernetwork baseline (same training loop);
+- :mod:`~instructedit_lite.editors`: the one editor interface (prepare, edit, exact undo);
+- :mod:`~instructedit_lite.baselines`: FT-L, FT-M, GRACE and CaliNet;
+- :mod:`~instructedit_lite.metrics` and :mod:`~instructedit_lite.evaluate`: the paper's metrics, one edit per case;
+- :mod:`~instructedit_lite.experiments`: the book's editors, methods and experiments, ``reproduce``;
+- :mod:`~instructedit_lite.analysis`: edit directions, t-SNE and separation measures;
 - :mod:`~instructedit_lite.bench` and :mod:`~instructedit_lite.cli`: the edit-cost benchmark and the command line;
 - :mod:`~instructedit_lite.plots`: the book's colours and display helpers.
 """
