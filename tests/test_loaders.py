@@ -1,7 +1,8 @@
 """Tests for instructedit_lite.loaders: hand-written fixtures, broken fixtures and the real files.
 
-The real-file tests read ``$INSTRUCTEDIT_DATA`` (e.g. ``/work/shared/data/real``) and skip when it
-is unset or a file is absent.
+The real-file tests read ``$INSTRUCTEDIT_DATA``, a folder in the layout of the published files
+(``knowedit/``, ``zsre/``, ``convsent/``, ``counterfact_mend/`` and the instruction file, see
+:data:`~instructedit_lite.loaders.REAL_FILES`), and skip when it is unset or a file is absent.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ def skipped(call):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         records = call()
-    drops = [(w.message.dropped, w.message.error.index, w.message.error.field)
-             for w in caught if issubclass(w.category, SkippedDataWarning)]
+    drops = [(w.message.dropped, e.index, e.field)
+             for w in caught if issubclass(w.category, SkippedDataWarning) for e in w.message.errors]
     return records, drops
 
 
@@ -502,7 +503,8 @@ def test_real_file_loads_with_readme_count(name):
 
     task = REAL_FILES[name][2]
     for rec in recs:
-        assert isinstance(rec, EditRecord) and rec.task == task and rec.source == str(path)
+        # records and messages name the file relative to the data folder, not by a machine's path
+        assert isinstance(rec, EditRecord) and rec.task == task and rec.source == REAL_FILES[name][0]
         validate_record(rec)
         assert rec.target_new == rec.target_new.strip() and rec.prompt == rec.prompt.strip()
     assert EditRecord.from_dict(recs[-1].to_dict()) == recs[-1]
@@ -558,3 +560,124 @@ def test_real_instruction_file():
     assert sorted(out["instructions"]) == sorted(TASKS)
     assert out["heldout_instruction_index"] == 9
     assert out["template"].count("{}") == 3
+
+
+# --- every failure is a RecordError naming the file (issue 11) --------------------------------
+def _knowedit_item(i: int, **extra) -> dict:
+    return {"subject": f"S{i}", "prompt": f"Where is S{i}?", "target_new": "Oslo", **extra}
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize("encoding, hint", [("latin-1", "not UTF-8"), ("utf-16", "UTF-16")])
+@pytest.mark.parametrize("on_error", ["raise", "skip"])
+def test_text_that_is_not_utf8_is_a_record_error(tmp_path, encoding, hint, on_error):
+    text = json.dumps([_knowedit_item(0, subject="Malmö")], ensure_ascii=False)
+    path = _write(tmp_path / "latin.json", text.encode(encoding))
+    err = raises_at(lambda: load_knowedit(path, task="counterfact", on_error=on_error), path, None, "<file>")
+    assert hint in err.message
+
+
+def test_utf8_byte_order_mark_is_accepted(tmp_path):
+    text = json.dumps([_knowedit_item(0, subject="Malmö")], ensure_ascii=False)
+    path = _write(tmp_path / "bom.json", b"\xef\xbb\xbf" + text.encode("utf-8"))
+    (rec,) = load_knowedit(path, task="counterfact")
+    assert rec.subject == "Malmö"
+
+
+@pytest.mark.parametrize("content, words", [
+    (b'[{"subject": "S", "prompt": "p", "target_new": ' + b"7" * 5000 + b"}]", "cannot read a value"),
+    (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+])
+@pytest.mark.parametrize("on_error", ["raise", "skip"])
+def test_huge_numbers_and_deep_nesting_are_record_errors(tmp_path, content, words, on_error):
+    path = _write(tmp_path / "odd.json", content)
+    err = raises_at(lambda: load_knowedit(path, task="counterfact", on_error=on_error), path, None, "<file>")
+    assert words in err.message
+
+
+def test_a_file_whose_every_record_is_dropped_is_an_error(tmp_path):
+    path = tmp_path / "all_bad.json"
+    path.write_text(json.dumps([{"subject": "s", "prompt": "a"}, {"subject": "t", "prompt": "b"}]))
+    err = raises_at(lambda: load_knowedit(path, task="counterfact", on_error="skip"), path, None, "<file>")
+    assert "all 2 records were dropped" in err.message and "target_new" in err.message
+    assert load_knowedit(path, task="counterfact", on_error="skip", limit=0) == []  # nothing asked, nothing dropped
+
+
+def _many_empty_probes(tmp_path: Path, n: int = 7) -> Path:
+    items = [_knowedit_item(i, locality={"Relation_Specificity": [{"prompt": "q", "ground_truth": [[]]},
+                                                                  {"prompt": "q2", "ground_truth": "a"}]})
+             for i in range(n)]
+    items.append(_knowedit_item(n, target_new=""))
+    path = tmp_path / "knowedit" / "many.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(items))
+    return path
+
+
+def test_repeated_skips_are_summarised_one_warning_per_field(tmp_path):
+    path = _many_empty_probes(tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        recs = load_knowedit(path, task="counterfact", on_error="skip")
+    assert len(recs) == 7 and all(len(r.locality["Relation_Specificity"]) == 1 for r in recs)
+    messages = [w.message for w in caught if issubclass(w.category, SkippedDataWarning)]
+    assert len(messages) == 2  # seven probes in one field, one record: two lines, not eight
+    probes, record = messages
+    assert (probes.dropped, probes.field, probes.records) == ("probe", "locality.Relation_Specificity[*].ground_truth",
+                                                               list(range(7)))
+    assert "dropped 7 probes" in str(probes) and "records 0, 1, 2, 3, 4 and 2 more" in str(probes)
+    assert (record.dropped, record.records) == ("record", [7]) and "target_new" in str(record)
+
+
+def test_collect_skipped_gives_a_table_instead_of_warnings(tmp_path):
+    path = _many_empty_probes(tmp_path, n=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning would fail the test
+        with loaders.collect_skipped() as skips:
+            load_knowedit(path, task="counterfact", on_error="skip", source="knowedit/many.json")
+    table = skips.table()
+    assert list(table.columns) == ["file", "record", "field", "dropped", "reason"]
+    assert table["record"].tolist() == [0, 1, 2, 3]
+    assert table["dropped"].tolist() == ["probe"] * 3 + ["record"]
+    assert set(table["file"]) == {"knowedit/many.json"}
+    assert loaders.Skipped().table().empty
+
+
+def test_load_real_names_files_relative_to_the_data_folder(tmp_path):
+    (tmp_path / "zsre").mkdir()
+    shutil.copy(BROKEN / "zsre_mend_empty_alt.json", tmp_path / "zsre" / "zsre_mend_train-1k.json")
+    with pytest.raises(RecordError) as info:
+        load_real("zsre_mend_train", root=tmp_path, on_error="raise")
+    assert str(info.value).startswith("zsre/zsre_mend_train-1k.json, record 1") and str(tmp_path) not in str(info.value)
+    with loaders.collect_skipped() as skips:
+        (rec,) = load_real("zsre_mend_train", root=tmp_path)
+    assert rec.source == "zsre/zsre_mend_train-1k.json" and skips.table()["file"].tolist() == [rec.source]
+
+
+@pytest.mark.parametrize("fixture, loader, kwargs, right", [
+    ("counterfact_mend.json", load_knowedit, {"task": "counterfact"}, "load_counterfact_mend"),
+    ("zsre_mend_eval.json", load_knowedit, {"task": "zsre"}, "load_zsre_mend"),
+    ("convsent.json", load_zsre_mend, {}, "load_convsent"),
+    ("knowedit_counterfact.json", load_counterfact_mend, {}, "load_knowedit"),
+    ("knowedit_zsre.json", load_convsent, {}, "load_knowedit"),
+    ("instructions.json", load_knowedit, {"task": "zsre"}, "load_instruction_file"),
+])
+@pytest.mark.parametrize("on_error", ["raise", "skip"])
+def test_a_file_in_another_known_format_names_the_loader_to_use(fixture, loader, kwargs, right, on_error):
+    path = FIX / fixture
+    err = raises_at(lambda: loader(path, on_error=on_error, **kwargs), path, None, "<file>")
+    assert right in err.message
+
+
+def test_sniff_format_of_the_fixtures():
+    expected = {"counterfact_mend.json": "counterfact_mend", "zsre_mend_eval.json": "zsre_mend",
+                "zsre_mend_train.json": "zsre_mend", "convsent.json": "convsent",
+                "knowedit_counterfact.json": "knowedit", "knowedit_recent.json": "knowedit",
+                "knowedit_zsre.json": "knowedit"}
+    for name, fmt in expected.items():
+        assert loaders.sniff_format(json.loads((FIX / name).read_text())) == fmt, name
+    assert loaders.sniff_format([{"a": 1}]) is None and loaders.sniff_format([]) is None

@@ -1,0 +1,73 @@
+"""The official InstructEdit instruction file: the template and ten descriptions per task (chapter 2)."""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+from typing import Any, NoReturn
+
+from ..records import TASKS, RecordError
+from .reading import read_json
+
+
+def load_instruction_file(path: str | Path, *, source: str | None = None) -> dict[str, Any]:
+    """Parse and check the official instruction file.
+
+    Returns ``{"template": str, "instructions": {task: [10 str]}, "heldout_instruction_index":
+    int}``.  Checks: the template has exactly three positional ``{}`` fields (task, description,
+    input); every task of :data:`~instructedit_lite.records.TASKS`, and no other, has ten
+    non-empty descriptions; ConvSent's contain the ``[LABEL]`` and ``[TOPIC]`` placeholders; the
+    held-out index is in range; and ``train_instruction_indices``, if given, are exactly the
+    other nine (the file's own statement of the split must agree with what is returned).
+    """
+    source = str(path) if source is None else source
+
+    def fail(field_name: str, message: str) -> NoReturn:
+        raise RecordError(source, None, field_name, message)
+
+    data = read_json(path, source)
+    if not isinstance(data, dict):
+        fail("<file>", f"expected a JSON object, got {type(data).__name__}")
+    for key in ("template", "instructions", "heldout_instruction_index"):
+        if key not in data:
+            fail(key, "required field is missing")
+
+    template = data["template"]
+    if not isinstance(template, str):
+        fail("template", f"expected a string, got {type(template).__name__}")
+    try:
+        names = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(template) if name is not None]
+    except ValueError as exc:
+        fail("template", f"not a valid format string: {exc}")
+    if names != [("", "", None)] * 3:
+        fail("template", f"needs exactly three '{{}}' fields (task, description, input), found {names}")
+
+    instructions = data["instructions"]
+    if not isinstance(instructions, dict):
+        fail("instructions", f"expected an object mapping a task to its descriptions, got {type(instructions).__name__}")
+    unknown = sorted(set(instructions) - set(TASKS))
+    if unknown:
+        fail(f"instructions.{unknown[0]}", f"unknown task; expected only {TASKS}")
+    out: dict[str, list[str]] = {}
+    for task in TASKS:
+        if task not in instructions:
+            fail(f"instructions.{task}", "required task is missing")
+        texts = instructions[task]
+        if not isinstance(texts, list) or len(texts) != 10:
+            fail(f"instructions.{task}", f"expected a list of 10 descriptions, got {texts!r:.80}")
+        for j, text in enumerate(texts):
+            if not isinstance(text, str) or not text.strip():
+                fail(f"instructions.{task}[{j}]", f"expected a non-empty string, got {text!r}")
+            if task == "convsent" and ("[LABEL]" not in text or "[TOPIC]" not in text):
+                fail(f"instructions.{task}[{j}]", "a ConvSent description must contain [LABEL] and [TOPIC]")
+        out[task] = list(texts)
+
+    heldout = data["heldout_instruction_index"]
+    if not isinstance(heldout, int) or isinstance(heldout, bool) or not 0 <= heldout < 10:
+        fail("heldout_instruction_index", f"expected an integer in 0..9, got {heldout!r}")
+    if "train_instruction_indices" in data:
+        expected = [j for j in range(10) if j != heldout]
+        if data["train_instruction_indices"] != expected:
+            fail("train_instruction_indices", f"expected {expected} (all but the held-out one), "
+                                              f"got {data['train_instruction_indices']!r}")
+    return {"template": template, "instructions": out, "heldout_instruction_index": heldout}
