@@ -10,15 +10,24 @@ the answer's tokens and ``logits[:, t]`` predicts token ``t + 1``:
 * **agreement** (locality): the share of answer positions whose argmax is the same before and
   after the edit, whether or not it was right;
 * **mean log-probability** per answer token, for ConvSent's **edit success**
-  ``ES = σ(mean log p(wanted) − mean log p(unwanted))`` and its **drawdown**
-  ``DD = KL(pre ‖ post)`` on another topic's responses;
-* **fluency**: the weighted n-gram entropy of generated text.
+  ``ES = σ(mean log p(wanted) − mean log p(unwanted))``, optionally times the reference's topic
+  factor ``z_topic = min(1, exp(ℓ⁺_post − ℓ⁺_pre))``, and its **drawdown** ``DD = KL(pre ‖ post)``
+  on another topic's responses.  The paper's ConvSent *columns* are neither: its test script scores
+  ConvSent like the fact tasks, by the token accuracy of ``target_new`` after the question;
+* **fluency**: the weighted n-gram entropy of generated text, lower-cased (the default) or as
+  EasyEdit scores it (:func:`fluency_easyedit`: case-sensitive words, prompt included).
+
+Conventions of the paper's tables, as named options (chapter 5): :func:`generalization` falls back
+to the edit prompt when a record has no rephrase (``convention="paper"``; the default gives NaN),
+and :func:`probe_mean` averages per probe kind, then across kinds (``how="per_kind"``, KnowEdit's
+way; the default pools every probe).
 """
 
 from __future__ import annotations
 
 import math
 import re
+import unicodedata
 from collections import Counter
 from typing import Iterable, Sequence
 
@@ -28,8 +37,9 @@ from torch import Tensor
 
 from .text import IGNORE, shifted_predictions
 
-__all__ = ["token_accuracy", "exact_match", "agreement", "mean_logprob", "edit_success", "drawdown",
-           "ngram_entropy", "fluency", "words"]
+__all__ = ["token_accuracy", "exact_match", "agreement", "mean_logprob", "pooled_logprob", "edit_success",
+           "topic_factor", "drawdown", "ngram_entropy", "fluency", "fluency_easyedit", "words", "generalization",
+           "probe_mean", "GENERALIZATION_CONVENTIONS", "PROBE_AGGREGATIONS"]
 
 
 def _answer_mask(labels: Tensor) -> Tensor:
@@ -68,15 +78,45 @@ def mean_logprob(logits: Tensor, labels: Tensor) -> Tensor:
     return (logp * mask).sum(1) / mask.sum(1)
 
 
-def edit_success(wanted_logprob: Tensor, unwanted_logprob: Tensor) -> float:
-    """ConvSent ES: ``σ(mean log p(wanted responses) − mean log p(unwanted responses))``.
+def pooled_logprob(logits: Tensor, labels: Tensor) -> Tensor:
+    """The mean log-probability over every answer token of every row, pooled (a 1-element tensor).
 
-    Both arguments are per-response mean log-probabilities after the *same* question about the
-    edited topic, so the topic term of the original ConvSent metric (a topic classifier) is
-    fixed by construction here.  0.5 means no preference; above 0.5 the wanted sentiment wins.
+    This is the reference's ``masked_mean`` in ``evaluate_utils.es``: long responses weigh more than
+    short ones, unlike the mean of :func:`mean_logprob` over rows.
+    """
+    mask = _answer_mask(labels)
+    targets = labels[:, 1:].clamp(min=0)
+    logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return ((logp * mask).sum() / mask.sum()).reshape(1)
+
+
+def topic_factor(wanted_logprob: Tensor, pre_wanted_logprob: Tensor) -> float:
+    """The reference's ``z_topic = min(1, exp(ℓ⁺_post − ℓ⁺_pre))`` (EasyEdit ``evaluate_utils.es``).
+
+    ``ℓ⁺`` is the mean log-probability of the wanted responses after the edit and, from the unedited
+    model on the same rows, before it.  It is 1 when the edit made the wanted responses no less
+    likely, and shrinks an edit that won the sentiment contrast only by making the wanted responses
+    themselves less likely.
+    """
+    gap = float(wanted_logprob.float().mean() - pre_wanted_logprob.float().mean())
+    return min(1.0, math.exp(gap))
+
+
+def edit_success(wanted_logprob: Tensor, unwanted_logprob: Tensor, pre_wanted_logprob: Tensor | None = None) -> float:
+    """ConvSent ES: ``σ(mean log p(wanted responses) − mean log p(unwanted responses))`` (chapter 5).
+
+    Both arguments are mean log-probabilities of responses after the *same* question about the
+    edited topic, one per response (:func:`mean_logprob`) or one pooled over all tokens
+    (:func:`pooled_logprob`, as the reference does).  0.5 means no preference; above 0.5 the wanted
+    sentiment wins.  With ``pre_wanted_logprob`` (the wanted responses under the unedited model)
+    the result is multiplied by the reference's :func:`topic_factor`, as EasyEdit's ``es`` does;
+    without it, the sentiment term alone (the library's default so far).
     """
     gap = float(wanted_logprob.float().mean() - unwanted_logprob.float().mean())
-    return 1.0 / (1.0 + math.exp(-gap))
+    z_sentiment = 1.0 / (1.0 + math.exp(-gap))
+    if pre_wanted_logprob is None:
+        return z_sentiment
+    return z_sentiment * topic_factor(wanted_logprob, pre_wanted_logprob)
 
 
 def drawdown(pre_logits: Tensor, post_logits: Tensor, labels: Tensor) -> Tensor:
@@ -91,9 +131,9 @@ def drawdown(pre_logits: Tensor, post_logits: Tensor, labels: Tensor) -> Tensor:
 _WORD = re.compile(r"\w+|[^\w\s]")
 
 
-def words(text: str) -> list[str]:
-    """Lower-cased words and punctuation marks (a dependency-free stand-in for nltk's tokenizer)."""
-    return _WORD.findall(text.lower())
+def words(text: str, *, lower: bool = True) -> list[str]:
+    """Words and punctuation marks (a dependency-free stand-in for nltk's tokenizer), lower-cased by default."""
+    return _WORD.findall(text.lower() if lower else text)
 
 
 def ngram_entropy(tokens: Sequence[str], n: int) -> float:
@@ -106,18 +146,72 @@ def ngram_entropy(tokens: Sequence[str], n: int) -> float:
     return float(-(freqs * np.log2(freqs)).sum())
 
 
-def fluency(texts: str | Iterable[str], ns: Sequence[int] = (2, 3), weights: Sequence[float] = (2 / 3, 4 / 3)) -> float:
+def fluency(texts: str | Iterable[str], ns: Sequence[int] = (2, 3), weights: Sequence[float] = (2 / 3, 4 / 3),
+            *, lower: bool = True) -> float:
     """ROME's fluency: ``mean_n(w_n · H_n)`` over word bigrams and trigrams, averaged over texts.
 
     Repetitive text ("the the the ...") has few distinct n-grams and a low score; the KnowEdit
-    tables report it multiplied by 100.
+    tables report it multiplied by 100.  ``lower=False`` keeps case, as nltk's tokenizer does.
     """
     if isinstance(texts, str):
         texts = [texts]
     scores = []
     for text in texts:
-        tokens = words(text)
+        tokens = words(text, lower=lower)
         scores.append(float(np.mean([w * ngram_entropy(tokens, n) for n, w in zip(ns, weights)])))
     if not scores:
         raise ValueError("fluency: no text")
     return float(np.mean(scores))
+
+
+def fluency_easyedit(texts: str | Iterable[str]) -> float:
+    """Fluency scored as EasyEdit's ``test_generation_quality`` does it (chapter 5).
+
+    Each text is what ``generate_fast`` returns: the prompt *and* its continuation, decoded,
+    NFKD-normalised, blank lines joined; words keep their case.  Only the scoring side is here: the
+    generation (top-k 5 sampling, seeded, 100 tokens counting the prompt's) is the caller's.
+    """
+    if isinstance(texts, str):
+        texts = [texts]
+    texts = [unicodedata.normalize("NFKD", t).replace("\n\n", " ").replace("<|endoftext|>", "") for t in texts]
+    return fluency(texts, lower=False)
+
+
+GENERALIZATION_CONVENTIONS = ("honest", "paper")
+
+
+def generalization(rephrase_scores: Sequence[float], reliability: float, convention: str = "honest") -> float:
+    """A record's generalization from its rephrase scores, by the given convention (chapter 5).
+
+    ``"honest"`` (the default): the mean over the rephrases, NaN when the record has none.
+    ``"paper"``: the reference's fallback, which scores the (instructed) edit prompt itself when
+    there is no rephrase, so the value is ``reliability``; on KnowEdit CounterFact and Recent,
+    which have no rephrases, the paper's Generalization therefore equals its Reliability.
+    """
+    if convention not in GENERALIZATION_CONVENTIONS:
+        raise ValueError(f"convention must be one of {GENERALIZATION_CONVENTIONS}, got {convention!r}")
+    if len(rephrase_scores):
+        return float(np.mean(rephrase_scores))
+    return float(reliability) if convention == "paper" else math.nan
+
+
+PROBE_AGGREGATIONS = ("pooled", "per_kind")
+
+
+def probe_mean(scores: Iterable[tuple[str, float]], how: str = "pooled") -> float:
+    """The mean of ``(probe kind, score)`` pairs: pooled over probes, or per kind then across kinds.
+
+    ``"per_kind"`` is KnowEdit's aggregation (each kind, e.g. ``Reasoning`` and
+    ``Subject_Aliasing``, counts once whatever its number of probes); ``"pooled"`` weighs every
+    probe alike.  NaN when there is no probe.
+    """
+    if how not in PROBE_AGGREGATIONS:
+        raise ValueError(f"how must be one of {PROBE_AGGREGATIONS}, got {how!r}")
+    by_kind: dict[str, list[float]] = {}
+    for kind, score in scores:
+        by_kind.setdefault(kind, []).append(float(score))
+    if not by_kind:
+        return math.nan
+    if how == "pooled":
+        return float(np.mean([v for values in by_kind.values() for v in values]))
+    return float(np.mean([np.mean(values) for values in by_kind.values()]))
