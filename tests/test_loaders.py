@@ -681,3 +681,15 @@ def test_sniff_format_of_the_fixtures():
     for name, fmt in expected.items():
         assert loaders.sniff_format(json.loads((FIX / name).read_text())) == fmt, name
     assert loaders.sniff_format([{"a": 1}]) is None and loaders.sniff_format([]) is None
+
+
+def test_summary_lists_each_record_once(tmp_path):
+    probes = [{"prompt": "q", "ground_truth": ""}, {"prompt": "r", "ground_truth": ""}, {"prompt": "s", "ground_truth": "a"}]
+    items = [_knowedit_item(i, locality={"Relation_Specificity": probes}) for i in range(2)]
+    path = tmp_path / "twice.json"
+    path.write_text(json.dumps(items))
+    with pytest.warns(SkippedDataWarning) as caught:
+        load_knowedit(path, task="counterfact", on_error="skip")
+    (warning,) = [w.message for w in caught]
+    assert warning.records == [0, 1] and len(warning.errors) == 4
+    assert "dropped 4 probes" in str(warning) and "records 0, 1;" in str(warning)

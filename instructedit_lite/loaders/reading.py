@@ -34,7 +34,7 @@ class SkippedDataWarning(UserWarning):
 
     ``.errors`` holds every :class:`RecordError` summarised (``.error`` is the first), ``.dropped``
     says what was dropped (``"record"``, ``"probe"``, ``"rephrase"``), ``.field`` the field with
-    list positions as ``[*]`` and ``.records`` the record numbers in file order.
+    list positions as ``[*]`` and ``.records`` the numbers of the records concerned, in file order.
     """
 
     def __init__(self, errors: RecordError | list[RecordError], dropped: str):
@@ -43,14 +43,14 @@ class SkippedDataWarning(UserWarning):
             raise ValueError("SkippedDataWarning needs at least one error")
         self.error, self.dropped = self.errors[0], dropped
         self.field = field_pattern(self.error.field)
-        self.records = [e.index for e in self.errors]
+        self.records = list(dict.fromkeys(e.index for e in self.errors))  # each record once, in file order
         if len(self.errors) == 1:
             text = f"dropped {dropped}: {self.error}"
         else:
             shown = ", ".join(str(i) for i in self.records[:SHOWN_RECORDS])
-            more = f" and {len(self.errors) - SHOWN_RECORDS} more" if len(self.errors) > SHOWN_RECORDS else ""
+            more = f" and {len(self.records) - SHOWN_RECORDS} more" if len(self.records) > SHOWN_RECORDS else ""
             text = (f"{self.error.source}: dropped {len(self.errors)} {dropped}s, field '{self.field}', "
-                    f"records {shown}{more}; the first: {self.error.message}")
+                    f"record{'s' if len(self.records) > 1 else ''} {shown}{more}; the first: {self.error.message}")
         super().__init__(text)
 
 
