@@ -125,8 +125,10 @@ def _hub_download(hub_path: str, folder: Path, revision: str | None) -> Path:
         raise NoNetworkError(f"cannot download {HUB_REPO}/{hub_path}: huggingface_hub is in offline mode "
                              f"(HF_HUB_OFFLINE is set); unset it on a machine with a network") from exc
     except (LocalEntryNotFoundError, ConnectionError, TimeoutError) as exc:
+        offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+        hint = "HF_HUB_OFFLINE is set; unset it on a machine with a network" if offline else "no network?"
         raise NoNetworkError(f"cannot download {HUB_REPO}/{hub_path}: the Hugging Face hub is not reachable "
-                             f"(no network?): {exc}") from exc
+                             f"({hint}): {exc}") from exc
 
 
 def fetch_data(dest: str | Path, *, revision: str | None = None,

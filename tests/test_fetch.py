@@ -88,12 +88,14 @@ def test_a_changed_file_already_there_is_reported(tmp_path, files):
     assert fetch.status(tmp_path)["knowedit/a.json"] == "checksum mismatch"
 
 
-@pytest.mark.parametrize("error, words", [
-    (LocalEntryNotFoundError("Cannot find the requested files in the local cache"), "not reachable"),
-    (OfflineModeIsEnabled("offline"), "HF_HUB_OFFLINE"),
-    (ConnectionError("connection refused"), "not reachable"),
+@pytest.mark.parametrize("error, offline, words", [
+    (LocalEntryNotFoundError("Cannot find the requested files in the local cache"), "", "not reachable .no network"),
+    (LocalEntryNotFoundError("Cannot find the requested files in the local cache"), "1", "HF_HUB_OFFLINE is set"),
+    (OfflineModeIsEnabled("offline"), "1", "offline mode"),
+    (ConnectionError("connection refused"), "", "not reachable"),
 ])
-def test_no_network_is_a_clear_error(tmp_path, files, monkeypatch, error, words):
+def test_no_network_is_a_clear_error(tmp_path, files, monkeypatch, error, offline, words):
+    monkeypatch.setenv("HF_HUB_OFFLINE", offline)
     seen = {}
 
     def hf_hub_download(repo_id, filename, **kw):
