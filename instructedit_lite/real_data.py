@@ -18,7 +18,10 @@ split:
 
 Subject-disjoint splits: subjects (compared case-insensitively) are shuffled with ``seed`` and
 whole subjects go to test until it holds about ``fractions[2]`` of the records, then to val until
-it holds about ``fractions[1]``, and the rest to train.  The official instruction file of the folder, when present, is what
+it holds about ``fractions[1]``, and the rest to train.  With the defaults (seed 0, 70/10/20 %,
+both sentiments) the records per split (train / val / test) are: counterfact 999 / 143 / 286,
+wikirecent 399 / 57 / 114, convsent 1,398 / 200 / 1,600 (699 / 100 / 800 topics), zsre
+0 / 997 / 1,037.  Loading all of it takes about 2 s; parsed records are cached in the process.  The official instruction file of the folder, when present, is what
 :meth:`RealData.instructions` returns.  Items the loaders drop are kept in ``skipped``.
 """
 
