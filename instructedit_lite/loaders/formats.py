@@ -197,7 +197,7 @@ def load_convsent(path: str | Path, *, task: str = "convsent", limit: int | None
             locality=_other_topic(i, n, topic), topic=ent, sentiment=sentiment,
             pos_responses=pos, neg_responses=neg, source=source, index=i,
         ))
-    drops.finish(wanted_n, len(records))
+    drops.finish(wanted_n, len(records), stacklevel=3)
     return records
 
 
