@@ -693,3 +693,9 @@ def test_summary_lists_each_record_once(tmp_path):
     (warning,) = [w.message for w in caught]
     assert warning.records == [0, 1] and len(warning.errors) == 4
     assert "dropped 4 probes" in str(warning) and "records 0, 1;" in str(warning)
+
+
+def test_real_mend_counterfact_read_as_knowedit_names_its_loader():
+    path = real_path("counterfact_mend_val")  # the case: it used to load and lose its locality probes
+    err = raises_at(lambda: load_knowedit(path, task="counterfact", on_error="skip"), path, None, "<file>")
+    assert "load_counterfact_mend" in err.message
