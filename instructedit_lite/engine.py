@@ -185,6 +185,14 @@ class PrefixEngine(nn.Module):
         self.prefix_batch_size = prefix_batch_size
         self.cache = PrefixCache(f"{key}|{type(model).__name__}|block{self.lowest}", cache_dtype)
 
+    def cache_path(self) -> "os.PathLike":
+        """Where :meth:`PrefixCache.save` should put this engine's states: the project cache, by key."""
+        import hashlib
+
+        from .base_model import cache_dir
+
+        return cache_dir() / f"prefix-states-{hashlib.sha256(self.cache.key.encode()).hexdigest()[:12]}.pt"
+
     # -- the two stopped passes through the model ------------------------------------------
 
     def _run_until(self, block: nn.Module, input_ids: Tensor, attention_mask: Tensor):
