@@ -12,7 +12,8 @@ fine-tuning step) on a 4×40-token batch (``fwd_bwd_4x40_s``) and on the edit ba
 * ``engine_speedup``: the same step without the engine over with it (goal ≥ 3);
 * bytes per cached row and per token, the one-off prefix cost per row, and how much of it the
   instruction prefix takes (the most that sharing the prefix's computation could save);
-* bf16 autocast: the step's time, and the cosine between its editor gradients and float32's.
+* bf16 autocast (on a CPU with native bf16, or with ``--bf16 on``): the step's time, and the
+  cosine between its editor gradients and float32's.
 
 The engine is wired in for the measurement exactly as the library's training code is meant to
 call it (:func:`wired`).  Run ``python -m instructedit_lite.bench_engine --model smollm2 --json``.
@@ -88,6 +89,15 @@ def example_record(i: int = 0):
         source="bench_engine", index=i)
 
 
+def bf16_hardware() -> bool:
+    """Whether the CPU computes bf16 natively (AVX512-BF16 or AMX); without it autocast emulates."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def log(message: str) -> None:
     print(f"[bench_engine {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
@@ -123,8 +133,8 @@ def fwd_bwd_time(model, batch, repeats: int) -> float:
 
 
 def measure(model_name: str = "smollm2", *, repeats: int = 5, ranks: Sequence[int] = (1920, 64),
-            threads: int = 2) -> dict[str, Any]:
-    """Every number of the module docstring, as a dict."""
+            threads: int = 2, bf16: bool | None = None) -> dict[str, Any]:
+    """Every number of the module docstring, as a dict (bf16 only on bf16 hardware unless ``bf16``)."""
     from . import train as tr
     from .engine import PrefixEngine, scored_batch
     from .instructions import default_instructions, maybe_instruct
@@ -137,7 +147,9 @@ def measure(model_name: str = "smollm2", *, repeats: int = 5, ranks: Sequence[in
     log(f"loaded {model_name} in {load_s:.1f} s")
     engine = PrefixEngine(model, names, key=key)
     instructions = default_instructions()
-    out: dict[str, Any] = {"model": model_name, "load_s": load_s, "edited_weights": names,
+    bf16 = bf16_hardware() if bf16 is None else bf16
+    out: dict[str, Any] = {"model": model_name, "bf16_hardware": bf16_hardware(), "cpu_capability":
+                           torch.backends.cpu.get_cpu_capability(), "load_s": load_s, "edited_weights": names,
                            "model_parameters": sum(p.numel() for p in model.parameters())}
 
     # The reference: the whole model, 4 rows of 40 tokens, every token labelled.
@@ -186,12 +198,13 @@ def measure(model_name: str = "smollm2", *, repeats: int = 5, ranks: Sequence[in
         row["step_plain_s"] = median_time(lambda: step(model), repeats, f"rank {rank} step, plain")
         with wired():
             row["step_s"] = median_time(lambda: step(engine), repeats, f"rank {rank} step, engine")
-            row["step_bf16_s"] = median_time(lambda: step(engine, True), repeats, f"rank {rank} step, engine, bf16")
-            g32, g16 = step(engine), step(engine, True)  # consecutive steps: near the same editor
+            if bf16:
+                row["step_bf16_s"] = median_time(lambda: step(engine, True), repeats, f"rank {rank} step, engine, bf16")
+                g32, g16 = step(engine), step(engine, True)  # consecutive steps: near the same editor
+                row["bf16_speedup"] = row["step_s"] / row["step_bf16_s"]
+                row["bf16_grad_cosine"] = float(torch.nn.functional.cosine_similarity(g32, g16, dim=0))
         row["step_ratio"] = row["step_s"] / out["fwd_bwd_4x40_s"]
         row["engine_speedup"] = row["step_plain_s"] / row["step_s"]
-        row["bf16_speedup"] = row["step_s"] / row["step_bf16_s"]
-        row["bf16_grad_cosine"] = float(torch.nn.functional.cosine_similarity(g32, g16, dim=0))
         out["steps"][str(rank)] = row
     top = out["steps"][str(max(ranks))]
     out["step_ratio"], out["engine_speedup"] = top["step_ratio"], top["engine_speedup"]
@@ -223,10 +236,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds (the median is reported)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--ranks", type=int, nargs="+", default=[1920, 64], help="editor ranks to time")
+    parser.add_argument("--bf16", choices=("auto", "on", "off"), default="auto",
+                        help="time bf16 autocast (auto: only on a CPU with native bf16)")
     parser.add_argument("--json", action="store_true", help="print only the JSON result")
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON result here (atomically)")
     args = parser.parse_args(argv)
-    result = measure(args.model, repeats=args.repeats, ranks=args.ranks, threads=args.threads)
+    bf16 = {"auto": None, "on": True, "off": False}[args.bf16]
+    result = measure(args.model, repeats=args.repeats, ranks=args.ranks, threads=args.threads, bf16=bf16)
     text = json.dumps(result, indent=1)
     if args.out is not None:
         from .atomic import atomic_write_text
