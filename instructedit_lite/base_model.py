@@ -70,7 +70,14 @@ class BaseModelConfig:
 
 
 def tokenizer_training_text(world: World) -> list[str]:
-    """The corpus plus the instruction template and descriptions (tokenizer only, not pretraining)."""
+    """The corpus plus the instruction template and the *built-in* tasks' descriptions (tokenizer
+    only, not pretraining).
+
+    Deliberately :data:`~instructedit_lite.instructions.DESCRIPTIONS`, not the task registry: the
+    text is part of the base model's cache key, so registering a task (with descriptions of its
+    own) must not silently re-pretrain the model and move every number of the book.  A registered
+    task's descriptions are still tokenized (byte-level BPE covers any text), only less compactly.
+    """
     from .instructions import DESCRIPTIONS, TEMPLATE
 
     extra = [TEMPLATE] + [d for ds in DESCRIPTIONS.values() for d in ds]

@@ -17,7 +17,7 @@ from instructedit_lite import cli, experiments, methods, plots, tasks
 from instructedit_lite.architectures import GPT2, LLAMA, profile_for
 from instructedit_lite.base_model import BaseModel, BaseModelConfig
 from instructedit_lite.editors import EditInfo, Editor
-from instructedit_lite.records import EditRecord, RecordError
+from instructedit_lite.records import RecordError
 
 # Today's keys (commit 21d1f39, before the registries): the book's cached editors live under them.
 PINNED_EDITOR_KEYS = {
@@ -221,10 +221,8 @@ def test_paper_config_follows_the_depth():
 
 
 def test_gated_calinet_memory_starts_as_identity_and_edits():
-    from tiny import fact_record
+    from tiny import fact_record, tiny_tokenizer
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    from tiny import tiny_tokenizer
 
     from instructedit_lite.baselines import CaliNet
 

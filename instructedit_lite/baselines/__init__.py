@@ -17,7 +17,7 @@ CaliNet's slot initialisation uses its own seeded generator) and there is no pro
 method is called once per test case, thousands of times.  Every method trains on
 :func:`~..editors.edit_rows` (one row for the fact tasks; ConvSent: the question followed by
 ``n_responses`` responses of the wanted sentiment).  Records arrive prepared.  Their measured
-behaviour on the embedded model is in chapter 5.
+behaviour on the embedded model is in chapter 5 and docs/measurements.md.
 """
 
 from ..editors import Editor

@@ -173,7 +173,7 @@ PAPER_CONFIGS: dict[str, TrainConfig] = {
 }
 
 #: Hyper-parameters for the embedded base model (4 blocks of width 128, ~1M parameters), chosen by
-#: measurement on this project's world (1 CPU thread; the measurements are in chapter 4).
+#: measurement on this project's world (1 CPU thread; see docs/measurements.md).
 _SCALE_DEFAULTS = dict(grad_accum=2, lr=1e-4, alpha_lr=1e-4, c_edit=0.1, c_loc=1.0, clip=100.0,
                        edit_loss_input="edit", n_responses=2, val_every=400, n_val=20, checkpoint_every=400)
 _DEFAULT_STEPS = 2000
@@ -190,7 +190,7 @@ def default_config(regime: str = "instruct", tasks: Sequence[str] | str | None =
     move, not to plateau).  Further keyword arguments override fields.
 
     The values were chosen by measurement on the embedded world (learning rates, length, ConvSent
-    responses, loss weights); the measurements are in chapter 4.
+    responses, loss weights); the measurements are in docs/measurements.md.
     """
     if isinstance(tasks, str):
         tasks = (tasks,)
