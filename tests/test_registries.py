@@ -242,3 +242,32 @@ def test_gated_calinet_memory_starts_as_identity_and_edits():
     with method.edited(model, tok, record) as info:
         assert info.details["steps"] >= 1
     assert torch.equal(model(input_ids=ids).logits, before)  # hook removed
+
+
+def test_ke_settings_are_a_keconfig_and_keep_the_default_key():
+    from instructedit_lite.ke import KEConfig
+    from instructedit_lite.train import default_config
+
+    plain = default_config("multi", method="ke")
+    assert plain.key() == PINNED_EDITOR_KEYS[(0, False)]["KE"] and plain.ke_config() == KEConfig(
+        weight_names=plain.mend.weight_names, alpha_init=plain.mend.alpha_init)
+    wide = default_config("multi", method="ke", ke=KEConfig(lstm_hidden=32))
+    assert wide.ke_config().lstm_hidden == 32 and wide.key() != plain.key()
+    with pytest.raises(ValueError, match="unknown keys"):
+        default_config("multi", method="ke", ke={"lstm_hiden": 32})
+
+
+def test_the_instruction_file_may_cover_a_subset_of_tasks(tmp_path):
+    import json
+
+    from tiny import fact_record
+
+    from instructedit_lite.instructions import official_instructions
+
+    path = tmp_path / "instructions.json"
+    path.write_text(json.dumps({"template": "Task: {}\nDescription: {}\nInput: {}",
+                                "instructions": {"counterfact": [f"Change the fact, way {i}." for i in range(10)]}}))
+    instructions = official_instructions(path)
+    assert "Change the fact" in instructions.instruct(fact_record("counterfact", 0)).prompt
+    with pytest.raises(RecordError, match="no descriptions for task 'zsre'"):
+        instructions.instruct(fact_record("zsre", 0))

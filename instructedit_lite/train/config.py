@@ -69,9 +69,9 @@ class TrainConfig(Config):
     mend: MendConfig = field(default_factory=MendConfig)
     #: ``"mend"`` (MEND, InstructEdit) or ``"ke"`` (KnowledgeEditor, trained with the same loop).
     method: str = "mend"
-    #: KE's hyper-parameters beyond MEND's shared ones (:class:`~instructedit_lite.ke.KEConfig`
-    #: fields other than ``weight_names``/``alpha_init``, which come from ``mend``); ``method="ke"`` only.
-    ke: dict[str, Any] | None = None
+    #: KE's hyper-parameters (a :class:`~instructedit_lite.ke.KEConfig`, kept as its fields other than
+    #: ``weight_names``/``alpha_init``, which come from ``mend``; see :meth:`ke_config`); ``method="ke"`` only.
+    ke: Any = None
 
     def __post_init__(self) -> None:
         if isinstance(self.mend, Mapping):
@@ -99,6 +99,8 @@ class TrainConfig(Config):
         if self.ke is not None:
             from ..ke import KEConfig
 
+            if isinstance(self.ke, KEConfig):  # stored as its own settings; weights and α come from ``mend``
+                self.ke = {k: v for k, v in self.ke.to_dict().items() if k not in ("weight_names", "alpha_init")}
             self.ke = dict(self.ke)
             KEConfig.from_dict(self.ke)  # unknown or bad KE settings fail here, not in training
         if self.mixing not in MIXINGS:
