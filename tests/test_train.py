@@ -425,6 +425,7 @@ def test_train_editor_caches(tokenizer, tmp_path, monkeypatch):
 def test_trained_editor_beats_untrained_on_held_out_records(tmp_path, monkeypatch):
     """REAL TRAINING (about 20-30 s): a smoke-sized single-task run on the cached base model."""
     from instructedit_lite.base_model import load_base_model
+    from instructedit_lite.mend import MendEditor
 
     base = load_base_model(progress=False)
     config = tr.default_config("single", "counterfact", smoke=True)
@@ -432,7 +433,7 @@ def test_trained_editor_beats_untrained_on_held_out_records(tmp_path, monkeypatc
     result = tr.train(config, base.model, base.tokenizer, train_records=train_recs, val_records=val_recs,
                       progress=False)
     test_recs = {"counterfact": base.world.records("counterfact", "test")[:24]}
-    untrained = tr.MendEditor(base.model, config.mend, generator=torch.Generator().manual_seed(config.seed)).eval()
+    untrained = MendEditor(base.model, config.mend, generator=torch.Generator().manual_seed(config.seed)).eval()
     before = tr.validate(base.model, untrained, base.tokenizer, test_recs, config)
     after = tr.validate(base.model, result.editor, base.tokenizer, test_recs, config)
     print(json.dumps({"before": before, "after": after}))
