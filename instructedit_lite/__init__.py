@@ -2,12 +2,16 @@
 
 Modules, each one idea:
 
+- :mod:`~instructedit_lite.tasks`, :mod:`~instructedit_lite.methods` and
+  :mod:`~instructedit_lite.architectures`: the registries of tasks and methods and the model-family
+  profiles (a new task, method or model is declared once, there);
 - :mod:`~instructedit_lite.records`: the edit-request record type and its validation;
 - :mod:`~instructedit_lite.loaders`: the public data formats read into records;
 - :mod:`~instructedit_lite.world`: the embedded knowledge world, its corpus and task families;
-- :mod:`~instructedit_lite.base_model`: tokenizer, pretraining, the cache, Hugging Face models;
+- :mod:`~instructedit_lite.base_model`: ``BaseModel`` for every model, pretraining, the cache, Hugging Face models;
 - :mod:`~instructedit_lite.instructions`: the instruction template and descriptions;
 - :mod:`~instructedit_lite.text`: prompt/target batches and teacher-forced scoring;
+- :mod:`~instructedit_lite.config`: the shared base of the settings dataclasses;
 - :mod:`~instructedit_lite.mend`: the MEND editor;
 - :mod:`~instructedit_lite.train`: meta-training of editors in the three regimes, cached, side by side;
 - :mod:`~instructedit_lite.ke`: KE, the edit-conditioned hypernetwork baseline (same training loop);

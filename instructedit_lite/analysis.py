@@ -34,7 +34,7 @@ import pandas as pd
 import torch
 
 from .editors import edit_batch
-from .plots import TASK_COLORS
+from .tasks import task_colors
 
 __all__ = [
     "KINDS",
@@ -283,7 +283,7 @@ def within_task_cosine(vectors, labels) -> dict[str, float]:
 def _ordered(labels) -> list:
     """Distinct labels, the paper's tasks first in their usual order, then the rest sorted."""
     present = set(np.asarray(labels, dtype=object).tolist())
-    known = [t for t in TASK_COLORS if t in present]
+    known = [t for t in task_colors() if t in present]
     return known + sorted(present - set(known), key=str)
 
 
@@ -306,12 +306,14 @@ def separation_table(groups: Mapping[str, tuple[Any, Sequence[str]]], k: int = 1
 # ---------------------------------------------------------------------------------------------
 
 
-def plot_embedding(ax, xy, labels, *, title: str, palette: Mapping[str, str] = TASK_COLORS):
+def plot_embedding(ax, xy, labels, *, title: str, palette: Mapping[str, str] | None = None):
     """Scatter the 2-D embedding ``xy`` (n, 2) on ``ax``, one colour per label from ``palette``.
 
-    Labels missing from the palette raise ValueError (pass your own ``palette``).  Returns ``ax``.
+    Labels missing from the palette (default: the task colours) raise ValueError.  Returns ``ax``.
     """
     import seaborn as sns
+
+    palette = task_colors() if palette is None else palette
 
     xy = np.asarray(xy, dtype=np.float64)
     labels = [str(lab) for lab in labels]

@@ -70,7 +70,14 @@ class BaseModelConfig:
 
 
 def tokenizer_training_text(world: World) -> list[str]:
-    """The corpus plus the instruction template and descriptions (tokenizer only, not pretraining)."""
+    """The corpus plus the instruction template and the *built-in* tasks' descriptions (tokenizer
+    only, not pretraining).
+
+    Deliberately :data:`~instructedit_lite.instructions.DESCRIPTIONS`, not the task registry: the
+    text is part of the base model's cache key, so registering a task (with descriptions of its
+    own) must not silently re-pretrain the model and move every number of the book.  A registered
+    task's descriptions are still tokenized (byte-level BPE covers any text), only less compactly.
+    """
     from .instructions import DESCRIPTIONS, TEMPLATE
 
     extra = [TEMPLATE] + [d for ds in DESCRIPTIONS.values() for d in ds]
@@ -198,14 +205,68 @@ def facts_known(recall) -> int:
 
 @dataclass
 class BaseModel:
-    """A pretrained model with its tokenizer, world and training record."""
+    """A model to edit, for every model: the embedded GPT-2 or any Hugging Face causal LM (chapter 3).
+
+    ``source`` gives the edit records: any object with ``records(task, split)`` and ``tasks`` (the
+    embedded :class:`~instructedit_lite.world.World` is one, a folder of public files another).
+    ``key`` names the model in cache folders (editors trained for it live under it); ``spec`` is a
+    small picklable recipe that rebuilds it in another process (:func:`from_spec`; ``None`` for a
+    model built in memory, which is then trained in-process); ``profile`` says where its blocks
+    and MLPs are (:mod:`~instructedit_lite.architectures`).
+    """
 
     model: object
     tokenizer: object
-    world: World
-    config: BaseModelConfig
-    info: dict
+    source: object
+    config: BaseModelConfig | None = None
+    info: dict = field(default_factory=dict)
     path: Path | None = None
+    key: str = ""
+    spec: tuple | None = None
+    profile: object = None
+
+    def __post_init__(self) -> None:
+        from .architectures import profile_for
+
+        if not self.key:
+            if self.config is None:
+                raise ValueError("BaseModel: give a cache key (key=...) or an embedded BaseModelConfig")
+            self.key = self.config.key()
+        if self.profile is None:
+            self.profile = profile_for(self.model)
+
+    @property
+    def world(self):
+        """The records source (named ``world`` before every model had one)."""
+        return self.source
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return tuple(self.source.tasks)
+
+    def records(self, task: str, split: str) -> list:
+        return self.source.records(task, split)
+
+    def weight_names(self, n_last: int = 3) -> list[str]:
+        """The paper's default edited weights for this model (MLP matrices of the last blocks)."""
+        from .architectures import n_blocks
+
+        return self.profile.edited_weights(n_blocks(self.model, self.profile), n_last)
+
+    def as_tuple(self) -> tuple:
+        """``(model, tokenizer, weight_names)``: what :func:`load_hf_model` returned before."""
+        return self.model, self.tokenizer, self.weight_names()
+
+
+def from_spec(spec: tuple) -> BaseModel:
+    """Rebuild a base model from its :attr:`BaseModel.spec` (in a worker process)."""
+    kind = spec[0]
+    if kind == "embedded":
+        return load_base_model(spec[1], progress=False)
+    if kind == "hf":
+        _, name, kwargs, source = spec
+        return load_hf_model(name, source=source, **kwargs)
+    raise ValueError(f"unknown base-model spec {kind!r}; expected 'embedded' or 'hf'")
 
 
 def load_base_model(config: BaseModelConfig | None = None, *, progress: bool = True,
@@ -236,20 +297,23 @@ def load_base_model(config: BaseModelConfig | None = None, *, progress: bool = T
     model = _quiet(GPT2LMHeadModel.from_pretrained(path).eval())
     tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
     info = json.loads((path / "pretraining.json").read_text())
-    return BaseModel(model, tokenizer, world, config, info, path)
+    return BaseModel(model, tokenizer, world, config, info, path, spec=("embedded", config))
 
 
-def load_hf_model(name_or_path: str, *, local_files_only: bool | None = None, dtype=None, device=None):
+def load_hf_model(name_or_path: str, *, source=None, local_files_only: bool | None = None, dtype=None,
+                  device=None) -> BaseModel:
     """A Hugging Face causal LM and its tokenizer by name (``gpt2-xl``, ``meta-llama/Llama-2-7b-hf``)
-    or local path, with the paper's default edited weights for its architecture.
+    or local path, as a :class:`BaseModel` whose records come from ``source`` (e.g.
+    ``real_data.RealData(folder)``; ``None`` for a model only scored, never trained or evaluated).
 
-    Returns ``(model, tokenizer, weight_names)``.  Offline by default (``HF_HUB_OFFLINE`` unset or
-    1): the weights must already be in the local Hugging Face cache or at ``name_or_path``.  Set
-    ``local_files_only=False`` on a machine with hub access to download them.
+    The cache key is a hash of the name, the dtype and the model's configuration.
+    ``.as_tuple()`` gives the former ``(model, tokenizer, weight_names)``.  Offline by default
+    (``HF_HUB_OFFLINE`` unset or 1): the weights must already be in the local Hugging Face cache
+    or at ``name_or_path``.  Set ``local_files_only=False`` on a machine with hub access.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import hashlib
 
-    from .mend import default_weight_names
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if local_files_only is None:
         local_files_only = os.environ.get("HF_HUB_OFFLINE", "1") not in ("0", "false", "False")
@@ -268,4 +332,10 @@ def load_hf_model(name_or_path: str, *, local_files_only: bool | None = None, dt
         tokenizer.pad_token = tokenizer.eos_token
     if device is not None:
         model = model.to(device)
-    return model.eval(), tokenizer, default_weight_names(model)
+    described = json.dumps({"name": str(name_or_path), "dtype": str(dtype), "config": model.config.to_dict()},
+                           sort_keys=True, default=str)
+    key = "hf-" + hashlib.sha256(described.encode()).hexdigest()[:12]
+    spec = ("hf", name_or_path, {"local_files_only": local_files_only, "dtype": dtype, "device": device}, source)
+    info = {"name": str(name_or_path), "parameters": sum(p.numel() for p in model.parameters())}
+    return BaseModel(model.eval(), tokenizer, source, None, info, Path(name_or_path) if os.path.isdir(name_or_path)
+                     else None, key=key, spec=spec)

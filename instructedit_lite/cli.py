@@ -7,6 +7,10 @@
     instructedit-lite evaluate --method InstructEdit --task zsre [--split test] [--n 50] [--out FILE.json]
     instructedit-lite reproduce [--smoke] --out DIR [--n N] [--processes P]
 
+``train``, ``evaluate`` and ``reproduce`` take ``--model`` (default ``embedded``; else a Hugging Face
+name or folder, whose records then come from ``--data FOLDER``).  Methods and tasks are those of
+the registries (:mod:`~instructedit_lite.methods`, :mod:`~instructedit_lite.tasks`).
+
 Everything is cached under ``$INSTRUCTEDIT_CACHE`` (default ``~/.cache/instructedit-lite``).
 """
 
@@ -28,7 +32,9 @@ def _tasks(text: str) -> tuple[str, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import bench
-    from .train import REGIMES, TRAINABLE_TASKS
+    from .methods import method_names
+    from .tasks import task_names, trainable_tasks
+    from .train import REGIMES
 
     parser = argparse.ArgumentParser(prog="instructedit-lite", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -40,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="meta-train an editor (single-task MEND, multi-task MEND or InstructEdit)")
     t.add_argument("--regime", choices=REGIMES, default="instruct")
     t.add_argument("--tasks", type=_tasks, default=None,
-                   help=f"comma-separated training tasks (default: {','.join(TRAINABLE_TASKS)}; 'single' needs one)")
+                   help=f"comma-separated training tasks (default: {','.join(trainable_tasks())}; 'single' needs one)")
     t.add_argument("--steps", type=int, default=None, help="meta-training edits (default: the scale's default)")
     t.add_argument("--seed", type=int, default=None)
     t.add_argument("--out", type=Path, default=None,
@@ -54,12 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="time one edit against one forward+backward of the base model")
     bench.add_arguments(b)
 
-    from .experiments import COMPARED, SINGLE, UNSEEN
-    from .records import TASKS
-
     e = sub.add_parser("evaluate", help="evaluate one method on a task split (one edit per case); JSON out")
-    e.add_argument("--method", required=True, choices=list(COMPARED) + [UNSEEN, SINGLE])
-    e.add_argument("--task", required=True, choices=TASKS)
+    e.add_argument("--method", required=True, choices=method_names())
+    e.add_argument("--task", required=True, choices=task_names())
     e.add_argument("--split", default="test", choices=("train", "val", "test"))
     e.add_argument("--n", type=int, default=50, help="cases (the first N records of the split)")
     e.add_argument("--fluency-cases", type=int, default=5, help="cases whose generated text is scored")
@@ -74,7 +77,32 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--processes", type=int, default=None, help="editors trained side by side (default: cores)")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
+    for command in (t, e, r):
+        command.add_argument("--model", default="embedded",
+                             help="'embedded' (default) or a Hugging Face model name or folder")
+        command.add_argument("--data", type=Path, default=None,
+                             help="folder of public data files: the records of a --model other than 'embedded'")
     return parser
+
+
+def load_base(args, *, seed: int = 0):
+    """The base model the command works on: the embedded one, or ``--model`` with ``--data``'s records."""
+    from . import base_model
+
+    if getattr(args, "model", "embedded") in (None, "embedded"):
+        if seed:
+            from .world import WorldConfig
+
+            return base_model.load_base_model(base_model.BaseModelConfig(world=WorldConfig(seed=seed)),
+                                              progress=not args.quiet)
+        return base_model.load_base_model(progress=not args.quiet)
+    if args.data is None:
+        raise ValueError(f"--model {args.model}: give --data FOLDER with the records to train and evaluate on")
+    try:
+        from .real_data import RealData
+    except ImportError as err:
+        raise ValueError(f"--data needs instructedit_lite.real_data: {err}") from None
+    return base_model.load_hf_model(args.model, source=RealData(args.data))
 
 
 def _print_json(data: Any, stream) -> None:
@@ -86,7 +114,7 @@ def cmd_pretrain(args, stream) -> int:
 
     base = load_base_model(progress=not args.quiet, retrain=args.retrain)
     info = {k: v for k, v in base.info.items() if k not in ("losses", "config")}
-    _print_json({"path": str(base.path), "key": base.config.key(), **info}, stream)
+    _print_json({"path": str(base.path), "key": base.key, **info}, stream)
     return 0
 
 
@@ -98,7 +126,6 @@ def train_config_from_args(args):
 
 
 def cmd_train(args, stream) -> int:
-    from .base_model import load_base_model
     from .train import records_for, train, train_editor
 
     import torch
@@ -106,9 +133,9 @@ def cmd_train(args, stream) -> int:
     config = train_config_from_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    base = load_base_model(progress=not args.quiet)
+    base = load_base(args)
     if args.out is not None:
-        train_records, val_records = records_for(config, base.world)
+        train_records, val_records = records_for(config, base.source)
         result = train(config, base.model, base.tokenizer, train_records=train_records, val_records=val_records,
                        out_dir=args.out, progress=not args.quiet)
         summary, path = result.summary, args.out
@@ -135,25 +162,22 @@ def cmd_bench(args, stream) -> int:
 def cmd_evaluate(args, stream) -> int:
     import torch
 
-    from .base_model import load_base_model
     from .evaluate import evaluate_methods, nested, summarize, write_results
-    from .experiments import build_methods, editor_configs
+    from .experiments import build_methods
+    from .methods import get_method, needed_editors
     from .train import train_editor
 
     if args.n < 1:
         raise ValueError(f"--n must be >= 1, got {args.n}")
     torch.set_num_threads(1)
-    base = load_base_model(progress=not args.quiet)
-    needs = {"KE": ["KE"], "MEND (multi-task)": ["MEND (multi-task)"], "InstructEdit": ["InstructEdit"]}
-    needs["InstructEdit (unseen instruction)"] = ["InstructEdit"]
-    needs["MEND (single-task)"] = [f"MEND (single-task: {t})" for t in ("counterfact", "wikirecent", "convsent")]
-    configs = editor_configs(smoke=args.smoke)
-    wanted = needs.get(args.method, [])
-    trained = {name: train_editor(configs[name], base, progress=not args.quiet) for name in wanted}
-    from .baselines import BASELINES
-
-    methods = build_methods(trained, baselines=(args.method,) if args.method in BASELINES else ())
-    records = base.world.records(args.task, args.split)[: args.n]
+    base = load_base(args)
+    configs = needed_editors(args.method, smoke=args.smoke)  # only what this method needs
+    trained = {name: train_editor(config, base, progress=not args.quiet) for name, config in configs.items()}
+    is_baseline = get_method(args.method).family == "baseline"
+    methods = build_methods(trained, baselines=(args.method,) if is_baseline else (), base=base)
+    if args.method not in methods:
+        raise ValueError(f"method {args.method!r} could not be built (its editors: {sorted(configs)})")
+    records = base.records(args.task, args.split)[: args.n]
     if not records:
         raise ValueError(f"task {args.task!r} has no {args.split!r} records")
     cases = evaluate_methods([methods[args.method]], base.model, base.tokenizer, records,
@@ -169,8 +193,9 @@ def cmd_evaluate(args, stream) -> int:
 def cmd_reproduce(args, stream) -> int:
     from .experiments import reproduce
 
+    base = None if args.model in (None, "embedded") else load_base(args)
     results = reproduce(args.out, smoke=args.smoke, seed=args.seed, n_cases=args.n, processes=args.processes,
-                        progress=not args.quiet)
+                        progress=not args.quiet, base=base)
     _print_json({"out": str(args.out), "headline": results["headline"], "timings": results["timings"]}, stream)
     return 0
 

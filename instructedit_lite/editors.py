@@ -33,16 +33,18 @@ from torch import Tensor, nn
 from .instructions import InstructionSet, maybe_instruct
 from .mend import MendEditor, applied
 from .records import EditRecord
+from .tasks import is_sentiment
 from .text import prompt_target_batch
 
-__all__ = ["Editor", "WeightEditor", "MendMethod", "EditInfo", "edit_rows", "edit_batch", "Unedited"]
+__all__ = ["Editor", "WeightEditor", "MendMethod", "PerTaskMethod", "EditInfo", "edit_rows", "edit_batch",
+           "Unedited"]
 
 Row = tuple[str, str]
 
 
 def edit_rows(record: EditRecord, n_responses: int = 2) -> list[Row]:
     """The ``(prompt, target)`` rows an edit of ``record`` is computed from (see module docstring)."""
-    if record.task == "convsent":
+    if is_sentiment(record.task):
         wanted = [record.target_new] + [r for r in record.wanted_responses if r != record.target_new]
         return [(record.prompt, w) for w in wanted[:n_responses]]
     return [(record.prompt, record.target_new)]
@@ -131,6 +133,24 @@ class Unedited(Editor):
     @contextlib.contextmanager
     def edited(self, model: nn.Module, tokenizer, record: EditRecord) -> Iterator[EditInfo]:
         yield EditInfo()
+
+
+class PerTaskMethod(Editor):
+    """One editor per task, chosen by the record's task: the single-task MEND row of Table 3."""
+
+    def __init__(self, by_task: Mapping[str, Editor], name: str = "MEND (single-task)"):
+        self.by_task, self.name = dict(by_task), name
+
+    def prepare(self, record: EditRecord) -> EditRecord:
+        return self._for(record).prepare(record)
+
+    def _for(self, record: EditRecord) -> Editor:
+        if record.task not in self.by_task:
+            raise ValueError(f"{self.name}: no editor for task {record.task!r} (has {sorted(self.by_task)})")
+        return self.by_task[record.task]
+
+    def edited(self, model: nn.Module, tokenizer, record: EditRecord) -> contextlib.AbstractContextManager[EditInfo]:
+        return self._for(record).edited(model, tokenizer, record)
 
 
 def check_restored(model: nn.Module, before: Mapping[str, Tensor]) -> None:

@@ -44,8 +44,10 @@ import torch
 
 from . import metrics
 from .atomic import atomic_write_text
+from .config import jsonable
 from .editors import Editor
 from .records import EditRecord
+from .tasks import is_sentiment
 from .text import prompt_target_batch
 
 __all__ = ["METRICS", "evaluate_case", "evaluate_methods", "summarize", "average_over_tasks", "write_results",
@@ -59,7 +61,7 @@ METRICS = ("reliability", "reliability_em", "generalization", "generalization_em
 def locality_rows(record: EditRecord) -> list[tuple[str, str]]:
     """The locality ``(prompt, answer)`` rows: the first answer of each probe; for ConvSent every
     response of the other topic (the drawdown is measured on all of them)."""
-    if record.task == "convsent":
+    if is_sentiment(record.task):
         return [(p.prompt, a) for p in record.locality_probes for a in p.answers]
     return [(p.prompt, p.answer) for p in record.locality_probes]
 
@@ -140,13 +142,13 @@ def evaluate_case(method: Editor, model, tokenizer, record: EditRecord, *, pre_l
     loc_rows = locality_rows(record)
     if pre_locality is None:
         pre_locality = _forward(model, tokenizer, loc_rows)[0]
-    score_rows = _convsent_rows(rec) if record.task == "convsent" else _fact_rows(rec)
+    score_rows = _convsent_rows(rec) if is_sentiment(record.task) else _fact_rows(rec)
     kinds = [k for k, _, _ in score_rows]
     with method.edited(model, tokenizer, rec) as info:
         logits, labels = _forward(model, tokenizer, [(p, a) for _, p, a in score_rows])
         post_locality, loc_labels = _forward(model, tokenizer, loc_rows)
         text = generate(model, tokenizer, rec.prompt, fluency_tokens) if fluency_tokens else None
-    scores = (_convsent_scores if record.task == "convsent" else _fact_scores)(kinds, logits, labels)
+    scores = (_convsent_scores if is_sentiment(record.task) else _fact_scores)(kinds, logits, labels)
     scores["locality"] = float(metrics.agreement(pre_locality, post_locality, loc_labels).mean())
     scores["drawdown"] = float(metrics.drawdown(pre_locality, post_locality, loc_labels).mean())
     scores["fluency"] = metrics.fluency(text) if text is not None else math.nan
@@ -208,16 +210,7 @@ def average_over_tasks(summary: pd.DataFrame) -> pd.DataFrame:
     return summary.drop(columns="n").groupby(level="method", sort=False).mean()
 
 
-def _jsonable(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, (np.floating, np.integer)):
-        return _jsonable(value.item())
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
+_jsonable = jsonable  # the one copy lives in :mod:`~instructedit_lite.config`
 
 
 def nested(summary: pd.DataFrame) -> dict[str, dict[str, dict[str, float]]]:

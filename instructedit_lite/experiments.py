@@ -17,16 +17,18 @@ reproduces exactly what the book shows:
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any, Mapping, Sequence
 
 import pandas as pd
 
-from .editors import Editor, EditInfo, MendMethod, Unedited
+from . import methods as _methods
+from . import tasks as _tasks
+from .editors import Editor, PerTaskMethod
 from .evaluate import average_over_tasks, evaluate_methods, summarize
 from .instructions import InstructionSet, default_instructions
-from .records import TASKS, EditRecord
-from .train import TRAINABLE_TASKS, TrainConfig, TrainedEditor, default_config
+from .methods import SINGLE, UNSEEN, MethodContext
+from .records import EditRecord
+from .train import TrainConfig, TrainedEditor, default_config
 
 __all__ = ["editor_configs", "scaling_configs", "balance_configs", "build_methods", "PerTaskMethod",
            "evaluation_records", "main_evaluation", "multitask_table", "holdout_table", "unseen_table",
@@ -37,98 +39,85 @@ N_CASES = 50
 N_CASES_SMOKE = 4
 #: Cases per task whose generated text is scored for fluency (generation is the slow part).
 FLUENCY_CASES = 5
-UNSEEN = "InstructEdit (unseen instruction)"
-SINGLE = "MEND (single-task)"
-#: The methods of the multi-task comparison, in table order (the paper's Table 3 plus FT-M).
-COMPARED = ("base model", "FT-L", "FT-M", "CaliNet", "GRACE", "KE", "MEND (multi-task)", "InstructEdit")
+
+
+def __getattr__(name: str):
+    # ``COMPARED`` (the methods of the multi-task comparison, in table order) and
+    # ``DOMINANT_WEIGHTS`` are read from the registries on every access (PEP 562).
+    if name == "COMPARED":
+        return _methods.compared_methods()
+    if name == "DOMINANT_WEIGHTS":
+        return dominant_weights()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def editor_configs(seed: int = 0, smoke: bool = False) -> dict[str, TrainConfig]:
-    """The meta-trained editors of chapters 4 and 5, by name."""
-    configs = {"InstructEdit": default_config("instruct", seed=seed, smoke=smoke),
-               "MEND (multi-task)": default_config("multi", seed=seed, smoke=smoke),
-               "KE": default_config("multi", seed=seed, smoke=smoke, method="ke")}
-    for task in TRAINABLE_TASKS:
-        configs[f"MEND (single-task: {task})"] = default_config("single", (task,), seed=seed, smoke=smoke)
-    return configs
+    """The meta-trained editors of chapters 4 and 5, by name (those the registered methods need)."""
+    return _methods.editor_configs(seed, smoke)
 
 
 def scaling_configs(seed: int = 0, smoke: bool = False) -> dict[int, TrainConfig]:
-    """InstructEdit trained on 1, 2 and 3 tasks (the paper's order: Recent, + CounterFact, + ConvSent),
-    with the same number of edits each."""
-    order = ("wikirecent", "counterfact", "convsent")
-    return {n: default_config("instruct", order[:n], seed=seed, smoke=smoke) if n < 3
-            else default_config("instruct", seed=seed, smoke=smoke) for n in (1, 2, 3)}
+    """InstructEdit trained on 1, 2, ... tasks, adding them in the tasks' ``scaling_rank`` order
+    (the paper's: Recent, + CounterFact, + ConvSent), with the same number of edits each."""
+    trainable = _tasks.trainable_tasks()
+    order = sorted(trainable, key=lambda t: _tasks.get_task(t).scaling_rank)
+    n_all = len(order)
+    return {n: default_config("instruct", tuple(order[:n]), seed=seed, smoke=smoke) if n < n_all
+            else default_config("instruct", seed=seed, smoke=smoke) for n in range(1, n_all + 1)}
 
 
-#: ConvSent's share of the edits when it dominates, as in the paper's full data (ConvSent's training
-#: file is about ten times CounterFact's): 6 : 1 : 1, i.e. 75% of the edits.
-DOMINANT_WEIGHTS = {"convsent": 6.0, "counterfact": 1.0, "wikirecent": 1.0}
+def dominant_weights() -> dict[str, float]:
+    """The task mix in which ConvSent dominates, as in the paper's full data (ConvSent's training
+    file is about ten times CounterFact's): each training task's ``mix_weight`` (6 : 1 : 1)."""
+    return {t: _tasks.get_task(t).mix_weight for t in _tasks.trainable_tasks()}
 
 
 def balance_configs(seed: int = 0, smoke: bool = False) -> dict[str, TrainConfig]:
     """InstructEdit with the default task mix (proportional to the splits: ConvSent 22% of the
     edits) and with ConvSent dominant (75%)."""
     return {"default mix": default_config("instruct", seed=seed, smoke=smoke),
-            "ConvSent dominant": default_config("instruct", seed=seed, smoke=smoke, task_weights=DOMINANT_WEIGHTS)}
-
-
-class PerTaskMethod(Editor):
-    """One editor per task, chosen by the record's task: the single-task MEND row of Table 3."""
-
-    def __init__(self, by_task: Mapping[str, Editor], name: str = SINGLE):
-        self.by_task, self.name = dict(by_task), name
-
-    def prepare(self, record: EditRecord) -> EditRecord:
-        return self._for(record).prepare(record)
-
-    def _for(self, record: EditRecord) -> Editor:
-        if record.task not in self.by_task:
-            raise ValueError(f"{self.name}: no editor for task {record.task!r} (has {sorted(self.by_task)})")
-        return self.by_task[record.task]
-
-    def edited(self, model, tokenizer, record: EditRecord) -> contextlib.AbstractContextManager[EditInfo]:
-        return self._for(record).edited(model, tokenizer, record)
+            "ConvSent dominant": default_config("instruct", seed=seed, smoke=smoke, task_weights=dominant_weights())}
 
 
 def build_methods(trained: Mapping[str, TrainedEditor], *, instructions: InstructionSet | None = None,
-                  baselines: Sequence[str] = ("FT-L", "FT-M", "CaliNet", "GRACE")) -> dict[str, Editor]:
-    """Every method of the comparison, by name (see :data:`COMPARED`), plus InstructEdit with the
-    held-out instruction (:data:`UNSEEN`) and the single-task editors (:data:`SINGLE`)."""
-    from .baselines import make_baseline
-
-    instructions = instructions or default_instructions()
-    methods: dict[str, Editor] = {"base model": Unedited()}
-    for name in baselines:
-        methods[name] = make_baseline(name)
-    # Meta-trained methods are wired up only when their editors are given (the CLI trains only
-    # what it evaluates).
-    if "KE" in trained:
-        methods["KE"] = MendMethod(trained["KE"].editor, "KE")
-    if "MEND (multi-task)" in trained:
-        methods["MEND (multi-task)"] = MendMethod(trained["MEND (multi-task)"].editor, "MEND (multi-task)")
-    if "InstructEdit" in trained:
-        editor = trained["InstructEdit"].editor
-        methods["InstructEdit"] = MendMethod(editor, "InstructEdit", instructions=instructions)
-        methods[UNSEEN] = MendMethod(editor, UNSEEN, instructions=instructions, unseen=True)
-    singles = {t: trained[f"MEND (single-task: {t})"] for t in TRAINABLE_TASKS if f"MEND (single-task: {t})" in trained}
-    if singles:
-        methods[SINGLE] = PerTaskMethod({t: MendMethod(s.editor, SINGLE) for t, s in singles.items()})
-    return methods
+                  baselines: Sequence[str] | None = None, base=None,
+                  options: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Editor]:
+    """Every registered method that can be built, by name, in registry order: the compared set
+    (:data:`COMPARED`), InstructEdit with the held-out instruction (:data:`UNSEEN`) and the
+    single-task editors (:data:`SINGLE`).  Meta-trained methods are built only when their editors
+    are in ``trained`` (the CLI trains only what it evaluates); ``baselines`` limits the baselines
+    (default: all); ``base`` and ``options`` (method → config overrides) reach the builders."""
+    ctx = MethodContext(base=base, trained=trained, instructions=instructions or default_instructions(),
+                        options=options or {})
+    out: dict[str, Editor] = {}
+    for method in _methods.registered():
+        if method.family == "baseline" and baselines is not None and method.name not in baselines:
+            continue
+        editor = method.build(ctx)
+        if editor is not None:
+            out[method.name] = editor
+    return out
 
 
-def evaluation_records(world, n: int, tasks: Sequence[str] = TASKS) -> dict[str, list[EditRecord]]:
-    """The first ``n`` records of each task's test split."""
-    return {t: world.records(t, "test")[:n] for t in tasks}
+def evaluation_records(source, n: int, tasks: Sequence[str] | None = None) -> dict[str, list[EditRecord]]:
+    """The first ``n`` records of each task's test split (default: every registered task ``source`` has)."""
+    if tasks is None:
+        have = set(getattr(source, "tasks", _tasks.task_names()))
+        tasks = tuple(t for t in _tasks.task_names() if t in have)
+    return {t: source.records(t, "test")[:n] for t in tasks}
 
 
 def main_evaluation(methods: Mapping[str, Editor], base, records: Mapping[str, list[EditRecord]], *,
                     fluency_cases: int = FLUENCY_CASES, progress: bool = True) -> pd.DataFrame:
     """One pass: every method on every record, except the single-task editors on the held-out
     task (there is no single-task ZsRE editor).  One row per method × case."""
-    fact_records = {t: r for t, r in records.items() if t in TRAINABLE_TASKS}
-    single = [m for name, m in methods.items() if name == SINGLE]
-    others = [m for name, m in methods.items() if name != SINGLE]
+    def held_out(name: str) -> bool:  # unregistered methods are evaluated everywhere
+        return name not in _methods.method_names() or _methods.get_method(name).held_out
+
+    trainable = _tasks.trainable_tasks()
+    fact_records = {t: r for t, r in records.items() if t in trainable}
+    single = [m for name, m in methods.items() if not held_out(name)]
+    others = [m for name, m in methods.items() if held_out(name)]
     parts = [evaluate_methods(others, base.model, base.tokenizer, records, fluency_cases=fluency_cases,
                               progress=progress)]
     if single:
@@ -144,25 +133,33 @@ def _table(cases: pd.DataFrame, methods: Sequence[str], tasks: Sequence[str]) ->
     return summary
 
 
-def multitask_table(cases: pd.DataFrame, methods: Sequence[str] = COMPARED + (SINGLE,)) -> pd.DataFrame:
+def multitask_table(cases: pd.DataFrame, methods: Sequence[str] | None = None) -> pd.DataFrame:
     """Experiment 1 (the paper's Table 3): per method and training task, and the average over the
-    three tasks (``task = "average"``)."""
-    per_task = _table(cases, methods, TRAINABLE_TASKS)
+    training tasks (``task = "average"``).  Default methods: the compared set and single-task MEND."""
+    methods = _methods.table_methods("multitask") if methods is None else tuple(methods)
+    trainable = _tasks.trainable_tasks()
+    per_task = _table(cases, methods, trainable)
     average = average_over_tasks(per_task)
     average.index = pd.MultiIndex.from_tuples([(m, "average") for m in average.index], names=["method", "task"])
     combined = pd.concat([per_task.drop(columns="n"), average])
-    order = [(m, t) for m in methods for t in (*TRAINABLE_TASKS, "average") if (m, t) in combined.index]
+    order = [(m, t) for m in methods for t in (*trainable, "average") if (m, t) in combined.index]
     return combined.reindex(order)
 
 
-def holdout_table(cases: pd.DataFrame, methods: Sequence[str] = COMPARED) -> pd.DataFrame:
-    """Experiment 2: every method on ZsRE, which no editor was trained on."""
-    return _table(cases, methods, ("zsre",)).droplevel("task")
+def holdout_table(cases: pd.DataFrame, methods: Sequence[str] | None = None, task: str | None = None) -> pd.DataFrame:
+    """Experiment 2: every compared method on the held-out task (ZsRE), which no editor was trained on."""
+    methods = _methods.compared_methods() if methods is None else tuple(methods)
+    if task is None:
+        held = _tasks.held_out_tasks()
+        if not held:
+            raise ValueError("holdout_table: no task has role 'held_out'")
+        task = held[0]
+    return _table(cases, methods, (task,)).droplevel("task")
 
 
 def unseen_table(cases: pd.DataFrame) -> pd.DataFrame:
     """Experiment 3: InstructEdit with a seen vs the held-out instruction, per task."""
-    return _table(cases, ("InstructEdit", UNSEEN), TASKS)
+    return _table(cases, _methods.table_methods("unseen"), _tasks.task_names())
 
 
 def headline(cases: pd.DataFrame) -> dict[str, Any]:
@@ -207,13 +204,20 @@ def _markdown(table: pd.DataFrame, digits: int = 3) -> str:
     return "\n".join([head, rule, *body])
 
 
+def _held_out_label() -> str:
+    held = _tasks.held_out_tasks()
+    return (_tasks.get_task(held[0]).label or held[0]) if held else "none"
+
+
 RESULT_COLUMNS = ["reliability", "generalization", "locality", "portability", "fluency"]
 
 
 def reproduce(out_dir, *, smoke: bool = False, seed: int = 0, n_cases: int | None = None,
-              processes: int | None = None, progress: bool = True) -> dict[str, Any]:
-    """The book's editors and experiments end to end: train (or load) the editors, evaluate every
-    method, and write ``out_dir/results.json``, ``out_dir/results.md`` and the per-case table
+              processes: int | None = None, progress: bool = True, base=None,
+              fluency_cases: int | None = None) -> dict[str, Any]:
+    """The book's editors and experiments end to end for ``base`` (a
+    :class:`~instructedit_lite.base_model.BaseModel`; default: the embedded model of world ``seed``):
+    train (or load) the editors, evaluate every registered method, and write ``out_dir/results.json``, ``out_dir/results.md`` and the per-case table
     ``out_dir/cases.csv`` (each written atomically).  Returns the results dictionary."""
     import json
     import platform
@@ -232,7 +236,8 @@ def reproduce(out_dir, *, smoke: bool = False, seed: int = 0, n_cases: int | Non
     n_cases = n_cases or (N_CASES_SMOKE if smoke else N_CASES)
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    base = load_base_model(BaseModelConfig(world=WorldConfig(seed=seed)), progress=progress)
+    if base is None:
+        base = load_base_model(BaseModelConfig(world=WorldConfig(seed=seed)), progress=progress)
     timings["base_model_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -241,10 +246,11 @@ def reproduce(out_dir, *, smoke: bool = False, seed: int = 0, n_cases: int | Non
     torch.set_num_threads(1)  # evaluation edits one case at a time: small matrices, one thread is fastest
 
     start = time.perf_counter()
-    methods = build_methods(trained)
-    records = evaluation_records(base.world, n_cases)
-    cases = main_evaluation(methods, base, records, fluency_cases=1 if smoke else min(FLUENCY_CASES, n_cases),
-                            progress=progress)
+    methods = build_methods(trained, base=base)
+    records = evaluation_records(base.source, n_cases)
+    if fluency_cases is None:  # generation is the slow part: one case per task in smoke mode
+        fluency_cases = 1 if smoke else min(FLUENCY_CASES, n_cases)
+    cases = main_evaluation(methods, base, records, fluency_cases=fluency_cases, progress=progress)
     timings["evaluation_s"] = time.perf_counter() - start
     per_method_seconds = cases.groupby("method")["edit_seconds"].mean()
 
@@ -252,7 +258,7 @@ def reproduce(out_dir, *, smoke: bool = False, seed: int = 0, n_cases: int | Non
     hold = holdout_table(cases)
     unseen = unseen_table(cases)
     results = {
-        "settings": {"smoke": smoke, "seed": seed, "cases_per_task": n_cases, "base_model": base.config.key(),
+        "settings": {"smoke": smoke, "seed": seed, "cases_per_task": n_cases, "base_model": base.key,
                      "editors": {name: {"config_key": t.config.key(), "train_seconds": t.summary["train_seconds"],
                                         "loaded_from_cache": t.loaded} for name, t in trained.items()},
                      "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine()},
@@ -265,7 +271,7 @@ def reproduce(out_dir, *, smoke: bool = False, seed: int = 0, n_cases: int | Non
     markdown = "\n\n".join([
         f"# instructedit-lite reproduce ({'smoke' if smoke else 'full'}: {n_cases} test cases per task, seed {seed})",
         "## Multi-task editing (Table 3 analogue)", _markdown(multi[RESULT_COLUMNS]),
-        "## Hold-out editing (ZsRE, no editor trained on it)", _markdown(hold[RESULT_COLUMNS]),
+        f"## Hold-out editing ({_held_out_label()}, no editor trained on it)", _markdown(hold[RESULT_COLUMNS]),
         "## Unseen instructions", _markdown(unseen[["reliability", "generalization", "locality"]]),
         "## Timings (seconds)", _markdown(pd.Series(timings, name="seconds").to_frame()),
     ]) + "\n"

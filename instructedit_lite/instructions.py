@@ -31,14 +31,18 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Mapping
 
-from .records import TASKS, EditRecord, Probe, RecordError
+from . import tasks as _tasks
+from .records import EditRecord, Probe, RecordError
 
 TEMPLATE = "Task: {task}\nDescription: {description}\nInput: {prompt}"
 N_DESCRIPTIONS = 10
 HELDOUT_INDEX = 9
 _TEMPLATE_FIELDS = ("task", "description", "prompt")
-_CONVSENT_FIELDS = ("sentiment", "topic")
+_CONVSENT_FIELDS = ("sentiment", "topic")  # placeholders of every description of a sentiment task
 
+#: The built-in tasks' descriptions.  The embedded tokenizer is trained on exactly these (see
+#: :func:`~instructedit_lite.base_model.tokenizer_training_text`); a registered task brings its own
+#: in :attr:`~instructedit_lite.tasks.Task.descriptions` and leaves the base model's cache key alone.
 DESCRIPTIONS: dict[str, tuple[str, ...]] = {
     "counterfact": (
         "Replace a fact the model already knows with a counterfactual one, and leave everything else it knows about the subject as it was.",
@@ -123,8 +127,8 @@ class InstructionSet:
             fail("heldout_instruction_index", f"must be in 0..{N_DESCRIPTIONS - 1}, got {self.heldout_index!r}")
         for task, texts in self.descriptions.items():
             where = f"instructions.{task}"
-            if task not in TASKS:
-                fail(where, f"unknown task {task!r}; expected one of {TASKS}")
+            if task not in _tasks.task_names():
+                fail(where, f"unknown task {task!r}; expected one of {_tasks.task_names()}")
             if not isinstance(texts, tuple) or len(texts) != N_DESCRIPTIONS:
                 fail(where, f"needs exactly {N_DESCRIPTIONS} descriptions, got {len(texts) if isinstance(texts, (tuple, list)) else type(texts).__name__}")
             if len(set(texts)) != len(texts):
@@ -139,7 +143,7 @@ class InstructionSet:
                 # ConvSent descriptions must name the wanted sentiment and the topic, or the
                 # instruction could not tell the editor which way to push; the other tasks have
                 # nothing to fill in, so a stray placeholder would leak into the model's input.
-                wanted = set(_CONVSENT_FIELDS) if task == "convsent" else set()
+                wanted = set(_CONVSENT_FIELDS) if _tasks.is_sentiment(task) else set()
                 if found != wanted:
                     fail(f"{where}[{i}]", f"placeholders must be {sorted(wanted)}, found {sorted(found)}")
 
@@ -168,7 +172,7 @@ class InstructionSet:
             # record must get the same description in training, evaluation and a re-run.
             key = "\x1f".join((str(seed), record.task, record.subject, record.prompt)).encode("utf-8")
             text = seen[int.from_bytes(hashlib.sha256(key).digest()[:8], "big") % len(seen)]
-        if record.task == "convsent":
+        if _tasks.is_sentiment(record.task):
             for name in _CONVSENT_FIELDS:
                 value = getattr(record, name, None)
                 if not isinstance(value, str) or not value.strip():
@@ -206,8 +210,12 @@ def maybe_instruct(record: EditRecord, instructions: InstructionSet | None, **kw
 
 
 def default_instructions() -> InstructionSet:
-    """The project's own descriptions for the four tasks."""
-    return InstructionSet(TEMPLATE, dict(DESCRIPTIONS))
+    """The project's own descriptions: the built-in tasks' and those of registered tasks that bring some."""
+    descriptions = dict(DESCRIPTIONS)
+    for task in _tasks.registered():
+        if task.descriptions is not None:
+            descriptions[task.name] = tuple(task.descriptions)
+    return InstructionSet(TEMPLATE, descriptions)
 
 
 def official_instructions(path: str | Path) -> InstructionSet:
@@ -215,7 +223,9 @@ def official_instructions(path: str | Path) -> InstructionSet:
 
     The file's positional ``{}`` template becomes the named :data:`TEMPLATE` fields (in the order
     task, description, input) and ConvSent's ``[LABEL]``/``[TOPIC]`` become ``{sentiment}`` and
-    ``{topic}``, so both sets behave the same from here on.
+    ``{topic}``, so both sets behave the same from here on.  The file may cover any subset of
+    the registered tasks (editing a task it lacks then fails with an error naming the task); this
+    is the one parser of the instruction-file format.
     """
     source = str(path)
 

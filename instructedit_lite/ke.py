@@ -46,18 +46,19 @@ Choices, and where they depart from the original KE (``nicola-decao/KnowledgeEdi
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Mapping
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence, pad_sequence
 
 from .atomic import atomic_torch_save
+from .config import Config
+from .text import model_inputs as _model_inputs
 from .mend import (
     WeightInfo,
     _key,
-    _model_inputs,
     default_weight_names,
     lm_loss,
     only_these_require_grad,
@@ -76,7 +77,7 @@ FORMAT_VERSION = 1
 
 
 @dataclass
-class KEConfig:
+class KEConfig(Config):
     """Hyper-parameters of KE.
 
     ``lstm_hidden``: hidden size of the bidirectional LSTM, per direction.
@@ -100,17 +101,6 @@ class KEConfig:
                 raise ValueError(f"KEConfig.{name} must be a positive integer, got {value!r}")
         self.alpha_init = float(self.alpha_init)
         self.weight_names = list(self.weight_names)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "KEConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"KEConfig.from_dict: unknown keys {sorted(unknown)}")
-        return cls(**dict(data))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import pandas as pd
 
-#: One colour per editing method, used by every chapter (colour-blind safe, Okabe-Ito based).
-METHOD_COLORS = {
-    "InstructEdit": "#D55E00",
-    "MEND (multi-task)": "#0072B2",
-    "MEND (single-task)": "#56B4E9",
-    "KE": "#009E73",
-    "FT-L": "#E69F00",
-    "FT-M": "#F0E442",
-    "GRACE": "#CC79A7",
-    "CaliNet": "#999999",
-    "base model": "#000000",
-}
-TASK_COLORS = {"counterfact": "#0072B2", "wikirecent": "#009E73", "convsent": "#CC79A7", "zsre": "#E69F00"}
+def __getattr__(name: str):
+    # ``METHOD_COLORS`` (one colour per editing method, colour-blind safe, Okabe-Ito based) and
+    # ``TASK_COLORS`` come from the method and task registries, read on every access (PEP 562).
+    if name == "METHOD_COLORS":
+        from .methods import method_colors
+
+        return method_colors()
+    if name == "TASK_COLORS":
+        from .tasks import task_colors
+
+        return task_colors()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 SPLIT_COLORS = {"train": "#4C72B0", "val": "#8C8C8C", "test": "#DD8452"}
 
 
@@ -39,7 +40,9 @@ def record_table(record, title: str | None = None) -> pd.DataFrame:
             for i, probe in enumerate(probes):
                 answers = " | ".join(probe.answers[:3]) + (" | ..." if len(probe.answers) > 3 else "")
                 rows.append((f"{group}.{kind}[{i}]", f"{probe.prompt} → {answers}"))
-    if record.task == "convsent":
+    from .tasks import is_sentiment
+
+    if is_sentiment(record.task):
         rows += [("topic", record.topic), ("sentiment (wanted)", record.sentiment),
                  ("pos_responses", f"{len(record.pos_responses)}, e.g. {record.pos_responses[0]}"),
                  ("neg_responses", f"{len(record.neg_responses)}, e.g. {record.neg_responses[0]}")]

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Iterable
 
-#: Task families of the paper; ``zsre`` is the held-out one.
-TASKS = ("counterfact", "wikirecent", "convsent", "zsre")
+from . import tasks as _tasks
+
 SENTIMENTS = ("positive", "negative")
 
 
@@ -50,7 +50,7 @@ class EditRecord:
     ``prompt`` + ``" " + target_new`` is the edit.  ``ground_truth`` holds the answers the model
     gave before the edit (aliases; empty for facts the model never saw).  ``locality`` and
     ``portability`` map a probe kind (``"Relation_Specificity"``, ``"Subject_Aliasing"``...) to
-    probes.  The ConvSent fields are set for ``task == "convsent"`` only.
+    probes.  The ConvSent fields are set for tasks of kind ``"sentiment"`` only.
     """
 
     task: str
@@ -127,8 +127,8 @@ def validate_record(rec: EditRecord) -> None:
     def fail(field_name: str, message: str) -> None:
         raise RecordError(rec.source or "<memory>", rec.index, field_name, message)
 
-    if rec.task not in TASKS:
-        fail("task", f"unknown task {rec.task!r}; expected one of {TASKS}")
+    if rec.task not in _tasks.task_names():
+        fail("task", f"unknown task {rec.task!r}; expected one of {_tasks.task_names()}")
     for name in ("prompt", "target_new"):
         if not _non_empty_str(getattr(rec, name)):
             fail(name, f"must be a non-empty string, got {getattr(rec, name)!r}")
@@ -152,7 +152,7 @@ def validate_record(rec: EditRecord) -> None:
                     fail(f"{name}.{kind}[{i}].prompt", "must be a non-empty string")
                 if not probe.answers or not all(_non_empty_str(a) for a in probe.answers):
                     fail(f"{name}.{kind}[{i}].answers", f"needs at least one non-empty answer, got {probe.answers!r}")
-    if rec.task == "convsent":
+    if _tasks.is_sentiment(rec.task):
         if not _non_empty_str(rec.topic):
             fail("topic", "a ConvSent record needs its topic")
         if rec.sentiment not in SENTIMENTS:
@@ -160,7 +160,7 @@ def validate_record(rec: EditRecord) -> None:
         if not rec.wanted_responses:
             fail(f"{rec.sentiment[:3]}_responses", "a ConvSent edit needs responses of the wanted sentiment")
     elif rec.sentiment is not None or rec.topic is not None:
-        fail("sentiment", f"only ConvSent records carry a topic and sentiment (task is {rec.task!r})")
+        fail("sentiment", f"only sentiment records (ConvSent) carry a topic and sentiment (task is {rec.task!r})")
 
 
 def answers_from(value: Any, *, source: str, index: int | None, field_name: str) -> tuple[str, ...]:
@@ -184,3 +184,10 @@ def answers_from(value: Any, *, source: str, index: int | None, field_name: str)
         if a and a not in out:
             out.append(a)
     return tuple(out)
+
+
+def __getattr__(name: str):
+    # ``records.TASKS`` stays importable and always reflects the task registry (PEP 562).
+    if name == "TASKS":
+        return _tasks.task_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

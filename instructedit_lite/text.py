@@ -45,6 +45,11 @@ def prompt_target_batch(tokenizer, prompts: list[str], targets: list[str], devic
     return {k: v.to(device) for k, v in batch.items()} if device is not None else batch
 
 
+def model_inputs(batch) -> dict[str, torch.Tensor]:
+    """The model's inputs of a :func:`prompt_target_batch` (its labels left out)."""
+    return {k: batch[k] for k in ("input_ids", "attention_mask") if k in batch}
+
+
 @dataclass(frozen=True)
 class TeacherForced:
     """Per-example scores: mean token accuracy (partial credit) and exact match of all tokens."""

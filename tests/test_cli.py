@@ -15,8 +15,8 @@ from instructedit_lite import train as tr
 
 def fake_base():
     return SimpleNamespace(info={"recall_trained": 0.97, "recall_held_out": 0.86, "losses": [1.0], "config": {}},
-                           path=Path("/nowhere/base-model-x"), config=SimpleNamespace(key=lambda: "x"),
-                           world=None, model=None, tokenizer=None)
+                           path=Path("/nowhere/base-model-x"), key="x", source=None, world=None, model=None,
+                           tokenizer=None)
 
 
 def test_pretrain_prints_recall_as_json(monkeypatch):
@@ -63,7 +63,7 @@ def test_train_with_out_folder_calls_train(monkeypatch, tmp_path):
         return SimpleNamespace(summary=summary)
 
     monkeypatch.setattr(base_model, "load_base_model", lambda **kw: fake_base())
-    monkeypatch.setattr(tr, "records_for", lambda config, world: ({}, {}))
+    monkeypatch.setattr(tr, "records_for", lambda config, source: ({}, {}))
     monkeypatch.setattr(tr, "train", fake_train)
     out = io.StringIO()
     assert cli.main(["train", "--tasks", "counterfact,convsent", "--out", str(tmp_path), "--quiet"], stream=out) == 0
@@ -108,9 +108,8 @@ def tiny_base():
 
     tok = tiny_tokenizer()
     records = hand_records(n=3)
-    world = SimpleNamespace(records=lambda task, split: list(records[task]))
-    return SimpleNamespace(model=tiny_model(tok), tokenizer=tok, world=world, info={}, path=None,
-                           config=SimpleNamespace(key=lambda: "tiny"))
+    source = SimpleNamespace(records=lambda task, split: list(records[task]), tasks=tuple(records))
+    return base_model.BaseModel(tiny_model(tok), tok, source, key="tiny")
 
 
 def test_evaluate_a_baseline_writes_summary_and_cases(monkeypatch, tmp_path):

@@ -11,14 +11,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from instructedit_lite import train as tr
-from instructedit_lite.base_model import train_tokenizer
+from instructedit_lite.base_model import BaseModel, train_tokenizer
 from instructedit_lite.instructions import DESCRIPTIONS, TEMPLATE, default_instructions
 from instructedit_lite.mend import MendConfig, lm_loss
 from instructedit_lite.records import EditRecord, Probe
@@ -70,6 +69,8 @@ def hand_records(split: str) -> dict[str, list[EditRecord]]:
 
 
 class HandWorld:
+    tasks = ("counterfact", "wikirecent", "convsent", "zsre")
+
     def records(self, task: str, split: str) -> list[EditRecord]:
         return list(hand_records(split)[task])
 
@@ -225,7 +226,7 @@ def test_meta_losses_of_a_null_edit(tokenizer):
         example = tr.build_example(record, config)
         losses = tr.meta_losses(model, editor, tokenizer, example, config)
         assert abs(losses["loc"].item()) < 1e-6
-        batch = tr._batch(tokenizer, example.loss + example.unlikely, None)
+        batch = tr.losses._batch(tokenizer, example.loss + example.unlikely, None)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         n = len(example.loss)
         expected = (tr.convsent_edit_loss(logits[:n], batch["labels"][:n], logits[n:], batch["labels"][n:])
@@ -252,7 +253,7 @@ def test_instruction_prefix_only_on_edit_inputs_in_instruct_regime(regime, token
         seen.append(example)
         return original(model, editor, tok, example, cfg)
 
-    monkeypatch.setattr(tr, "meta_losses", spy)
+    monkeypatch.setattr(tr.loop, "meta_losses", spy)
     run(config, tokenizer)
     assert len(seen) == 6 and "convsent" in {e.task for e in seen}
     for example in seen:
@@ -309,7 +310,7 @@ def test_non_finite_steps_are_skipped_and_counted(tokenizer, monkeypatch):
             out["total"] = out["total"] * float("nan")
         return out
 
-    monkeypatch.setattr(tr, "meta_losses", poisoned)
+    monkeypatch.setattr(tr.loop, "meta_losses", poisoned)
     result = run(tiny_config(steps=8), tokenizer)
     assert result.summary["skipped_steps"] == 1
     assert result.summary["optimizer_steps"] == 3
@@ -358,7 +359,7 @@ def test_best_editor_is_chosen_by_validation_loss_on_the_val_split(tokenizer, mo
         loss = next(scripted)
         return {"val_loss": loss, "val_L_e": loss, "val_L_loc": 0.0, "val_reliability": 0.0}
 
-    monkeypatch.setattr(tr, "validate", fake_validate)
+    monkeypatch.setattr(tr.loop, "validate", fake_validate)
     result = run(tiny_config(steps=12, val_every=4), tokenizer)
     assert [v["step"] for v in result.validation] == [0, 4, 8, 12]
     assert result.summary["best_step"] == 4 and result.summary["best_val_loss"] == 3.0
@@ -398,8 +399,7 @@ def test_validation_metrics_and_exact_restore(tokenizer):
 
 def test_train_editor_caches(tokenizer, tmp_path, monkeypatch):
     monkeypatch.setenv("INSTRUCTEDIT_CACHE", str(tmp_path))
-    base = SimpleNamespace(model=tiny_model(tokenizer), tokenizer=tokenizer, world=HandWorld(),
-                           config=SimpleNamespace(key=lambda: "tinybase"))
+    base = BaseModel(tiny_model(tokenizer), tokenizer, HandWorld(), key="tinybase")
     config = tiny_config(steps=4, val_every=2)
     first = tr.train_editor(config, base, progress=False)
     assert not first.loaded and first.path == tmp_path / f"editor-tinybase-{config.key()}"
@@ -408,7 +408,7 @@ def test_train_editor_caches(tokenizer, tmp_path, monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError("a cached editor was trained again")
 
-    monkeypatch.setattr(tr, "train", no_training)
+    monkeypatch.setattr(tr.loop, "train", no_training)
     second = tr.train_editor(config, base, progress=False)
     assert second.loaded and states_equal(first.editor.state_dict(), second.editor.state_dict())
     assert list(second.curves["L_e"]) == pytest.approx(list(first.curves["L_e"]))
@@ -425,6 +425,7 @@ def test_train_editor_caches(tokenizer, tmp_path, monkeypatch):
 def test_trained_editor_beats_untrained_on_held_out_records(tmp_path, monkeypatch):
     """REAL TRAINING (about 20-30 s): a smoke-sized single-task run on the cached base model."""
     from instructedit_lite.base_model import load_base_model
+    from instructedit_lite.mend import MendEditor
 
     base = load_base_model(progress=False)
     config = tr.default_config("single", "counterfact", smoke=True)
@@ -432,7 +433,7 @@ def test_trained_editor_beats_untrained_on_held_out_records(tmp_path, monkeypatc
     result = tr.train(config, base.model, base.tokenizer, train_records=train_recs, val_records=val_recs,
                       progress=False)
     test_recs = {"counterfact": base.world.records("counterfact", "test")[:24]}
-    untrained = tr.MendEditor(base.model, config.mend, generator=torch.Generator().manual_seed(config.seed)).eval()
+    untrained = MendEditor(base.model, config.mend, generator=torch.Generator().manual_seed(config.seed)).eval()
     before = tr.validate(base.model, untrained, base.tokenizer, test_recs, config)
     after = tr.validate(base.model, result.editor, base.tokenizer, test_recs, config)
     print(json.dumps({"before": before, "after": after}))

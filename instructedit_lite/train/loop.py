@@ -1,0 +1,251 @@
+"""The meta-training loop with its checkpoints and bit-for-bit resume (chapter 4)."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..atomic import atomic_torch_save, atomic_write_text
+from ..config import jsonable
+from ..instructions import InstructionSet, default_instructions
+from ..mend import MendEditor
+from ..records import EditRecord
+from .config import TrainConfig
+from .examples import build_example, schedule, task_probabilities
+from .losses import meta_losses
+from .validation import validate
+
+__all__ = ["TrainResult", "train", "make_editor", "load_editor", "CHECKPOINT", "CHECKPOINT_FORMAT"]
+
+#: Bumped when the checkpoint's layout changes.
+CHECKPOINT_FORMAT = 1
+
+def _cpu_state(module: torch.nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns: the best and the last editor, curves and a summary.
+
+    ``finished`` is False when the call stopped early (``max_steps_this_call``); calling
+    :func:`train` again with the same output folder resumes.  ``summary["train_seconds"]`` is the
+    wall time of the training loop over all calls, its periodic validations included (the
+    step-0 validation of the untrained editor is not); ``summary["validation_seconds"]`` is the
+    time of all validations.
+    """
+
+    editor: MendEditor
+    final_editor: MendEditor
+    curves: list[dict[str, Any]]
+    validation: list[dict[str, Any]]
+    summary: dict[str, Any]
+    finished: bool
+
+
+def make_editor(config: TrainConfig, model, generator: torch.Generator | None = None):
+    """The untrained editor of ``config.method`` for ``model``: a MendEditor or a KEEditor."""
+    if config.method == "ke":
+        from ..ke import KEEditor
+
+        return KEEditor(model, config.ke_config(), generator=generator)
+    return MendEditor(model, config.mend, generator=generator)
+
+
+def load_editor(path: str | os.PathLike, model, method: str = "mend"):
+    """A saved editor of ``method`` (see :func:`make_editor`) for ``model``."""
+    if method == "ke":
+        from ..ke import KEEditor
+
+        return KEEditor.load(path, model)
+    return MendEditor.load(path, model)
+
+
+@contextlib.contextmanager
+def _frozen(model) -> Any:
+    """The base model in eval mode with every ``requires_grad`` off; flags and mode restored."""
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    was_training = model.training
+    try:
+        model.eval()
+        model.requires_grad_(False)
+        yield model
+    finally:
+        for n, p in model.named_parameters():
+            p.requires_grad_(flags[n])
+        model.train(was_training)
+
+
+def _short(name: str) -> str:
+    return name.replace("transformer.", "").replace("model.", "").replace(".weight", "")
+
+
+def train(config: TrainConfig, model, tokenizer, *, train_records: Mapping[str, list[EditRecord]],
+          val_records: Mapping[str, list[EditRecord]], out_dir: str | os.PathLike | None = None,
+          instructions: InstructionSet | None = None, progress: bool = True,
+          max_steps_this_call: int | None = None,
+          callback: Callable[[int, dict[str, Any]], None] | None = None) -> TrainResult:
+    """Meta-train an editor for ``model`` on ``train_records`` (task → records).
+
+    With ``out_dir``, checkpoints go to ``out_dir/checkpoint.pt`` every ``checkpoint_every`` edits
+    and at the end (also when stopping after ``max_steps_this_call`` edits), and a run that finds a
+    checkpoint there resumes from it; the finished run also writes the best and the final editor,
+    the curves (CSV) and a summary (JSON).  ``callback(step, row)`` is called after every edit.
+    The base model's weights are never changed.
+    """
+    from tqdm.auto import tqdm
+
+    missing = [t for t in config.tasks if t not in train_records]
+    if missing:
+        raise ValueError(f"train: no training records for {missing}")
+    if config.instructed and instructions is None:
+        instructions = default_instructions()
+    out = Path(out_dir) if out_dir is not None else None
+    sizes = {t: len(train_records[t]) for t in config.tasks}
+    plan = schedule(config, sizes)
+
+    editor = make_editor(config, model, generator=torch.Generator().manual_seed(config.seed))
+    editor.train()
+    opt_net = torch.optim.Adam(editor.network_parameters(), lr=config.lr)
+    opt_alpha = torch.optim.Adam(editor.alpha_parameters(), lr=config.alpha_lr)
+    params = list(editor.parameters())
+    alpha_names = {id(editor.alpha(n)): _short(n) for n in editor.infos}
+
+    step, skipped, optimizer_steps = 0, 0, 0
+    curves: list[dict[str, Any]] = []
+    validation: list[dict[str, Any]] = []
+    best: dict[str, Any] | None = None
+    seconds = 0.0
+    if out is not None and (out / CHECKPOINT).exists():
+        ckpt = torch.load(out / CHECKPOINT, map_location="cpu", weights_only=True)
+        if ckpt.get("format") != CHECKPOINT_FORMAT or ckpt["config_key"] != config.key():
+            raise ValueError(f"{out / CHECKPOINT}: checkpoint of another configuration or format "
+                             f"({ckpt.get('config_key')} vs {config.key()}); remove it or use another folder")
+        editor.load_state_dict(ckpt["editor"])  # includes the running statistics: never reset
+        opt_net.load_state_dict(ckpt["opt_net"])
+        opt_alpha.load_state_dict(ckpt["opt_alpha"])
+        for p, g in zip(params, ckpt["grads"]):
+            p.grad = None if g is None else g.to(p.device)
+        step, skipped, optimizer_steps = ckpt["step"], ckpt["skipped"], ckpt["optimizer_steps"]
+        curves, validation, best, seconds = ckpt["curves"], ckpt["validation"], ckpt["best"], ckpt["seconds"]
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        random.setstate(ckpt["rng"]["python"])
+
+    def checkpoint() -> None:
+        if out is None:
+            return
+        atomic_torch_save({
+            "format": CHECKPOINT_FORMAT, "config": config.to_dict(), "config_key": config.key(),
+            "step": step, "skipped": skipped, "optimizer_steps": optimizer_steps, "seconds": seconds,
+            "editor": _cpu_state(editor), "opt_net": opt_net.state_dict(), "opt_alpha": opt_alpha.state_dict(),
+            "grads": [None if p.grad is None else p.grad.detach().cpu().clone() for p in params],
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+            "curves": curves, "validation": validation, "best": best,
+        }, out / CHECKPOINT)
+
+    def run_validation() -> None:
+        nonlocal best
+        start = time.perf_counter()
+        metrics = validate(model, editor, tokenizer, val_records, config, instructions=instructions)
+        row = {"step": step, "optimizer_steps": optimizer_steps, **metrics,
+               "seconds": time.perf_counter() - start}
+        validation.append(row)
+        if best is None or metrics["val_loss"] < best["val_loss"]:
+            best = {"step": step, "val_loss": metrics["val_loss"], "metrics": row, "state": _cpu_state(editor)}
+
+    def optimizer_step() -> float:
+        nonlocal skipped, optimizer_steps
+        norm = torch.nn.utils.clip_grad_norm_(params, config.clip)
+        if torch.isfinite(norm):
+            opt_net.step()
+            opt_alpha.step()
+            optimizer_steps += 1
+        else:
+            skipped += 1
+        opt_net.zero_grad(set_to_none=True)
+        opt_alpha.zero_grad(set_to_none=True)
+        return float(norm)
+
+    stop_at = config.steps if max_steps_this_call is None else min(config.steps, step + max_steps_this_call)
+    bar = tqdm(total=config.steps, initial=step, desc=f"meta-training ({config.regime})", disable=not progress)
+    running = None
+    with _frozen(model):
+        if not validation:  # the untrained editor: the baseline of the curves
+            run_validation()
+        while step < stop_at:
+            start = time.perf_counter()
+            task, index = plan[step]
+            rng = np.random.default_rng([config.seed, 2, step])
+            example = build_example(train_records[task][index], config, instructions=instructions, rng=rng)
+            losses = meta_losses(model, editor, tokenizer, example, config)
+            (losses["total"] / config.grad_accum).backward()
+            step += 1
+            row = {"step": step, "task": task, "L_e": losses["edit"].item(), "L_loc": losses["loc"].item(),
+                   "total": losses["total"].item(), "grad_norm": float("nan")}
+            if step % config.grad_accum == 0 or step == config.steps:
+                row["grad_norm"] = optimizer_step()
+            row["skipped"] = skipped
+            row.update({f"alpha:{alpha_names[id(a)]}": a.item() for a in editor.alpha_parameters()})
+            curves.append(row)
+            seconds += time.perf_counter() - start
+            if math.isfinite(row["total"]):
+                running = row["total"] if running is None else 0.98 * running + 0.02 * row["total"]
+            bar.update(1)
+            bar.set_postfix(loss=f"{running:.3f}" if running is not None else "nan", skipped=skipped)
+            if step % config.val_every == 0 or step == config.steps:
+                start = time.perf_counter()
+                run_validation()
+                seconds += time.perf_counter() - start
+                bar.set_postfix(loss=f"{running:.3f}" if running is not None else "nan",
+                                val=f"{validation[-1]['val_loss']:.3f}", skipped=skipped)
+            if callback is not None:
+                callback(step, row)
+            if step % config.checkpoint_every == 0 or step == stop_at:
+                checkpoint()
+    bar.close()
+
+    final_editor = editor
+    best_editor = copy.deepcopy(editor)
+    best_editor.load_state_dict(best["state"])
+    best_editor.eval()
+    summary = {
+        "config": config.to_dict(), "config_key": config.key(), "steps": step,
+        "optimizer_steps": optimizer_steps, "skipped_steps": skipped, "train_seconds": seconds,
+        "validation_seconds": sum(v["seconds"] for v in validation),
+        "best_step": best["step"], "best_val_loss": best["val_loss"],
+        "best": {k: v for k, v in best["metrics"].items()},
+        "initial": validation[0], "final": validation[-1],
+        "train_sizes": sizes, "val_sizes": {t: len(v) for t, v in val_records.items()},
+        "task_probabilities": task_probabilities(config, sizes),
+        "alphas": {_short(n): editor.alpha(n).item() for n in editor.infos},
+    }
+    finished = step >= config.steps
+    if finished and out is not None:
+        best_editor.save(out / "editor-best.pt")
+        final_editor.save(out / "editor-final.pt")
+        _write_tables(out, curves, validation)
+        atomic_write_text(out / "summary.json", json.dumps(jsonable(summary), indent=1))
+    return TrainResult(best_editor, final_editor, curves, validation, summary, finished)
+
+
+def _write_tables(out: Path, curves: list[dict], validation: list[dict]) -> None:
+    import pandas as pd
+
+    atomic_write_text(out / "curves.csv", pd.DataFrame(curves).to_csv(index=False))
+    atomic_write_text(out / "validation.csv", pd.DataFrame(validation).to_csv(index=False))
+

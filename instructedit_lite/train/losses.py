@@ -1,0 +1,98 @@
+"""The meta-training losses: edit NLL (plus ConvSent's unlikelihood) and locality KL (chapter 4)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from ..mend import MendEditor, functional_forward, lm_loss
+from ..text import IGNORE, model_inputs, prompt_target_batch
+from .config import TrainConfig
+from .examples import EditExample, Row
+
+__all__ = ["locality_kl", "unlikelihood_loss", "convsent_edit_loss", "meta_losses", "forward_pass"]
+
+def locality_kl(pre_logits: Tensor, post_logits: Tensor, labels: Tensor) -> Tensor:
+    """Token-mean ``KL(pre ‖ post)`` over the answer positions of ``labels`` only.
+
+    Causal shift: the logits at ``t`` predict the token at ``t + 1``, so position ``t`` counts when
+    ``labels[t + 1] != -100``.  ``KL = Σ_v p_pre(v) (log p_pre(v) − log p_post(v))``, float32.
+    """
+    mask = (labels[:, 1:] != IGNORE).float()
+    if mask.sum() == 0:
+        raise ValueError("locality_kl: no answer position (all labels are -100)")
+    pre = torch.log_softmax(pre_logits[:, :-1].float(), -1)
+    post = torch.log_softmax(post_logits[:, :-1].float(), -1)
+    kl = (pre.exp() * (pre - post)).sum(-1)
+    return (kl * mask).sum() / mask.sum()
+
+
+def unlikelihood_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """``−mean log(1 − p(token))`` over the labelled tokens (shifted as in :func:`lm_loss`)."""
+    targets = labels[:, 1:]
+    mask = (targets != IGNORE).float()
+    if mask.sum() == 0:
+        raise ValueError("unlikelihood_loss: no labelled token")
+    logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    # log(1 − p) = log(−expm1(log p)); p is kept just below 1 so the loss stays finite.
+    log_not = torch.log(-torch.expm1(logp.clamp(max=-1e-6)))
+    return -(log_not * mask).sum() / mask.sum()
+
+
+def convsent_edit_loss(wanted_logits: Tensor, wanted_labels: Tensor,
+                       unwanted_logits: Tensor, unwanted_labels: Tensor) -> Tensor:
+    """ConvSent ``L_e``: NLL of wanted-sentiment responses + unlikelihood of unwanted ones."""
+    return lm_loss(wanted_logits, wanted_labels) + unlikelihood_loss(unwanted_logits, unwanted_labels)
+
+
+def _batch(tokenizer, rows: Sequence[Row], device) -> dict[str, Tensor]:
+    prompts, targets = zip(*rows)
+    return prompt_target_batch(tokenizer, list(prompts), list(targets), device)
+
+
+@dataclass
+class _Pass:
+    """What one meta-training (or validation) pass computes."""
+
+    edit: Tensor
+    loc: Tensor
+    total: Tensor
+    deltas: dict[str, Tensor]
+    post: Tensor  # post-edit logits of the likelihood (+ unlikelihood) rows
+    labels: Tensor
+
+
+def forward_pass(model, editor: MendEditor, tokenizer, example: EditExample, c_edit: float, c_loc: float,
+                  *, meta_grad: bool = True) -> _Pass:
+    device = next(model.parameters()).device
+    n_loss = len(example.loss)
+    # The locality rows are short and never instructed: they get their own batch, so that they
+    # are not padded to the width of the instructed rows.
+    loc_batch = _batch(tokenizer, example.locality, device)
+    with torch.no_grad():  # 1. pre-edit locality logits
+        pre_loc = model(**model_inputs(loc_batch)).logits
+    edit_batch = _batch(tokenizer, example.edit, device)  # 2. the edit
+    deltas = editor.compute_deltas(model, edit_batch, meta_grad=meta_grad)
+    params = editor.edited_params(model, deltas)
+    # 3. likelihood rows then (ConvSent) unlikelihood rows, in one right-padded batch
+    loss_batch = _batch(tokenizer, example.loss + example.unlikely, device)
+    post = functional_forward(model, params, loss_batch)
+    labels = loss_batch["labels"]
+    if example.unlikely:
+        l_edit = convsent_edit_loss(post[:n_loss], labels[:n_loss], post[n_loss:], labels[n_loss:])
+    else:
+        l_edit = lm_loss(post, labels)
+    # 4. KL(pre || post) on the locality answer positions
+    l_loc = locality_kl(pre_loc, functional_forward(model, params, loc_batch), loc_batch["labels"])
+    total = c_edit * l_edit + c_loc * l_loc
+    return _Pass(l_edit, l_loc, total, deltas, post, labels)
+
+
+def meta_losses(model, editor: MendEditor, tokenizer, example: EditExample, config: TrainConfig) -> dict[str, Tensor]:
+    """``{"edit": L_e, "loc": L_loc, "total": c_edit·L_e + c_loc·L_loc}`` on the graph of the editor."""
+    p = forward_pass(model, editor, tokenizer, example, config.c_edit, config.c_loc)
+    return {"edit": p.edit, "loc": p.loc, "total": p.total}
+
