@@ -43,18 +43,8 @@ PROMPTS = ("The mother tongue of {} is", "{} was born in the city of", "{} is af
 
 @contextlib.contextmanager
 def wired():
-    """Scored-position batches in ``train`` and ``mend``: the wiring the engine expects (see report)."""
-    from . import mend, train
-    from .engine import model_inputs, scored_batch
-
-    saved = (train._batch, train._model_inputs, mend._model_inputs)
-    batch = train._batch
-    train._batch = lambda tokenizer, rows, device: scored_batch(batch(tokenizer, rows, device))
-    train._model_inputs = mend._model_inputs = model_inputs
-    try:
-        yield
-    finally:
-        train._batch, train._model_inputs, mend._model_inputs = saved
+    """Kept for the call sites below: the library now compacts engine batches itself."""
+    yield
 
 
 def load(model_name: str):

@@ -46,8 +46,12 @@ def prompt_target_batch(tokenizer, prompts: list[str], targets: list[str], devic
 
 
 def model_inputs(batch) -> dict[str, torch.Tensor]:
-    """The model's inputs of a :func:`prompt_target_batch` (its labels left out)."""
-    return {k: batch[k] for k in ("input_ids", "attention_mask") if k in batch}
+    """The model's inputs of a :func:`prompt_target_batch` (its labels left out).
+
+    ``positions`` travels too when present: a :class:`~instructedit_lite.engine.PrefixEngine`
+    then computes vocabulary logits only there (chapter 7); plain batches never carry it.
+    """
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "positions") if k in batch}
 
 
 @dataclass(frozen=True)

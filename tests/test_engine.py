@@ -8,12 +8,11 @@ import torch
 from tiny import convsent_record, fact_record, tiny_model, tiny_tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import instructedit_lite.mend as mend
 import instructedit_lite.train as tr
 from instructedit_lite.engine import PrefixEngine, gather_positions, model_inputs, scored_batch
 from instructedit_lite.instructions import default_instructions
 from instructedit_lite.mend import MendConfig, MendEditor, default_weight_names, lm_loss
-from instructedit_lite.text import prompt_target_batch
+from instructedit_lite.text import prompt_target_batch, shifted_predictions
 
 TOL = dict(rtol=1e-4, atol=1e-5)
 
@@ -88,8 +87,8 @@ def test_scored_positions_give_the_same_losses(setup, tokenizer):
     assert compact.shape[1] < full.shape[1]  # the LM head ran on fewer positions
     torch.testing.assert_close(compact[:, :-1], gather_positions(full, scored["positions"])[:, :-1], **TOL)
     torch.testing.assert_close(lm_loss(compact, scored["labels"]), lm_loss(full, batch["labels"]), **TOL)
-    pred_c, mask_c = tr.shifted_predictions(compact, scored["labels"])
-    pred_f, mask_f = tr.shifted_predictions(full, batch["labels"])
+    pred_c, mask_c = shifted_predictions(compact, scored["labels"])
+    pred_f, mask_f = shifted_predictions(full, batch["labels"])
     assert mask_c.sum() == mask_f.sum()
     assert pred_c[mask_c].tolist() == pred_f[mask_f].tolist()
 
@@ -102,14 +101,12 @@ def test_scored_batch_layout():
 
 
 @pytest.mark.parametrize("compact", [False, True])
-def test_mend_edit_equal(setup, tokenizer, compact, monkeypatch):
+def test_mend_edit_equal(setup, tokenizer, compact):
     model, engine, names = setup
     batch = batch_of(tokenizer)
     plain_editor = random_editor(model, names)
     engine_editor = copy.deepcopy(plain_editor)
     want = plain_editor.compute_deltas(model, batch)
-    if compact:  # the one-line wiring for MEND: pass the scored positions on to the model
-        monkeypatch.setattr(mend, "_model_inputs", model_inputs)
     got = engine_editor.compute_deltas(engine, scored_batch(batch) if compact else batch)
     for name in names:
         assert want[name].abs().sum() > 0
@@ -119,14 +116,6 @@ def test_mend_edit_equal(setup, tokenizer, compact, monkeypatch):
         torch.testing.assert_close(a, b, **TOL, msg=k)
 
 
-def wire_compact(mp):
-    """The wiring for train.py and mend.py: scored batches, positions passed on to the model."""
-    batch = tr._batch
-    mp.setattr(tr, "_batch", lambda tok, rows, device: scored_batch(batch(tok, rows, device)))
-    mp.setattr(tr, "_model_inputs", model_inputs)
-    mp.setattr(mend, "_model_inputs", model_inputs)
-
-
 def meta_step(model, editor, tokenizer, example, config):
     losses = tr.meta_losses(model, editor, tokenizer, example, config)
     losses["total"].backward()
@@ -134,8 +123,8 @@ def meta_step(model, editor, tokenizer, example, config):
     return {k: v.detach() for k, v in losses.items()}, grads
 
 
-@pytest.mark.parametrize("compact", [False, True])
-def test_meta_losses_and_gradients_equal(setup, tokenizer, compact, monkeypatch):
+def test_meta_losses_and_gradients_equal(setup, tokenizer, monkeypatch):
+    """Through the engine, training batches carry scored positions (``train.losses._batch``)."""
     model, engine, names = setup
     model.requires_grad_(False)  # frozen, as train() does
     config = tr.TrainConfig(regime="instruct", n_responses=2, mend=MendConfig(rank=4, weight_names=names))
@@ -143,10 +132,12 @@ def test_meta_losses_and_gradients_equal(setup, tokenizer, compact, monkeypatch)
     for record in (fact_record("counterfact", 0), convsent_record(1)):
         example = tr.build_example(record, config, instructions=instructions)
         want_l, want_g = meta_step(model, random_editor(model, names), tokenizer, example, config)
-        with monkeypatch.context() as mp:
-            if compact:
-                wire_compact(mp)
+        seen = []
+        with monkeypatch.context() as mp:  # record that the engine path really is the compact one
+            forward = engine.forward
+            mp.setattr(engine, "forward", lambda *a, **k: seen.append("positions" in k) or forward(*a, **k))
             got_l, got_g = meta_step(engine, random_editor(model, names), tokenizer, example, config)
+        assert seen and all(seen)
         for key in want_l:
             torch.testing.assert_close(got_l[key], want_l[key], **TOL, msg=key)
         assert want_g.keys() == got_g.keys() and len(want_g) > 0

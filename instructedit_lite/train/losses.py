@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from ..mend import MendEditor, functional_forward, lm_loss
+from ..engine import PrefixEngine, scored_batch
 from ..text import IGNORE, model_inputs, prompt_target_batch
 from .config import TrainConfig
 from .examples import EditExample, Row
@@ -48,9 +49,11 @@ def convsent_edit_loss(wanted_logits: Tensor, wanted_labels: Tensor,
     return lm_loss(wanted_logits, wanted_labels) + unlikelihood_loss(unwanted_logits, unwanted_labels)
 
 
-def _batch(tokenizer, rows: Sequence[Row], device) -> dict[str, Tensor]:
+def _batch(tokenizer, rows: Sequence[Row], device, model=None) -> dict[str, Tensor]:
     prompts, targets = zip(*rows)
-    return prompt_target_batch(tokenizer, list(prompts), list(targets), device)
+    batch = prompt_target_batch(tokenizer, list(prompts), list(targets), device)
+    # Through the frozen-prefix engine, logits are computed only where a label is scored.
+    return scored_batch(batch) if isinstance(model, PrefixEngine) else batch
 
 
 @dataclass
@@ -71,14 +74,14 @@ def forward_pass(model, editor: MendEditor, tokenizer, example: EditExample, c_e
     n_loss = len(example.loss)
     # The locality rows are short and never instructed: they get their own batch, so that they
     # are not padded to the width of the instructed rows.
-    loc_batch = _batch(tokenizer, example.locality, device)
+    loc_batch = _batch(tokenizer, example.locality, device, model)
     with torch.no_grad():  # 1. pre-edit locality logits
         pre_loc = model(**model_inputs(loc_batch)).logits
-    edit_batch = _batch(tokenizer, example.edit, device)  # 2. the edit
+    edit_batch = _batch(tokenizer, example.edit, device, model)  # 2. the edit
     deltas = editor.compute_deltas(model, edit_batch, meta_grad=meta_grad)
     params = editor.edited_params(model, deltas)
     # 3. likelihood rows then (ConvSent) unlikelihood rows, in one right-padded batch
-    loss_batch = _batch(tokenizer, example.loss + example.unlikely, device)
+    loss_batch = _batch(tokenizer, example.loss + example.unlikely, device, model)
     post = functional_forward(model, params, loss_batch)
     labels = loss_batch["labels"]
     if example.unlikely:

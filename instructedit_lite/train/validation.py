@@ -51,8 +51,8 @@ def validate(model, editor: MendEditor, tokenizer, records: Mapping[str, list[Ed
                 acc["L_loc"].append(p.loc.item())
                 rec = example.record
                 rows = [(rec.prompt, rec.target_new)] + [(r, rec.target_new) for r in rec.rephrase]
-                edit_rows = _batch(tokenizer, rows, device)
-                loc_rows = _batch(tokenizer, example.locality, device)  # uninstructed, short
+                edit_rows = _batch(tokenizer, rows, device, model)
+                loc_rows = _batch(tokenizer, example.locality, device, model)  # uninstructed, short
                 pre = model(**model_inputs(loc_rows)).logits
                 with applied(model, p.deltas):
                     post_edit = model(**model_inputs(edit_rows)).logits
