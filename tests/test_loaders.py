@@ -362,7 +362,7 @@ def _delete(*path):
     (_set(["template"], "Task: {\nDescription: {}\nInput: {}"), "template"),
     (_set(["template"], 3), "template"),
     (_delete("template"), "template"),
-    (_delete("instructions", "zsre"), "instructions.zsre"),
+    (_set(["instructions"], {}), "instructions"),  # a subset of the tasks is fine, none is not
     (_set(["instructions", "extra"], ["x"] * 10), "instructions.extra"),
     (_set(["instructions", "counterfact"], ["x"] * 9), "instructions.counterfact"),
     (_set(["instructions", "wikirecent", 3], " "), "instructions.wikirecent[3]"),

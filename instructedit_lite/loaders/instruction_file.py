@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import string
 from pathlib import Path
 from typing import Any, NoReturn
 
-from ..records import TASKS, RecordError
+from ..records import RecordError
+from ..tasks import is_sentiment, task_names
 from .reading import read_json
 
 
@@ -15,8 +15,9 @@ def load_instruction_file(path: str | Path, *, source: str | None = None) -> dic
 
     Returns ``{"template": str, "instructions": {task: [10 str]}, "heldout_instruction_index":
     int}``.  Checks: the template has exactly three positional ``{}`` fields (task, description,
-    input); every task of :data:`~instructedit_lite.records.TASKS`, and no other, has ten
-    non-empty descriptions; ConvSent's contain the ``[LABEL]`` and ``[TOPIC]`` placeholders; the
+    input); the file covers a non-empty subset of the registered tasks (:mod:`~instructedit_lite.tasks`),
+    each with ten non-empty descriptions; a sentiment task's contain the ``[LABEL]`` and ``[TOPIC]``
+    placeholders; the
     held-out index is in range; and ``train_instruction_indices``, if given, are exactly the
     other nine (the file's own statement of the split must agree with what is returned).
     """
@@ -28,41 +29,38 @@ def load_instruction_file(path: str | Path, *, source: str | None = None) -> dic
     data = read_json(path, source)
     if not isinstance(data, dict):
         fail("<file>", f"expected a JSON object, got {type(data).__name__}")
-    for key in ("template", "instructions", "heldout_instruction_index"):
+    for key in ("template", "instructions"):
         if key not in data:
             fail(key, "required field is missing")
 
     template = data["template"]
     if not isinstance(template, str):
         fail("template", f"expected a string, got {type(template).__name__}")
-    try:
-        names = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(template) if name is not None]
-    except ValueError as exc:
-        fail("template", f"not a valid format string: {exc}")
-    if names != [("", "", None)] * 3:
-        fail("template", f"needs exactly three '{{}}' fields (task, description, input), found {names}")
+    if template.count("{}") != 3:  # other braces are literal text (chapter 2)
+        fail("template", f"needs exactly three '{{}}' fields (task, description, input), got {template!r:.80}")
 
     instructions = data["instructions"]
     if not isinstance(instructions, dict):
         fail("instructions", f"expected an object mapping a task to its descriptions, got {type(instructions).__name__}")
-    unknown = sorted(set(instructions) - set(TASKS))
+    known = task_names()
+    unknown = sorted(set(instructions) - set(known))
     if unknown:
-        fail(f"instructions.{unknown[0]}", f"unknown task; expected only {TASKS}")
+        fail(f"instructions.{unknown[0]}", f"unknown task; expected registered tasks only {known}")
+    if not instructions:
+        fail("instructions", "covers no task")
     out: dict[str, list[str]] = {}
-    for task in TASKS:
-        if task not in instructions:
-            fail(f"instructions.{task}", "required task is missing")
+    for task in instructions:
         texts = instructions[task]
         if not isinstance(texts, list) or len(texts) != 10:
             fail(f"instructions.{task}", f"expected a list of 10 descriptions, got {texts!r:.80}")
         for j, text in enumerate(texts):
             if not isinstance(text, str) or not text.strip():
                 fail(f"instructions.{task}[{j}]", f"expected a non-empty string, got {text!r}")
-            if task == "convsent" and ("[LABEL]" not in text or "[TOPIC]" not in text):
-                fail(f"instructions.{task}[{j}]", "a ConvSent description must contain [LABEL] and [TOPIC]")
+            if is_sentiment(task) and ("[LABEL]" not in text or "[TOPIC]" not in text):
+                fail(f"instructions.{task}[{j}]", "a sentiment task's description must contain [LABEL] and [TOPIC]")
         out[task] = list(texts)
 
-    heldout = data["heldout_instruction_index"]
+    heldout = data.get("heldout_instruction_index", 9)  # the paper keeps the tenth back
     if not isinstance(heldout, int) or isinstance(heldout, bool) or not 0 <= heldout < 10:
         fail("heldout_instruction_index", f"expected an integer in 0..9, got {heldout!r}")
     if "train_instruction_indices" in data:
