@@ -14,7 +14,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, NoReturn
 
-from ..records import TASKS, EditRecord, Probe, RecordError, answers_from
+from ..records import EditRecord, Probe, RecordError, answers_from
+from ..tasks import task_names
 
 ON_ERROR = ("raise", "skip")
 #: How many record numbers a summarised warning lists.
@@ -223,8 +224,8 @@ def probe(item: Any, f: Fields, name: str) -> Probe:
 
 
 def check_task(task: str, source: str) -> None:
-    if task not in TASKS:
-        raise RecordError(source, None, "task", f"unknown task {task!r}; expected one of {TASKS}")
+    if task not in task_names():  # read now: tasks registered after import count too
+        raise RecordError(source, None, "task", f"unknown task {task!r}; expected one of {task_names()}")
 
 
 def check_options(limit: int | None, on_error: str) -> None:
