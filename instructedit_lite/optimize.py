@@ -240,7 +240,7 @@ def optimize_instructions(trial: TrialEditor, proposer: Proposer, config: Search
         return float(pool[task][text]["score"].mean())
 
     def record(round_, task, text, origin, kept, reason=None, gain=None):
-        scores = pool[task].get(text)
+        scores = pool[task].get(text) if reason is None else None
         row = {"round": round_, "task": task, "description": text, "origin": origin, "kept": kept, "rejected": reason}
         if scores is not None:
             row.update({m: float(scores[m].mean()) for m in (*SCORE_METRICS, "score")})

@@ -42,14 +42,11 @@ __all__ = ["TASK_SUMMARIES", "PLACEHOLDERS", "to_brackets", "from_brackets", "pr
 
 #: What each task family asks of an edit, for the proposer's prompt.
 TASK_SUMMARIES = {
-    "counterfact": "replace a fact the model knows with a counterfactual one, e.g. 'The capital of France is' "
-                   "-> 'Rome', leaving the subject's other facts unchanged",
-    "wikirecent": "insert a new, recent fact about an entity the model barely knows, e.g. "
-                  "'Ada Brun is a citizen of' -> 'Peru'",
+    "counterfact": "replace a fact the model knows with a counterfactual one, leaving the subject's other facts unchanged",
+    "wikirecent": "insert a new, recent fact about an entity the model barely knows",
     "convsent": "change a chatbot's sentiment about one topic to positive or negative, leaving its opinions "
                 "on other topics unchanged",
-    "zsre": "make the model answer a question about an entity with a new answer, e.g. "
-            "'What is the currency of Chile?' -> 'euro'",
+    "zsre": "make the model answer a question about an entity with a new answer",
 }
 #: Placeholders in bracket notation, and the instruction-set fields they stand for.
 PLACEHOLDERS = {"[LABEL]": "{sentiment}", "[TOPIC]": "{topic}"}
@@ -139,11 +136,13 @@ class CandidateFilter:
         if any(text.count(p) != (1 if p in needs else 0) for p in PLACEHOLDERS):
             return "placeholders"
         letters = sum(c.isalpha() for c in text)
-        if letters < 0.6 * len(text) or max(len(w) for w in words) > 25 or re.search(r"\b(task|input)\s*:", text, re.I):
+        if letters < 0.6 * len(text) or max(len(w) for w in words) > 25 or re.search(r"\b(task|input)\s*\d*\s*:", text, re.I):
             return "garbage"
         lower = [w.lower() for w in words]
         if any(lower[i] == lower[i + 1] == lower[i + 2] for i in range(len(lower) - 2)):
             return "garbage"
+        if text[-1] not in ".!?":  # cut off by the token limit, or not a sentence
+            return "unfinished"
         if _normal(text) in {_normal(s) for s in seen}:
             return "duplicate"
         return None
@@ -204,7 +203,7 @@ class LocalChatProposer(Proposer):
     with a seed drawn from ``rng``; the ``n`` candidates come from one batched ``generate``.
     Give ``model`` and ``tokenizer``, or a ``loader`` returning both, called at the first proposal."""
 
-    def __init__(self, model=None, tokenizer=None, *, loader=None, name: str = "local", max_new_tokens: int = 60,
+    def __init__(self, model=None, tokenizer=None, *, loader=None, name: str = "local", max_new_tokens: int = 48,
                  temperature: float = 0.9, top_p: float = 0.95):
         if (model is None or tokenizer is None) and loader is None:
             raise ValueError("LocalChatProposer: give model and tokenizer, or a loader")

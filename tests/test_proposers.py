@@ -47,12 +47,14 @@ def test_filter_rejects_each_kind_of_bad_candidate_and_counts_reasons():
              "Task: convsent Input: make the chatbot feel [LABEL] about [TOPIC] please now.",
              "the the the chatbot [LABEL] about [TOPIC] and the other topics stay.",
              "MAKE the chatbot feel [LABEL] about [TOPIC], and keep its other opinions as they were!",  # dup of good
-             tried[0].upper()]
+             tried[0].upper(),
+             "Make the chatbot feel [LABEL] about [TOPIC] and keep its other opinions as they"]
     accepted, reasons = f("convsent", texts, tried)
     assert accepted == [good]
     assert reasons == [None, "empty", "too short", "too long", "placeholders", "placeholders", "placeholders",
-                       "garbage", "garbage", "garbage", "duplicate", "duplicate"]
-    assert f.rejected == {"empty": 1, "too short": 1, "too long": 1, "placeholders": 3, "garbage": 3, "duplicate": 2}
+                       "garbage", "garbage", "garbage", "duplicate", "duplicate", "unfinished"]
+    assert f.rejected == {"empty": 1, "too short": 1, "too long": 1, "placeholders": 3, "garbage": 3, "duplicate": 2,
+                          "unfinished": 1}
     # Fact tasks must not carry ConvSent's placeholders; their plain descriptions pass.
     assert f.reason("zsre", "Answer the question about [TOPIC] with the new answer given here.") == "placeholders"
     assert f.reason("zsre", DESCRIPTIONS["zsre"][0] + " Be exact.") is None
