@@ -88,18 +88,20 @@ def proposal_messages(task: str, incumbents: Sequence[tuple[str, float]]) -> lis
             {"role": "user", "content": user}]
 
 
-_PREFIX = re.compile(r"^\s*(?:[-*•]|\d+[.)]|description\s*:|new description\s*:)\s*", re.IGNORECASE)
+_PREFIX = re.compile(r"^\s*(?:[-*•]|\d+[.)]|(?:new )?description\s*\d*\s*:|task\s*\d*\s*:)\s*", re.IGNORECASE)
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
 
 
 def clean_completion(text: str) -> str:
-    """The description in a model's reply: its first non-empty line without bullets, numbering,
-    a ``Description:`` label or surrounding quotes."""
+    """The description in a model's reply: the first sentence of its first non-empty line, without
+    bullets, numbering, a ``Description:`` or ``Task:`` label, or surrounding quotes (small models
+    often go on after the one sentence they were asked for)."""
     for line in text.splitlines():
         previous = None
         while line != previous:  # labels and quotes nest in either order: '1. "Description: ..."'
             previous, line = line, _PREFIX.sub("", line.strip()).strip().strip('"“”\'`').strip()
         if line:
-            return line
+            return _SENTENCE_END.split(line, maxsplit=1)[0]
     return ""
 
 

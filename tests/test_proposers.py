@@ -72,6 +72,7 @@ def test_brackets_round_trip_and_clean_completion():
     assert from_brackets(to_brackets(text)) == text
     assert clean_completion('\n  1. "Description: Swap the fact for the new one."\nmore') == "Swap the fact for the new one."
     assert clean_completion("- Teach the model.") == "Teach the model."
+    assert clean_completion("Task 2: Teach the model the new fact. Then explain why.") == "Teach the model the new fact."
     assert clean_completion("  \n ") == ""
 
 
