@@ -174,3 +174,21 @@ def test_cli_rejects_what_it_cannot_do(capsys):
         opt.make_proposer("http")
     with pytest.raises(ValueError, match="rounds must be >= 1"):
         opt.SearchConfig(rounds=0)
+
+
+def test_real_parts_fit_together_when_every_proposal_is_garbage(trial_parts, tmp_path):
+    """The tiny trial editor with a random chat LM as proposer: its text never passes the filter,
+    so nothing replaces the starting incumbent and the task stops after ``patience`` rounds."""
+    from instructedit_lite.proposers import LocalChatProposer
+
+    model, tok, editor, records = trial_parts
+    chat = tiny_tokenizer()
+    chat.chat_template = "{% for m in messages %}{{ m['content'][-200:] }}\n{% endfor %}"
+    trial = opt.TrialEditor(editor, model, tok, {"zsre": records["zsre"]}, default_instructions(), key="tiny")
+    proposer = LocalChatProposer(tiny_model(chat, n_layer=1), chat, max_new_tokens=8)
+    config = opt.SearchConfig(tasks=("zsre",), rounds=5, candidates=3, patience=2)
+    result = opt.optimize_instructions(trial, proposer, config, proposal_cache=tmp_path / "p.json", progress=False)
+    assert result.stopped["zsre"].endswith("(round 2)")
+    assert result.rejections["count"].sum() == 6 and result.log["rejected"].notna().sum() == 6
+    assert result.instructions.seen("zsre")[0] == result.incumbents.incumbent.iloc[-1]
+    assert len(json.loads((tmp_path / "p.json").read_text())) == 2  # one cached proposal batch per round
