@@ -23,8 +23,9 @@ instruction is revised until the metrics stop improving.  Book chapter 10 runs t
   has stopped or after ``rounds`` rounds.
 * **Output** (:func:`write_instruction_file`): the official file's format, ten descriptions per
   task.  The nine seen slots hold the nine best descriptions by validation score among everything
-  scored (the starting ones included); the held-out tenth stays the starting set's, so the
-  "unseen instruction" test keeps meaning the same thing.  The settings and seed are recorded.
+  scored (the starting ones included; a starting one that stays keeps its slot, a new one takes
+  the slot of a dropped one); the held-out tenth stays the starting set's, so the "unseen
+  instruction" test keeps meaning the same thing.  The settings and seed are recorded.
 
 Scores and proposals are cached by text (atomic JSON), so a rerun replays without a model call.
 """
@@ -67,7 +68,7 @@ class SearchConfig:
     records per task, the val split from index ``skip`` on; ``shown``: descriptions (with
     scores) in the proposer's prompt; ``n_boot``: bootstrap resamples of the stop rule."""
 
-    rounds: int = 4
+    rounds: int = 3
     candidates: int = 4
     patience: int = 2
     n_val: int = 30
@@ -304,8 +305,12 @@ def optimize_instructions(trial: TrialEditor, proposer: Proposer, config: Search
 
     descriptions = dict(start.descriptions)
     for task in config.tasks:
-        best9 = sorted(pool[task], key=lambda t: -mean(task, t))[: len(start.seen(task))]
-        texts = list(best9)
+        seen = start.seen(task)
+        best = sorted(pool[task], key=lambda t: -mean(task, t))[: len(seen)]
+        # A starting description that stays keeps its slot and a new one takes a dropped one's, so
+        # every record keeps its description (the choice is by slot) unless the search replaced it.
+        new = iter(t for t in best if t not in seen)
+        texts = [t if t in best else next(new) for t in seen]
         texts.insert(start.heldout_index, start.unseen(task))
         descriptions[task] = tuple(texts)
     settings = {"version": SEARCH_VERSION, "search": {**asdict(config), "tasks": list(config.tasks)},
