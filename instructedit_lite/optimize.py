@@ -69,9 +69,9 @@ class SearchConfig:
     scores) in the proposer's prompt; ``n_boot``: bootstrap resamples of the stop rule."""
 
     rounds: int = 3
-    candidates: int = 4
+    candidates: int = 3
     patience: int = 2
-    n_val: int = 30
+    n_val: int = 20
     skip: int = 20
     shown: int = 5
     n_boot: int = 1000
