@@ -23,6 +23,8 @@ Modules, each one idea:
 - :mod:`~instructedit_lite.baselines`: FT-L, FT-M, GRACE and CaliNet;
 - :mod:`~instructedit_lite.metrics` and :mod:`~instructedit_lite.evaluate`: the paper's metrics, one edit per case;
 - :mod:`~instructedit_lite.experiments`: the book's editors, methods and experiments, ``reproduce``;
+- :mod:`~instructedit_lite.proposers` and :mod:`~instructedit_lite.optimize`: the instruction search
+  (proposer LMs, filter, trial editor, stop rule; chapter 10);
 - :mod:`~instructedit_lite.analysis`: edit directions, t-SNE and separation measures;
 - :mod:`~instructedit_lite.bench`, :mod:`~instructedit_lite.bench_engine` and :mod:`~instructedit_lite.cli`:
   the edit-cost benchmarks and the command line;

