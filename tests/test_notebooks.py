@@ -40,6 +40,12 @@ def test_notebook_conventions(path):
     for node in ast.parse(first.source).body:  # literal values only, so papermill can override them
         if isinstance(node, ast.Assign):
             ast.literal_eval(node.value)
+    # `make book SEED=1`: the cell after the parameters lets INSTRUCTEDIT_SEED override the seed
+    assert "seed" in names and 'os.environ.get("INSTRUCTEDIT_SEED", seed)' in code[1].source
+    assert "remove-cell" in code[1].metadata.get("tags", [])
+    for cell in code:  # the page is about 90 characters wide
+        wide = [line for line in cell.source.splitlines() if len(line) > 110]
+        assert not wide, f"code line wider than the page:\n{wide[0]}"
     asserts = [c for c in code if c.source.lstrip().startswith("assert") or "\nassert " in c.source]
     assert asserts, "a chapter checks its numbers with assert cells"
     for cell in asserts:
