@@ -5,6 +5,9 @@
 #   make lab    the notebooks in JupyterLab, with the project's kernel
 #   make spread every chapter for seeds 0, 1 and 2, the spread in book/_static/seed_spread.json
 PYTHON ?= python3
+# On Linux the default torch wheel is the CUDA build (several GB); the CPU-only one:
+#   make install TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
@@ -30,7 +33,7 @@ BOOK_CONFIG := $(if $(REPO_URL),--config _build/_config.repo.yml,)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade pip
-	$(PIP) torch==2.13.0
+	$(PIP) torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
 	$(PIP) -e ".[book,test]"
 	touch $@
 
