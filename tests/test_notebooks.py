@@ -72,3 +72,36 @@ def test_a_failing_assert_fails_the_run(tmp_path):
     with pytest.raises(papermill.PapermillExecutionError, match="the glued number is wrong"):
         run_notebook(path, tmp_path / "out.ipynb", smoke=True)
     run_notebook(path, tmp_path / "out2.ipynb", smoke=True, value=2)  # and passes when it holds
+
+
+def _executed(values: dict, failed_assert: bool) -> nbformat.NotebookNode:
+    """A notebook as papermill leaves it: glue outputs, and an assert cell with or without an error."""
+    nb = nbformat.v4.new_notebook()
+    glue = nbformat.v4.new_code_cell("glue(...)")
+    glue.outputs = [nbformat.v4.new_output(
+        "display_data", data={"application/papermill.record/text/plain": repr(v)},
+        metadata={"scrapbook": {"name": k, "mime_prefix": "application/papermill.record/"}})
+        for k, v in values.items()]
+    check = nbformat.v4.new_code_cell("assert x > 1", metadata={"tags": ["remove-input"]})
+    if failed_assert:
+        check.outputs = [nbformat.v4.new_output("error", ename="AssertionError", evalue="", traceback=[])]
+    nb.cells = [glue, check]
+    return nb
+
+
+def test_seed_spread_collects_glued_numbers_and_failed_asserts(tmp_path):
+    """book/spread.py: per-seed values, min/max/spread of numbers, verdict strings kept as text."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("spread", ROOT / "book" / "spread.py")
+    spread = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(spread)
+    for seed, (recall, verdict, failed) in {0: ("97.9%", "partly", False), 1: ("96.1%", "reproduces", True)}.items():
+        (tmp_path / f"seed{seed}").mkdir()
+        nbformat.write(_executed({"recall": recall, "n": 1300 + seed, "verdict": verdict}, failed),
+                       tmp_path / f"seed{seed}" / "01_x.ipynb")
+    result = spread.collect([0, 1], ["01_x"], tmp_path, "cmd")
+    by_name = {q["name"]: q for q in result["quantities"]}
+    assert by_name["recall"]["values"] == {"0": 97.9, "1": 96.1}
+    assert abs(by_name["recall"]["spread"] - 1.8) < 1e-9 and by_name["n"]["spread"] == 1
+    assert by_name["verdict"]["values"] == {"0": "partly", "1": "reproduces"} and "spread" not in by_name["verdict"]
+    assert list(result["failed_asserts"]["01_x"]) == [1]  # seed 1's assert cell failed, seed 0's held
