@@ -83,12 +83,14 @@ def glued(path: Path) -> tuple[dict[str, object], list[str]]:
 
 def collect(seeds: list[int], chapters: list[str], work: Path, command: str) -> dict:
     """Per-seed glued values of every chapter, with min, max and spread of the numeric ones."""
-    rows, failures = {}, {}
+    rows, failures, measured = {}, {}, {}
     for seed in seeds:
         for chapter in chapters:
             path = work / f"seed{seed}" / f"{chapter}.ipynb"
-            if not path.exists():
-                continue
+            if not path.exists() or not nbformat.read(path, as_version=4).metadata.get(
+                    "papermill", {}).get("end_time"):
+                continue  # not run, or still running: its values are not all there yet
+            measured.setdefault(str(seed), []).append(chapter)
             values, failed = glued(path)
             for name, value in values.items():
                 rows.setdefault((chapter, name), {})[seed] = value
@@ -104,7 +106,7 @@ def collect(seeds: list[int], chapters: list[str], work: Path, command: str) -> 
     return {"command": command, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}, "
                        f"Python {platform.python_version()}",
-            "seeds": seeds, "failed_asserts": failures, "quantities": quantities}
+            "seeds": seeds, "measured": measured, "failed_asserts": failures, "quantities": quantities}
 
 
 def main() -> None:
@@ -119,6 +121,8 @@ def main() -> None:
         run(args.seeds, args.chapters, args.work)
     if args.action in ("collect", "both"):
         command = "python book/spread.py both --seeds " + " ".join(map(str, args.seeds))
+        if args.chapters != CHAPTERS:
+            command += " --chapters " + " ".join(args.chapters)
         result = collect(args.seeds, args.chapters, args.work, command)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         tmp = args.out.with_suffix(".tmp")

@@ -86,6 +86,7 @@ def _executed(values: dict, failed_assert: bool) -> nbformat.NotebookNode:
     if failed_assert:
         check.outputs = [nbformat.v4.new_output("error", ename="AssertionError", evalue="", traceback=[])]
     nb.cells = [glue, check]
+    nb.metadata["papermill"] = {"end_time": "2026-01-01T00:00:00"}  # finished
     return nb
 
 
@@ -99,7 +100,12 @@ def test_seed_spread_collects_glued_numbers_and_failed_asserts(tmp_path):
         (tmp_path / f"seed{seed}").mkdir()
         nbformat.write(_executed({"recall": recall, "n": 1300 + seed, "verdict": verdict}, failed),
                        tmp_path / f"seed{seed}" / "01_x.ipynb")
-    result = spread.collect([0, 1], ["01_x"], tmp_path, "cmd")
+    unfinished = _executed({"recall": "50.0%"}, False)
+    unfinished.metadata["papermill"]["end_time"] = None  # still running: left out
+    (tmp_path / "seed2").mkdir()
+    nbformat.write(unfinished, tmp_path / "seed2" / "01_x.ipynb")
+    result = spread.collect([0, 1, 2], ["01_x"], tmp_path, "cmd")
+    assert result["measured"] == {"0": ["01_x"], "1": ["01_x"]}
     by_name = {q["name"]: q for q in result["quantities"]}
     assert by_name["recall"]["values"] == {"0": 97.9, "1": 96.1}
     assert abs(by_name["recall"]["spread"] - 1.8) < 1e-9 and by_name["n"]["spread"] == 1
