@@ -100,7 +100,7 @@ def collect(seeds: list[int], chapters: list[str], work: Path, command: str) -> 
     for (chapter, name), per_seed in sorted(rows.items()):
         numbers = [v for v in per_seed.values() if isinstance(v, (int, float)) and not isinstance(v, bool)]
         entry = {"chapter": chapter, "name": name, "values": {str(s): v for s, v in per_seed.items()}}
-        if len(numbers) == len(per_seed) and numbers:
+        if len(numbers) == len(per_seed) >= 2:  # a spread needs two seeds
             entry.update(min=min(numbers), max=max(numbers), spread=max(numbers) - min(numbers))
         quantities.append(entry)
     return {"command": command, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
