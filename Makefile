@@ -1,7 +1,13 @@
 # Two entry points do all the set-up on a fresh machine (Python 3.11+, package registries only):
 #   make test   unit tests + every notebook through papermill in smoke mode
 #   make book   every notebook with its default parameters, HTML book in _build/html
+#               (make book SEED=1: every chapter with seed 1, HTML in _build/seed1/_build/html)
+#   make lab    the notebooks in JupyterLab, with the project's kernel
+#   make spread every chapter for seeds 0, 1 and 2, the spread in book/_static/seed_spread.json
 PYTHON ?= python3
+# On Linux the default torch wheel is the CUDA build (several GB); the CPU-only one:
+#   make install TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
@@ -13,12 +19,21 @@ export PYTHONHASHSEED := 0
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install test unit notebooks book bench clean
+# The chapters' `seed` parameter; jupyter-book cannot pass parameters, so it travels as
+# INSTRUCTEDIT_SEED. Another seed builds elsewhere: jupyter-book's execution cache does not
+# see the variable and would serve seed 0's outputs.
+SEED ?= 0
+BOOK_OUT := $(if $(filter 0,$(SEED)),.,_build/seed$(SEED))
+# Empty: no repository link, no Binder/Colab buttons (a link that leads nowhere is worse).
+REPO_URL ?=
+BOOK_CONFIG := $(if $(REPO_URL),--config _build/_config.repo.yml,)
+
+.PHONY: install test unit notebooks book lab spread bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade pip
-	$(PIP) torch==2.13.0
+	$(PIP) torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
 	$(PIP) -e ".[book,test]"
 	touch $@
 
@@ -30,8 +45,17 @@ test: install
 unit: install
 	$(BIN)/python -m pytest -m "not notebooks"
 
+# Progress bars stay on the command line and in interactive use, not in the built pages.
 book: install
-	$(BIN)/jupyter-book build . --builder html -W --keep-going
+	$(if $(REPO_URL),$(BIN)/python book/with_repository.py $(REPO_URL) _build/_config.repo.yml,)
+	INSTRUCTEDIT_SEED=$(SEED) TQDM_DISABLE=1 $(BIN)/jupyter-book build . --builder html -W --keep-going \
+		--path-output $(BOOK_OUT) $(BOOK_CONFIG)
+
+lab: install
+	$(BIN)/jupyter lab notebooks/
+
+spread: install
+	$(BIN)/python book/spread.py both --seeds 0 1 2
 
 bench: install
 	$(BIN)/python -m instructedit_lite.bench

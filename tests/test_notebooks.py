@@ -40,6 +40,12 @@ def test_notebook_conventions(path):
     for node in ast.parse(first.source).body:  # literal values only, so papermill can override them
         if isinstance(node, ast.Assign):
             ast.literal_eval(node.value)
+    # `make book SEED=1`: the cell after the parameters lets INSTRUCTEDIT_SEED override the seed
+    assert "seed" in names and 'os.environ.get("INSTRUCTEDIT_SEED", seed)' in code[1].source
+    assert "remove-cell" in code[1].metadata.get("tags", [])
+    for cell in code:  # the page is about 90 characters wide
+        wide = [line for line in cell.source.splitlines() if len(line) > 110]
+        assert not wide, f"code line wider than the page:\n{wide[0]}"
     asserts = [c for c in code if c.source.lstrip().startswith("assert") or "\nassert " in c.source]
     assert asserts, "a chapter checks its numbers with assert cells"
     for cell in asserts:
@@ -66,3 +72,42 @@ def test_a_failing_assert_fails_the_run(tmp_path):
     with pytest.raises(papermill.PapermillExecutionError, match="the glued number is wrong"):
         run_notebook(path, tmp_path / "out.ipynb", smoke=True)
     run_notebook(path, tmp_path / "out2.ipynb", smoke=True, value=2)  # and passes when it holds
+
+
+def _executed(values: dict, failed_assert: bool) -> nbformat.NotebookNode:
+    """A notebook as papermill leaves it: glue outputs, and an assert cell with or without an error."""
+    nb = nbformat.v4.new_notebook()
+    glue = nbformat.v4.new_code_cell("glue(...)")
+    glue.outputs = [nbformat.v4.new_output(
+        "display_data", data={"application/papermill.record/text/plain": repr(v)},
+        metadata={"scrapbook": {"name": k, "mime_prefix": "application/papermill.record/"}})
+        for k, v in values.items()]
+    check = nbformat.v4.new_code_cell("assert x > 1", metadata={"tags": ["remove-input"]})
+    if failed_assert:
+        check.outputs = [nbformat.v4.new_output("error", ename="AssertionError", evalue="", traceback=[])]
+    nb.cells = [glue, check]
+    nb.metadata["papermill"] = {"end_time": "2026-01-01T00:00:00"}  # finished
+    return nb
+
+
+def test_seed_spread_collects_glued_numbers_and_failed_asserts(tmp_path):
+    """book/spread.py: per-seed values, min/max/spread of numbers, verdict strings kept as text."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("spread", ROOT / "book" / "spread.py")
+    spread = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(spread)
+    for seed, (recall, verdict, failed) in {0: ("97.9%", "partly", False), 1: ("96.1%", "reproduces", True)}.items():
+        (tmp_path / f"seed{seed}").mkdir()
+        nbformat.write(_executed({"recall": recall, "n": 1300 + seed, "verdict": verdict}, failed),
+                       tmp_path / f"seed{seed}" / "01_x.ipynb")
+    unfinished = _executed({"recall": "50.0%"}, False)
+    unfinished.metadata["papermill"]["end_time"] = None  # still running: left out
+    (tmp_path / "seed2").mkdir()
+    nbformat.write(unfinished, tmp_path / "seed2" / "01_x.ipynb")
+    result = spread.collect([0, 1, 2], ["01_x"], tmp_path, "cmd")
+    assert result["measured"] == {"0": ["01_x"], "1": ["01_x"]}
+    by_name = {q["name"]: q for q in result["quantities"]}
+    assert by_name["recall"]["values"] == {"0": 97.9, "1": 96.1}
+    assert abs(by_name["recall"]["spread"] - 1.8) < 1e-9 and by_name["n"]["spread"] == 1
+    assert by_name["verdict"]["values"] == {"0": "partly", "1": "reproduces"} and "spread" not in by_name["verdict"]
+    assert list(result["failed_asserts"]["01_x"]) == [1]  # seed 1's assert cell failed, seed 0's held
