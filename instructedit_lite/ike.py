@@ -42,6 +42,7 @@ from .instructions import InstructionSet
 from .records import EditRecord, Probe
 
 __all__ = ["Demo", "demonstrations", "Retriever", "encoder_path", "IKE", "fact_line", "in_context_locality",
+           "answer_logits", "locality_scores", "query_sentence",
            "evaluate_in_context", "context_cost", "context_mediation"]
 
 ENCODER_PACKAGE = "all_minilm_l6_v2"
@@ -239,7 +240,8 @@ class IKE(Editor):
 
 
 @torch.no_grad()
-def _answer_logits(model, tokenizer, rows: Sequence[tuple[str, str]]) -> list[torch.Tensor]:
+def answer_logits(model, tokenizer, rows: Sequence[tuple[str, str]]) -> list[torch.Tensor]:
+    """Per ``(prompt, answer)`` row, the logits (float32) at the positions that predict the answer."""
     from .text import IGNORE, prompt_target_batch
 
     batch = prompt_target_batch(tokenizer, [p for p, _ in rows], [a for _, a in rows], next(model.parameters()).device)
@@ -254,8 +256,14 @@ def in_context_locality(model, tokenizer, record: EditRecord, prepared: EditReco
     since prompt and answer are tokenised separately."""
     from .evaluate import locality_rows
 
-    pre = _answer_logits(model, tokenizer, locality_rows(record))
-    post = _answer_logits(model, tokenizer, locality_rows(prepared))
+    return locality_scores(answer_logits(model, tokenizer, locality_rows(record)),
+                           answer_logits(model, tokenizer, locality_rows(prepared)))
+
+
+def locality_scores(pre: Sequence[torch.Tensor], post: Sequence[torch.Tensor]) -> tuple[float, float]:
+    """Mean argmax agreement and mean token KL(pre ‖ post) of aligned :func:`answer_logits` rows."""
+    if len(pre) != len(post) or any(a.shape != b.shape for a, b in zip(pre, post)):
+        raise ValueError("locality_scores: the rows before and after do not have the same answers")
     agree = [float((a.argmax(-1) == b.argmax(-1)).float().mean()) for a, b in zip(pre, post)]
     kl = []
     for a, b in zip(pre, post):
