@@ -274,9 +274,10 @@ def locality_scores(pre: Sequence[torch.Tensor], post: Sequence[torch.Tensor]) -
 
 def evaluate_in_context(methods: Sequence[Editor], model, tokenizer, records: Sequence[EditRecord], *,
                         progress: bool = True) -> pd.DataFrame:
-    """:func:`~.evaluate.evaluate_case` for every method and record, with locality and drawdown taken
-    with the method's context on the locality probes (:func:`in_context_locality`); the standard
-    evaluation's value (plain probes) is kept as ``locality_plain``."""
+    """:func:`~.evaluate.evaluate_case` for every method and record; for IKE methods the locality and
+    drawdown are then taken with the context on the locality probes (:func:`in_context_locality`;
+    exact outside the edit block, since IKE changes no weight), the plain-probe value kept as
+    ``locality_plain``. Weight editors keep the standard locality (their probes carry no context)."""
     from tqdm.auto import tqdm
 
     from .evaluate import evaluate_case
@@ -286,7 +287,8 @@ def evaluate_in_context(methods: Sequence[Editor], model, tokenizer, records: Se
         for method in methods:
             row = evaluate_case(method, model, tokenizer, record)
             row["locality_plain"] = row["locality"]
-            row["locality"], row["drawdown"] = in_context_locality(model, tokenizer, record, method.prepare(record))
+            if isinstance(method, IKE):
+                row["locality"], row["drawdown"] = in_context_locality(model, tokenizer, record, method.prepare(record))
             rows.append(row)
     return pd.DataFrame(rows)
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 from tiny import fact_record, snapshot, tiny_model, tiny_tokenizer
 
+from instructedit_lite.baselines import FTM
 from instructedit_lite.editors import check_restored
 from instructedit_lite.ike import (IKE, Retriever, context_cost, context_mediation, demonstrations, evaluate_in_context,
                                    fact_line, in_context_locality, query_sentence)
@@ -83,8 +84,11 @@ def test_no_weight_changes_and_locality_taken_with_the_context(world):
     before = snapshot(model)
     ike = IKE(pool, k=2, retriever="tfidf")
     tests = [fact_record("zsre", i) for i in (1, 2)]
-    cases = evaluate_in_context([ike], model, tok, tests, progress=False)
+    cases = evaluate_in_context([ike, FTM(steps=5)], model, tok, tests, progress=False)
     check_restored(model, before)
+    ftm = cases[cases.method == "FT-M"]
+    assert (ftm.locality == ftm.locality_plain).all()  # a weight editor keeps the standard measure
+    cases = cases[cases.method == "IKE"]
     # Without the context the probes see the unchanged model: the plain measure cannot move ...
     assert (cases.locality_plain == 1.0).all()
     # ... with it, the random model's answers do change: the measure that counts for IKE.
