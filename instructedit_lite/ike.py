@@ -213,6 +213,8 @@ class IKE(Editor):
         demos = self.retrieve(record)
         rows = [(record.prompt, record.target_new)] + [(q, record.target_new) for q in record.rephrase]
         rows += [(p.prompt, p.answers[0]) for p in record.portability_probes + record.locality_probes]
+        # The old answer is scored too (context mediation, unlearning): it must fit as well.
+        rows += [(x, record.ground_truth[0]) for x in (record.prompt, *record.rephrase) if record.ground_truth]
         while demos and not self._fits(record, demos, rows):
             demos = demos[:-1]  # drop the least similar
         if not self._fits(record, demos, rows):
@@ -327,7 +329,7 @@ def context_cost(model, tokenizer, edits: Sequence[EditRecord], stored: Sequence
         start = time.perf_counter()
         hits = index.search(f"Prompt: {query.prompt}", k, allowed=np.arange(len(lines)) < n)
         retrieval = time.perf_counter() - start
-        for mode, chosen in (("all", list(range(n))), ("retrieved", sorted(hits, reverse=True))):
+        for mode, chosen in (("all", list(range(n))), ("retrieved", list(reversed(hits)))):  # best fact last
             prompt = "".join(lines[i] for i in chosen) + f"Prompt: {query.prompt}"
             n_tokens = len(tokenizer(prompt + " " + query.target_new, add_special_tokens=False)["input_ids"])
             fits = max_tokens is None or n_tokens <= max_tokens
