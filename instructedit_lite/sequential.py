@@ -116,7 +116,10 @@ def _agreement(pre: Sequence[tuple[Tensor, Tensor]], post: Sequence[tuple[Tensor
 
 
 def _locality_rows(records: Sequence[EditRecord]) -> list[Row]:
-    return [(p.prompt, p.answer) for r in records for p in r.locality_probes]
+    """The locality probes of all ``records``, without those that ask what another record of the set
+    edits (same prompt as an edit prompt or rephrase): their change is wanted, not a side effect."""
+    edited = {q.strip() for r in records for q in (r.prompt, *r.rephrase)}
+    return [(p.prompt, p.answer) for r in records for p in r.locality_probes if p.prompt.strip() not in edited]
 
 
 def _apply(method: Editor, model: nn.Module, tokenizer, record: EditRecord, restorer: Restorer) -> dict:
@@ -145,7 +148,8 @@ def sequential_editing(method: Editor, model: nn.Module, tokenizer, records: Seq
     own prompt), ``retention_em`` (exact match), ``retention_low/high`` (95% bootstrap over the
     edits); ``latest`` (the reliability of the last ``every`` edits only); ``generalization``
     (their rephrases); ``locality`` (argmax agreement with the ORIGINAL model on the locality
-    probes of all N records, a fixed set so the points are comparable); ``fluency`` (n-gram
+    probes of all N records, a fixed set so the points are comparable, less the probes that ask
+    what another record of the stream edits); ``fluency`` (n-gram
     entropy of greedy text after ``fluency_prompts``, NaN without); ``codebook`` (GRACE's entries,
     else NaN); ``edit_seconds`` (total so far). The model is bit-identical to the original after
     the call, also on errors, and GRACE's codebook is empty.

@@ -143,3 +143,13 @@ def test_answer_predictions_shapes(world):
     preds = answer_predictions(model, tok, [(r.prompt, r.target_new) for r in records[:3]], batch_size=2)
     assert len(preds) == 3
     assert all(p.shape == t.shape and len(t) >= 1 for p, t in preds)
+
+
+def test_locality_set_leaves_out_probes_that_another_edit_changes():
+    from instructedit_lite.records import Probe
+    from instructedit_lite.sequential import _locality_rows
+
+    a, b = fact_record("counterfact", 0), fact_record("counterfact", 1)
+    b = replace(b, locality={"Other_Subject": (Probe(a.prompt, ("Paris",)), Probe("Bo Kest works as a", ("pilot",)))})
+    assert _locality_rows([a, b]) == [(p.prompt, p.answer) for p in a.locality_probes] + [("Bo Kest works as a", "pilot")]
+    assert (a.prompt, "Paris") in _locality_rows([b])  # alone, b's probe is an ordinary locality probe
