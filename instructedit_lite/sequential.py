@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from typing import Iterator, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd

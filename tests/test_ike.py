@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-import torch
 from tiny import fact_record, snapshot, tiny_model, tiny_tokenizer
 
 from instructedit_lite.baselines import FTM
