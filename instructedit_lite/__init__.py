@@ -23,6 +23,9 @@ Modules, each one idea:
 - :mod:`~instructedit_lite.baselines`: FT-L, FT-M, GRACE and CaliNet;
 - :mod:`~instructedit_lite.metrics` and :mod:`~instructedit_lite.evaluate`: the paper's metrics, one edit per case;
 - :mod:`~instructedit_lite.experiments`: the book's editors, methods and experiments, ``reproduce``;
+- :mod:`~instructedit_lite.sequential`: lifelong (sequential) and batch editing, locality against the original model;
+- :mod:`~instructedit_lite.ike`: IKE, in-context editing with retrieved demonstrations (no weight change);
+- :mod:`~instructedit_lite.unlearning`: edits that remove a fact (refusal target, unlikelihood);
 - :mod:`~instructedit_lite.proposers` and :mod:`~instructedit_lite.optimize`: the instruction search
   (proposer LMs, filter, trial editor, stop rule; chapter 10);
 - :mod:`~instructedit_lite.analysis`: edit directions, t-SNE and separation measures;
