@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--data", type=Path, default=None,
                              help="folder of public data files (default $INSTRUCTEDIT_DATA): the records of a "
                                   "--model other than 'embedded'")
-    from .optimize import add_parser as add_optimize_parser
+    from .optimize_cli import add_parser as add_optimize_parser
 
     add_optimize_parser(sub)
     return parser
@@ -241,7 +241,7 @@ def cmd_fetch_data(args, stream) -> int:
 
 
 def cmd_optimize_instructions(args, stream) -> int:
-    from .optimize import cmd_optimize_instructions as run
+    from .optimize_cli import cmd_optimize_instructions as run
 
     return run(args, stream)
 

@@ -32,11 +32,8 @@ Scores and proposals are cached by text (atomic JSON), so a rerun replays withou
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import sys
-import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -53,7 +50,7 @@ from .proposers import CandidateFilter, Proposer, from_brackets, key_hash, to_br
 from .records import TASKS, EditRecord
 
 __all__ = ["SearchConfig", "TrialEditor", "score_records", "significant_gain", "SearchResult", "optimize_instructions",
-           "write_instruction_file", "compare_on_test", "search_records", "add_parser", "optimize_instructions_main"]
+           "write_instruction_file", "compare_on_test", "search_records"]
 
 #: Bumped whenever a change here changes what a search produces (part of the cache key and the file).
 SEARCH_VERSION = 1
@@ -354,107 +351,3 @@ def compare_on_test(editor, base, sets: Mapping[str, InstructionSet], records: M
     diffs = {f"{names[0]} - {other}": {m: paired_difference(cases, names[0], other, m, n_boot=n_boot, seed=seed)
                                         for m in ("score", *SCORE_METRICS)} for other in names[1:]}
     return cases, diffs
-
-
-# ---------------------------------------------------------------------------------------------
-# The embedded world end to end, and ``instructedit-lite optimize-instructions``
-# ---------------------------------------------------------------------------------------------
-
-
-def embedded_trial(base, trained, config: SearchConfig, start: InstructionSet | None = None, *,
-                   progress: bool = True) -> TrialEditor:
-    """A :class:`TrialEditor` for a trained InstructEdit editor (:class:`~instructedit_lite.train.TrainedEditor`)
-    of the embedded base model, scoring on :func:`search_records`; its scores are cached under
-    :func:`~instructedit_lite.base_model.cache_dir`."""
-    from .base_model import cache_dir
-    from .instructions import default_instructions
-
-    key = f"{base.config.key()}-{trained.config.key()}"
-    return TrialEditor(trained.editor, base.model, base.tokenizer, search_records(base.world, config),
-                       start or default_instructions(), key=key,
-                       cache_file=cache_dir() / f"instruction-search-{key}" / "scores.json", progress=progress)
-
-
-def make_proposer(kind: str = "smollm2", *, url: str | None = None, model: str | None = None) -> Proposer:
-    """``"smollm2"``: :class:`~instructedit_lite.proposers.LocalChatProposer` on SmolLM2-135M-Instruct
-    (loaded on its first proposal, so a fully cached rerun never loads it); ``"http"``: an
-    OpenAI-compatible endpoint (``url``, ``model``)."""
-    from .proposers import HTTPChatProposer, LocalChatProposer, load_smollm2_chat
-
-    if kind == "smollm2":
-        return LocalChatProposer(loader=load_smollm2_chat, name="SmolLM2-135M-Instruct")
-    if kind == "http":
-        if not url or not model:
-            raise ValueError("the http proposer needs --url (API base, e.g. https://api.openai.com/v1) and --api-model")
-        return HTTPChatProposer(url, model)
-    raise ValueError(f"unknown proposer {kind!r}; expected 'smollm2' or 'http'")
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``optimize-instructions`` on a ``argparse`` sub-parser collection."""
-    p = subparsers.add_parser("optimize-instructions",
-                              help="search better task descriptions with a proposer LM and a trial editor")
-    p.add_argument("--model", choices=("embedded", "smollm2"), default="embedded",
-                   help="the edited model whose InstructEdit editor is the trial editor")
-    p.add_argument("--rounds", type=int, default=SearchConfig.rounds, help="round budget")
-    p.add_argument("--out", type=Path, required=True, help="instruction file to write (official JSON format)")
-    p.add_argument("--proposer", choices=("smollm2", "http"), default="smollm2")
-    p.add_argument("--url", default=None, help="OpenAI-compatible API base (with --proposer http)")
-    p.add_argument("--api-model", default=None, help="model name at --url (with --proposer http)")
-    p.add_argument("--candidates", type=int, default=SearchConfig.candidates, help="proposals per task and round")
-    p.add_argument("--patience", type=int, default=SearchConfig.patience,
-                   help="rounds without a significant gain before a task stops")
-    p.add_argument("--n-val", type=int, default=SearchConfig.n_val, help="search (validation) records per task")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--smoke", action="store_true", help="the smoke-trained editor")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    return p
-
-
-def cmd_optimize_instructions(args, stream=None) -> int:
-    """Body of ``instructedit-lite optimize-instructions``: search, write ``--out``, print a JSON summary."""
-    import torch
-
-    from .base_model import BaseModelConfig, cache_dir, load_base_model
-    from .experiments import editor_configs
-    from .train import train_editor
-    from .world import WorldConfig
-
-    if args.model != "embedded":
-        raise ValueError("--model smollm2 needs an InstructEdit editor trained for SmolLM2 and its validation "
-                         "records, which this version does not provide yet; use --model embedded")
-    torch.set_num_threads(1)
-    config = SearchConfig(rounds=args.rounds, candidates=args.candidates, patience=args.patience,
-                          n_val=args.n_val, seed=args.seed)
-    base = load_base_model(BaseModelConfig(world=WorldConfig(seed=args.seed)), progress=not args.quiet)
-    trained = train_editor(editor_configs(args.seed, args.smoke)["InstructEdit"], base, progress=not args.quiet)
-    trial = embedded_trial(base, trained, config, progress=not args.quiet)
-    start = time.perf_counter()
-    result = optimize_instructions(trial, make_proposer(args.proposer, url=args.url, model=args.api_model), config,
-                                   proposal_cache=cache_dir() / f"instruction-search-{trial.key}" / "proposals.json",
-                                   progress=not args.quiet)
-    path = write_instruction_file(args.out, result)
-    first, last = result.incumbents.groupby("task").first(), result.incumbents.groupby("task").last()
-    summary = {"out": str(path), "log": str(path.with_name(path.stem + ".log.csv")),
-               "seconds": round(time.perf_counter() - start, 1), "stopped": result.stopped,
-               "validation_score": {t: {"start": float(first.loc[t, "score"]), "final": float(last.loc[t, "score"])}
-                                    for t in first.index},
-               "rejections": result.rejections.groupby("reason")["count"].sum().to_dict()}
-    print(json.dumps(summary, indent=1), file=stream or sys.stdout)
-    return 0
-
-
-def optimize_instructions_main(argv: Sequence[str] | None = None) -> int:
-    """The command on its own (``python -m instructedit_lite.optimize --out FILE ...``)."""
-    parser = argparse.ArgumentParser(prog="instructedit-lite")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["optimize-instructions", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return cmd_optimize_instructions(args)
-    except ValueError as err:
-        print(f"instructedit-lite optimize-instructions: error: {err}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    raise SystemExit(optimize_instructions_main())

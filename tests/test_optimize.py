@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from instructedit_lite import optimize as opt
+from instructedit_lite import optimize_cli
 from instructedit_lite.instructions import default_instructions, official_instructions
 from instructedit_lite.mend import MendConfig, MendEditor
 from instructedit_lite.proposers import Proposer, to_brackets
@@ -170,10 +171,10 @@ def test_search_records_are_val_records_after_the_skipped_ones():
 
 
 def test_cli_rejects_what_it_cannot_do(capsys):
-    assert opt.optimize_instructions_main(["--model", "smollm2", "--out", "x.json"]) == 2
+    assert optimize_cli.optimize_instructions_main(["--model", "smollm2", "--out", "x.json"]) == 2
     assert "--model smollm2 needs an InstructEdit editor" in capsys.readouterr().err
     with pytest.raises(ValueError, match="--url"):
-        opt.make_proposer("http")
+        optimize_cli.make_proposer("http")
     with pytest.raises(ValueError, match="rounds must be >= 1"):
         opt.SearchConfig(rounds=0)
 
