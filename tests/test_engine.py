@@ -1,0 +1,175 @@
+"""The frozen-prefix engine gives the plain model's logits, MEND edits, meta-losses and meta-gradients
+(within float32 tolerance) on a tiny GPT-2 and a tiny LLaMA, and really skips the lower blocks."""
+
+import copy
+
+import pytest
+import torch
+from tiny import convsent_record, fact_record, tiny_model, tiny_tokenizer
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import instructedit_lite.mend as mend
+import instructedit_lite.train as tr
+from instructedit_lite.engine import PrefixEngine, gather_positions, model_inputs, scored_batch
+from instructedit_lite.instructions import default_instructions
+from instructedit_lite.mend import MendConfig, MendEditor, default_weight_names, lm_loss
+from instructedit_lite.text import prompt_target_batch
+
+TOL = dict(rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+def tiny_llama(tokenizer, seed: int = 0):
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=True, pad_token_id=0, bos_token_id=0, eos_token_id=0)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(params=["gpt2", "llama"])
+def setup(request, tokenizer):
+    """(model, engine, weight names): edits in the top two of four blocks, so two are cached."""
+    model = tiny_model(tokenizer, n_layer=4) if request.param == "gpt2" else tiny_llama(tokenizer)
+    names = default_weight_names(model, n_last=2)
+    return model, PrefixEngine(model, names), names
+
+
+def batch_of(tokenizer):
+    prompts = ["Ada Brun was born in", "The birthplace of Bo Kest is", "Cy Lorm works as a"]
+    return prompt_target_batch(tokenizer, prompts, ["Lima", "Oslo", "pilot"])
+
+
+def random_editor(model, names, seed=0):
+    """An editor whose networks are not the identity, so ΔW depends on them (not only on ∇W)."""
+    editor = MendEditor(model, MendConfig(rank=4, weight_names=names), generator=torch.Generator().manual_seed(seed))
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in editor.network_parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=gen))
+        for a in editor.alpha_parameters():
+            a.fill_(1e-2)
+    return editor
+
+
+def test_logits_equal_and_lower_blocks_run_once(setup, tokenizer):
+    model, engine, _ = setup
+    batch = batch_of(tokenizer)
+    mask = batch["attention_mask"].bool()
+    full = model(**model_inputs(batch)).logits
+    calls = []
+    handle = engine.blocks[0].register_forward_hook(lambda *a: calls.append(1))
+    try:
+        got = engine(**model_inputs(batch)).logits
+        assert len(calls) == 1  # the one pass that filled the cache
+        again = engine(**model_inputs(batch)).logits
+        assert len(calls) == 1  # cached: the lower blocks never run again
+    finally:
+        handle.remove()
+    assert got.shape == full.shape
+    torch.testing.assert_close(got[mask], full[mask], **TOL)
+    torch.testing.assert_close(again, got)
+    assert len(engine.cache) == 3
+    # A row cached from one batch fits another batch with other padding.
+    other = prompt_target_batch(tokenizer, ["Ada Brun was born in"], ["Lima"])
+    torch.testing.assert_close(engine(**model_inputs(other)).logits[0], got[0, : other["input_ids"].shape[1]], **TOL)
+
+
+def test_scored_positions_give_the_same_losses(setup, tokenizer):
+    model, engine, _ = setup
+    batch = batch_of(tokenizer)
+    scored = scored_batch(batch)
+    full = model(**model_inputs(batch)).logits
+    compact = engine(**model_inputs(scored)).logits
+    assert compact.shape[1] < full.shape[1]  # the LM head ran on fewer positions
+    torch.testing.assert_close(compact[:, :-1], gather_positions(full, scored["positions"])[:, :-1], **TOL)
+    torch.testing.assert_close(lm_loss(compact, scored["labels"]), lm_loss(full, batch["labels"]), **TOL)
+    pred_c, mask_c = tr.shifted_predictions(compact, scored["labels"])
+    pred_f, mask_f = tr.shifted_predictions(full, batch["labels"])
+    assert mask_c.sum() == mask_f.sum()
+    assert pred_c[mask_c].tolist() == pred_f[mask_f].tolist()
+
+
+def test_scored_batch_layout():
+    labels = torch.tensor([[-100, -100, 7, 8, -100], [-100, 5, -100, -100, -100]])
+    out = scored_batch({"input_ids": torch.zeros_like(labels), "labels": labels})
+    assert out["positions"].tolist() == [[1, 2, 0], [0, 0, 0]]
+    assert out["labels"].tolist() == [[-100, 7, 8], [-100, 5, -100]]
+
+
+@pytest.mark.parametrize("compact", [False, True])
+def test_mend_edit_equal(setup, tokenizer, compact, monkeypatch):
+    model, engine, names = setup
+    batch = batch_of(tokenizer)
+    plain_editor = random_editor(model, names)
+    engine_editor = copy.deepcopy(plain_editor)
+    want = plain_editor.compute_deltas(model, batch)
+    if compact:  # the one-line wiring for MEND: pass the scored positions on to the model
+        monkeypatch.setattr(mend, "_model_inputs", model_inputs)
+    got = engine_editor.compute_deltas(engine, scored_batch(batch) if compact else batch)
+    for name in names:
+        assert want[name].abs().sum() > 0
+        torch.testing.assert_close(got[name], want[name], **TOL)
+    # the running statistics saw the same rows
+    for (k, a), b in zip(plain_editor.state_dict().items(), engine_editor.state_dict().values()):
+        torch.testing.assert_close(a, b, **TOL, msg=k)
+
+
+def wire_compact(mp):
+    """The wiring for train.py and mend.py: scored batches, positions passed on to the model."""
+    batch = tr._batch
+    mp.setattr(tr, "_batch", lambda tok, rows, device: scored_batch(batch(tok, rows, device)))
+    mp.setattr(tr, "_model_inputs", model_inputs)
+    mp.setattr(mend, "_model_inputs", model_inputs)
+
+
+def meta_step(model, editor, tokenizer, example, config):
+    losses = tr.meta_losses(model, editor, tokenizer, example, config)
+    losses["total"].backward()
+    grads = {n: p.grad.clone() for n, p in editor.named_parameters() if p.grad is not None}
+    return {k: v.detach() for k, v in losses.items()}, grads
+
+
+@pytest.mark.parametrize("compact", [False, True])
+def test_meta_losses_and_gradients_equal(setup, tokenizer, compact, monkeypatch):
+    model, engine, names = setup
+    model.requires_grad_(False)  # frozen, as train() does
+    config = tr.TrainConfig(regime="instruct", n_responses=2, mend=MendConfig(rank=4, weight_names=names))
+    instructions = default_instructions()
+    for record in (fact_record("counterfact", 0), convsent_record(1)):
+        example = tr.build_example(record, config, instructions=instructions)
+        want_l, want_g = meta_step(model, random_editor(model, names), tokenizer, example, config)
+        with monkeypatch.context() as mp:
+            if compact:
+                wire_compact(mp)
+            got_l, got_g = meta_step(engine, random_editor(model, names), tokenizer, example, config)
+        for key in want_l:
+            torch.testing.assert_close(got_l[key], want_l[key], **TOL, msg=key)
+        assert want_g.keys() == got_g.keys() and len(want_g) > 0
+        assert any(g.abs().sum() > 0 for g in want_g.values())
+        for key in want_g:
+            torch.testing.assert_close(got_g[key], want_g[key], rtol=1e-3, atol=1e-5, msg=key)
+
+
+def test_errors_and_cache_file(setup, tokenizer, tmp_path):
+    model, engine, names = setup
+    with pytest.raises(ValueError, match="not inside a block"):
+        PrefixEngine(model, names + ["lm_head.weight"])
+    left = prompt_target_batch(tokenizer, ["Ada Brun was born in", "Bo"], ["Lima", "x"])
+    left["attention_mask"] = left["attention_mask"].flip(1)
+    with pytest.raises(ValueError, match="right-padded"):
+        engine(**model_inputs(left))
+    batch = batch_of(tokenizer)
+    engine(**model_inputs(batch))
+    path = tmp_path / "prefix.pt"
+    engine.cache.save(path)
+    fresh = PrefixEngine(model, names)
+    assert fresh.cache.load(path) == 3 and fresh.cache.nbytes == engine.cache.nbytes > 0
+    torch.testing.assert_close(fresh(**model_inputs(batch)).logits, engine(**model_inputs(batch)).logits)
+    other = PrefixEngine(model, names[-1:])  # another lowest block: another key
+    with pytest.raises(ValueError, match="prefix.pt"):
+        other.cache.load(path)
