@@ -57,9 +57,20 @@ class RealModel:
     info: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def world(self):
-        """The records source under the name :func:`~instructedit_lite.train.records_for` expects."""
-        return self.source
+    def world(self) -> "WithLocality":
+        """The records an editor trains on, under the name :func:`~instructedit_lite.train.records_for` expects."""
+        return WithLocality(self.source)
+
+
+class WithLocality:
+    """A records source keeping only records with a locality probe: ``L_loc`` and the locality score
+    need one, and some published records have none (105 of Recent's 399 training records)."""
+
+    def __init__(self, source):
+        self.source, self.tasks = source, source.tasks
+
+    def records(self, task: str, split: str) -> list[EditRecord]:
+        return [r for r in self.source.records(task, split) if r.locality_probes]
 
 
 def missing(folder: str | Path | None = None) -> list[str]:
@@ -277,7 +288,7 @@ def train_real_editor(config: tr.TrainConfig, real: RealModel, *, cache: bool = 
     folder = editor_dir(config, real)
     if cache and (folder / "summary.json").exists():
         return tr.load_trained_editor(folder, real.model)
-    train_records, val_records = tr.records_for(config, real.source)
+    train_records, val_records = tr.records_for(config, real.world)
     instructions = real.source.instructions() if config.instructed else None
     model, extra = real.model, {}
     if use_engine:
@@ -301,3 +312,78 @@ def train_real_editor(config: tr.TrainConfig, real: RealModel, *, cache: bool = 
             atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
     return tr.TrainedEditor(result.editor, config, pd.DataFrame(result.curves), pd.DataFrame(result.validation),
                             summary, folder if cache else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine against the plain model: the same step, and what it costs
+# ---------------------------------------------------------------------------------------------
+
+
+def meta_step(model, editor, tokenizer, example: tr.EditExample, config: tr.TrainConfig):
+    """``(losses, editor gradients)`` of one meta-training step; the editor's gradients are cleared after."""
+    editor.zero_grad(set_to_none=True)
+    losses = tr.meta_losses(model, editor, tokenizer, example, config)
+    losses["total"].backward()
+    grads = {n: p.grad.detach().clone() for n, p in editor.named_parameters() if p.grad is not None}
+    editor.zero_grad(set_to_none=True)
+    return {k: float(v) for k, v in losses.items()}, grads
+
+
+def engine_check(real: RealModel, engine: eng.PrefixEngine, config: tr.TrainConfig,
+                 examples: Sequence[tr.EditExample]) -> pd.DataFrame:
+    """One meta-training step per example on the plain model and through the engine (scored positions):
+    the largest absolute difference of the losses and the largest relative difference of a gradient."""
+    import copy
+
+    rows = []
+    with tr._frozen(real.model):
+        editor = tr.make_editor(config, real.model, generator=torch.Generator().manual_seed(config.seed))
+        for ex in examples:
+            # two copies: a step updates the editor's running statistics
+            want_l, want_g = meta_step(real.model, copy.deepcopy(editor), real.tokenizer, ex, config)
+            with scored_positions():
+                got_l, got_g = meta_step(engine, copy.deepcopy(editor), real.tokenizer, ex, config)
+            rel = max(float((got_g[n] - g).norm() / g.norm().clamp(min=1e-30)) for n, g in want_g.items())
+            rows.append({"task": ex.task, "loss": want_l["total"],
+                         "loss_difference": max(abs(got_l[k] - want_l[k]) for k in want_l),
+                         "gradient_relative_difference": rel, "gradients": len(want_g)})
+    return pd.DataFrame(rows)
+
+
+def _seconds(fn, repeats: int) -> float:
+    fn()  # warm-up (allocations, lazy initialisation)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) / repeats
+
+
+def step_costs(real: RealModel, engine: eng.PrefixEngine, config: tr.TrainConfig,
+               examples: Sequence[tr.EditExample], *, repeats: int = 2) -> pd.DataFrame:
+    """Seconds per meta-training step, per example: on the plain model, through the engine (its prefixes
+    already cached), and one forward+backward of the whole model on the edit rows (the unit of the
+    ``step_ratio``)."""
+    import copy
+
+    rows = []
+    with tr._frozen(real.model):
+        editor = tr.make_editor(config, real.model, generator=torch.Generator().manual_seed(config.seed))
+        for ex in examples:
+            plain = copy.deepcopy(editor)
+            fast = copy.deepcopy(editor)
+            row = {"task": ex.task,
+                   "plain": _seconds(lambda: meta_step(real.model, plain, real.tokenizer, ex, config), repeats)}
+            with scored_positions():
+                row["engine"] = _seconds(lambda: meta_step(engine, fast, real.tokenizer, ex, config), repeats)
+            batch = prompt_target_batch(real.tokenizer, [p for p, _ in ex.edit], [t for _, t in ex.edit])
+            params = list(real.model.parameters())
+
+            def forward_backward():
+                loss = mend_module.lm_loss(real.model(**eng.model_inputs(batch)).logits, batch["labels"])
+                torch.autograd.grad(loss, params)
+
+            real.model.requires_grad_(True)
+            row["forward_backward"] = _seconds(forward_backward, repeats)
+            real.model.requires_grad_(False)
+            rows.append(row)
+    return pd.DataFrame(rows)
