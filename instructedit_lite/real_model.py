@@ -130,25 +130,20 @@ def truth(record: EditRecord) -> str:
 
 @torch.no_grad()
 def greedy(model, tokenizer, prompts: Sequence[str], n_tokens: int, *, batch_size: int = 32) -> list[str]:
-    """``n_tokens`` greedy tokens after each prompt (right-padded batches, no KV cache: short outputs)."""
+    """``n_tokens`` greedy tokens after each prompt (``generate`` on left-padded batches, with its KV cache)."""
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     out = []
     for start in range(0, len(prompts), batch_size):
         rows = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts[start:start + batch_size]]
-        new: list[list[int]] = [[] for _ in rows]
-        for _ in range(n_tokens):
-            seqs = [r + n for r, n in zip(rows, new)]
-            width = max(len(s) for s in seqs)
-            ids = torch.full((len(seqs), width), pad, dtype=torch.long, device=device)
-            mask = torch.zeros_like(ids)
-            for i, s in enumerate(seqs):
-                ids[i, : len(s)], mask[i, : len(s)] = torch.tensor(s, device=device), 1
-            logits = model(input_ids=ids, attention_mask=mask).logits
-            last = mask.sum(1) - 1
-            for i, token in enumerate(logits[torch.arange(len(seqs)), last].argmax(-1).tolist()):
-                new[i].append(token)
-        out += tokenizer.batch_decode(new, skip_special_tokens=True)
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long, device=device)
+        mask = torch.zeros_like(ids)
+        for i, r in enumerate(rows):  # left padding: every row's next token comes from the last column
+            ids[i, width - len(r):], mask[i, width - len(r):] = torch.tensor(r, device=device), 1
+        new = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n_tokens, min_new_tokens=n_tokens,
+                             do_sample=False, pad_token_id=pad, temperature=None, top_p=None, top_k=None)
+        out += tokenizer.batch_decode(new[:, width:], skip_special_tokens=True)
     return out
 
 
@@ -187,21 +182,23 @@ def recall(model, tokenizer, records: Sequence[EditRecord], *, extra_tokens: int
 _REAL = dict(grad_accum=2, lr=1e-4, alpha_lr=1e-4, c_edit=0.1, c_loc=1.0, clip=100.0, edit_loss_input="edit",
              n_responses=2, max_locality=2, mixing="uniform")
 _SIZES = {  # (steps, val_every, n_val): default (fits the chapter's budget), full, smoke
-    "default": (240, 80, 8), "full": (1200, 200, 24), "smoke": (6, 3, 2)}
+    "default": (240, 80, 8), "full": (1200, 200, 24), "smoke": (4, 4, 1)}
 _RANK = 64
 
 
 def real_config(regime: str = "instruct", tasks: Sequence[str] | str | None = None, *, size: str = "default",
                 **changes) -> tr.TrainConfig:
-    """An editor configuration for SmolLM2: the paper's edited weights, sizes that fit the chapter.
+    """An editor configuration for SmolLM2: the paper's edited weights, sizes that fit chapter 7.
 
-    ``size``: ``"default"`` (240 edits, fits chapter 7's 12-minute budget on 2 cores),
-    ``"full"`` (1,200 edits) or ``"smoke"`` (6 edits).  Choices (measured, see the chapter):
-    rank 64 (the paper's 1,920 exceeds both widths, 576 and 1,536, so it means full rank, and
-    costs more per step); the paper's ``c_edit = 0.1``, ``c_loc = 1``, accumulation 2 and
-    clipping at 100; rates 1e-4 (the embedded model's measured choice; the paper's 1e-6 moves
-    nothing in a few hundred edits); uniform task mixing, so the few hundred edits are shared
-    evenly; 2 locality rows per fact and 2 responses per ConvSent sentiment (cheaper steps).
+    ``size``: ``"default"`` (240 edits, sized for the chapter's 12-minute budget on 2 cores),
+    ``"full"`` (1,200 edits) or ``"smoke"`` (4 edits).  What is measured and what is carried over:
+    the paper's ``c_edit = 0.1``, ``c_loc = 1``, accumulation 2 and clipping at 100; rank 64 and
+    rates 1e-4, the embedded model's measured choices (:func:`~instructedit_lite.train.default_config`;
+    the paper's rank 1,920 exceeds both widths here, 576 and 1,536, so it would mean full rank,
+    and its rate 1e-6 moves nothing in a few hundred edits), not yet re-tuned on SmolLM2; uniform
+    task mixing, so that a few hundred edits are shared evenly; 2 locality rows per fact and 2
+    responses per ConvSent sentiment, for cheaper steps.  The sizes come from step costs measured
+    in chapter 7 (through the engine about a third of a plain step).
     """
     if isinstance(tasks, str):
         tasks = (tasks,)
@@ -326,7 +323,7 @@ def meta_step(model, editor, tokenizer, example: tr.EditExample, config: tr.Trai
     losses["total"].backward()
     grads = {n: p.grad.detach().clone() for n, p in editor.named_parameters() if p.grad is not None}
     editor.zero_grad(set_to_none=True)
-    return {k: float(v) for k, v in losses.items()}, grads
+    return {k: float(v.detach()) for k, v in losses.items()}, grads
 
 
 def engine_check(real: RealModel, engine: eng.PrefixEngine, config: tr.TrainConfig,
@@ -346,7 +343,8 @@ def engine_check(real: RealModel, engine: eng.PrefixEngine, config: tr.TrainConf
             rel = max(float((got_g[n] - g).norm() / g.norm().clamp(min=1e-30)) for n, g in want_g.items())
             rows.append({"task": ex.task, "loss": want_l["total"],
                          "loss_difference": max(abs(got_l[k] - want_l[k]) for k in want_l),
-                         "gradient_relative_difference": rel, "gradients": len(want_g)})
+                         "gradient_relative_difference": rel, "gradients": len(want_g),
+                         "gradient_norm": float(sum(g.norm() for g in want_g.values()))})
     return pd.DataFrame(rows)
 
 
