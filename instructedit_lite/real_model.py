@@ -113,7 +113,7 @@ def load_real_model(folder: str | Path | None = None, seed: int = 0, *, progress
             "parameters": sum(p.numel() for p in model.parameters()),
             "blocks": model.config.num_hidden_layers, "d_model": model.config.hidden_size,
             "d_mlp": model.config.intermediate_size, "vocabulary": model.config.vocab_size}
-    key = f"{model_dir.name.replace('smollm2-', 'smollm2')}-{data_key(source)}"
+    key = f"{model_dir.name}-{data_key(source)}"  # model file and data files: editors of one never load for another
     return RealModel(model, tokenizer, source, key, info)
 
 
