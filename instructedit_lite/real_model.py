@@ -27,7 +27,9 @@ import torch
 from . import engine as eng
 from . import mend as mend_module
 from . import train as tr
+from .config import jsonable
 from .mend import MendConfig
+from .train.loop import _frozen
 from .records import EditRecord
 from .text import prompt_target_batch, teacher_forced
 
@@ -217,21 +219,9 @@ def real_config(regime: str = "instruct", tasks: Sequence[str] | str | None = No
 
 @contextlib.contextmanager
 def scored_positions() -> Iterator[None]:
-    """Inside the block, ``train`` and ``mend`` batches carry their scored positions to the model,
-    so an engine computes vocabulary logits only where a loss or accuracy reads them.
-
-    The wiring ``tests/test_engine.py`` checks (the same losses and gradients); to be moved into
-    ``train.py`` (``_batch`` returning :func:`~instructedit_lite.engine.scored_batch`,
-    ``_model_inputs`` passing ``positions``) once the training package has an engine argument.
-    """
-    saved = tr._batch, tr._model_inputs, mend_module._model_inputs
-    plain = tr._batch
-    tr._batch = lambda tokenizer, rows, device: eng.scored_batch(plain(tokenizer, rows, device))
-    tr._model_inputs = mend_module._model_inputs = eng.model_inputs
-    try:
-        yield
-    finally:
-        tr._batch, tr._model_inputs, mend_module._model_inputs = saved
+    """Kept for callers: batches through a :class:`~instructedit_lite.engine.PrefixEngine` carry
+    their scored positions by themselves (``train.losses._batch``, ``text.model_inputs``)."""
+    yield
 
 
 def make_engine(real: RealModel, config: tr.TrainConfig) -> eng.PrefixEngine:
@@ -304,7 +294,7 @@ def train_real_editor(config: tr.TrainConfig, real: RealModel, *, cache: bool = 
         with context:
             result = tr.train(config, model, real.tokenizer, train_records=train_records, val_records=val_records,
                               out_dir=out, instructions=instructions, progress=progress)
-        summary = tr._jsonable({**result.summary, **extra, "engine": use_engine})
+        summary = jsonable({**result.summary, **extra, "engine": use_engine})
         if result.finished:
             atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
     return tr.TrainedEditor(result.editor, config, pd.DataFrame(result.curves), pd.DataFrame(result.validation),
@@ -333,7 +323,7 @@ def engine_check(real: RealModel, engine: eng.PrefixEngine, config: tr.TrainConf
     import copy
 
     rows = []
-    with tr._frozen(real.model):
+    with _frozen(real.model):
         editor = tr.make_editor(config, real.model, generator=torch.Generator().manual_seed(config.seed))
         for ex in examples:
             # two copies: a step updates the editor's running statistics
@@ -364,7 +354,7 @@ def step_costs(real: RealModel, engine: eng.PrefixEngine, config: tr.TrainConfig
     import copy
 
     rows = []
-    with tr._frozen(real.model):
+    with _frozen(real.model):
         editor = tr.make_editor(config, real.model, generator=torch.Generator().manual_seed(config.seed))
         for ex in examples:
             plain = copy.deepcopy(editor)

@@ -66,9 +66,6 @@ def test_training_through_the_engine_equals_training_without(folder, tokenizer, 
         torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-5, msg=name)
         moved += float((a.float() - c.float()).abs().sum())
     assert moved > 0
-    # the model is untouched and the training wiring is restored
-    assert tr._model_inputs({"input_ids": 1, "attention_mask": 2, "positions": 3}).keys() == {"input_ids",
-                                                                                             "attention_mask"}
 
 
 def test_cached_editor_is_loaded(folder, tokenizer, tmp_path, monkeypatch):  # noqa: F811
