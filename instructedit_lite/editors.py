@@ -104,6 +104,26 @@ class WeightEditor(Editor):
             yield info
 
 
+class FittedWeightEditor(WeightEditor):
+    """A weight editor that optimises per edit: ``fit`` returns ``(deltas, details)``, and the
+    details (steps used, final loss, ...) travel in the :class:`EditInfo` (chapter 5)."""
+
+    def fit(self, model: nn.Module, tokenizer, record: EditRecord) -> tuple[dict[str, Tensor], dict]:
+        raise NotImplementedError
+
+    def deltas(self, model: nn.Module, tokenizer, record: EditRecord) -> dict[str, Tensor]:
+        return self.fit(model, tokenizer, record)[0]
+
+    @contextlib.contextmanager
+    def edited(self, model: nn.Module, tokenizer, record: EditRecord) -> Iterator[EditInfo]:
+        start = time.perf_counter()
+        deltas, details = self.fit(model, tokenizer, record)
+        info = EditInfo(details={"n_weights": len(deltas), **details})
+        with applied(model, deltas):
+            info.seconds = time.perf_counter() - start
+            yield info
+
+
 class MendMethod(WeightEditor):
     """A trained MEND (or KE) editor as a method: single-task, multi-task or InstructEdit.
 

@@ -16,11 +16,10 @@ agreement with the unedited model on the locality probes, with the method's cont
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
@@ -28,8 +27,8 @@ import torch
 from torch import Tensor, nn
 
 from .baselines import FTM
-from .editors import EditInfo, Editor, WeightEditor
-from .mend import applied, only_these_require_grad
+from .editors import Editor, FittedWeightEditor
+from .mend import only_these_require_grad
 from .records import EditRecord, RecordError
 
 __all__ = ["REFUSAL", "forget_record", "known_facts", "UnlikelihoodConfig", "Unlikelihood", "evaluate_unlearning",
@@ -77,7 +76,7 @@ class UnlikelihoodConfig:
             raise ValueError(f"UnlikelihoodConfig: lr must be > 0 and stop_prob in (0, 1), got {self.lr}, {self.stop_prob}")
 
 
-class Unlikelihood(WeightEditor):
+class Unlikelihood(FittedWeightEditor):
     """Forget ``record.ground_truth[0]`` after ``record.prompt`` by unlikelihood fine-tuning (no target)."""
 
     name = "FT (unlikelihood)"
@@ -115,19 +114,6 @@ class Unlikelihood(WeightEditor):
                 step += 1
         return {n: tuned[n].detach() - originals[n] for n in names}, {"steps": step,
                                                                        "max_old_prob": float(probs[mask].max().detach())}
-
-    def deltas(self, model: nn.Module, tokenizer, record: EditRecord) -> dict[str, Tensor]:
-        return self.fit(model, tokenizer, record)[0]
-
-    @contextlib.contextmanager
-    def edited(self, model: nn.Module, tokenizer, record: EditRecord) -> Iterator[EditInfo]:
-        # As WeightEditor.edited, plus the optimisation's details (steps, largest old-token probability).
-        start = time.perf_counter()
-        deltas, details = self.fit(model, tokenizer, record)
-        info = EditInfo(details={"n_weights": len(deltas), **details})
-        with applied(model, deltas):
-            info.seconds = time.perf_counter() - start
-            yield info
 
 
 def _old_answer_logprob(model, tokenizer, prompts: Sequence[str], old: str) -> list[float]:

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
-import time
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..config import Config
-from ..editors import EditInfo, WeightEditor, edit_batch
-from ..mend import IGNORE_INDEX, applied, lm_loss, only_these_require_grad, weight_info
+from ..editors import FittedWeightEditor, edit_batch
+from ..mend import IGNORE_INDEX, lm_loss, only_these_require_grad, weight_info
 from ..records import EditRecord
 from ..text import model_inputs
 from .common import _all_targets_argmax, _check, _check_common, _Configured, _last_prompt_index, _resolve_module, module_template
@@ -101,7 +99,7 @@ def _check_fine_tune(cfg, owner: str) -> None:
            "must be >= 0")
 
 
-class _FineTune(WeightEditor, _Configured):
+class _FineTune(FittedWeightEditor, _Configured):
     """Adam on a detached copy of one Linear/Conv1D module's weight and bias; subclasses pick the loss."""
 
     def __init__(self, config=None, **overrides):
@@ -153,19 +151,6 @@ class _FineTune(WeightEditor, _Configured):
                             p.copy_(torch.clamp(p, originals[n] - cfg.eps, originals[n] + cfg.eps))
         deltas = {n: (tuned[n].detach() - originals[n]) for n in names}
         return deltas, {"steps": step, "loss": loss.item()}
-
-    def deltas(self, model: nn.Module, tokenizer, record: EditRecord) -> dict[str, Tensor]:
-        return self.fit(model, tokenizer, record)[0]
-
-    @contextlib.contextmanager
-    def edited(self, model: nn.Module, tokenizer, record: EditRecord) -> Iterator[EditInfo]:
-        # As WeightEditor.edited, plus the optimisation's details (steps used, final loss).
-        start = time.perf_counter()
-        deltas, details = self.fit(model, tokenizer, record)
-        info = EditInfo(details={"n_weights": len(deltas), **details})
-        with applied(model, deltas):
-            info.seconds = time.perf_counter() - start
-            yield info
 
 
 class FTL(_FineTune):
