@@ -40,14 +40,15 @@ from .formats import (
     load_zsre_mend,
 )
 from .instruction_file import load_instruction_file
-from .reading import FORMATS, ON_ERROR, Skipped, SkippedDataWarning, collect_skipped, sniff_format
+from .reading import FORMATS, ON_ERROR, OTHER_FORMATS, sniff_format
 from .real_files import (
     ENV_VAR, INSTRUCTION_FILE, REAL_FILES, available_real_files, data_dir, load_real, load_real_instructions,
 )
+from .skipped import Skipped, SkippedDataWarning, collect_skipped
 
 __all__ = [
     "CONVSENT_LOCALITY_RESPONSES", "CONVSENT_QUESTIONS", "ENV_VAR", "FORMATS", "INSTRUCTION_FILE", "ON_ERROR",
-    "REAL_FILES", "Skipped", "SkippedDataWarning", "available_real_files", "collect_skipped", "data_dir",
-    "load_convsent", "load_counterfact_mend", "load_instruction_file", "load_knowedit", "load_real",
+    "OTHER_FORMATS", "REAL_FILES", "Skipped", "SkippedDataWarning", "available_real_files", "collect_skipped",
+    "data_dir", "load_convsent", "load_counterfact_mend", "load_instruction_file", "load_knowedit", "load_real",
     "load_real_instructions", "load_zsre_mend", "sniff_format",
 ]

@@ -13,9 +13,10 @@ from typing import Any, Callable
 
 from ..records import EditRecord, Probe, RecordError
 from .reading import (
-    Drops, Fields, answers_value, check_options, check_task, load_each, probe_groups, read_list, rephrases,
-    text_value,
+    Fields, answers_value, check_options, check_task, keys_hint, load_each, probe_groups, read_list, rephrases,
+    short, text_value, unicode_problem,
 )
+from .skipped import Drops
 
 #: ConvSent edit questions; ``{topic}`` is the topic.  Record ``i`` uses entry ``i % 12``.
 CONVSENT_QUESTIONS: tuple[str, ...] = (
@@ -126,7 +127,7 @@ def load_counterfact_mend(path: str | Path, *, task: str = "counterfact", limit:
     def build(f: Fields) -> EditRecord:
         case_id = f.raw.get("case_id")
         if case_id is not None and (not isinstance(case_id, int) or isinstance(case_id, bool)):
-            f.fail("case_id", f"expected an integer, got {case_id!r}")
+            f.fail("case_id", f"expected an integer, got {short(case_id)}")
         subject, prompt, target = f.text("subject", allow_empty=True), f.text("prompt"), f.text("target_new")
         ground_truth = f.answers("ground_truth", required=False, allow_empty=True)
         return EditRecord(
@@ -166,7 +167,7 @@ def load_convsent(path: str | Path, *, task: str = "convsent", limit: int | None
     check_options(limit, on_error)
     raw = read_list(path, source, "convsent")
     n = len(raw)
-    drops = Drops(source, on_error)
+    drops = Drops(source, on_error, "load_convsent")
     parsed: dict[int, tuple[str, tuple[str, ...], tuple[str, ...]] | None] = {}
 
     def topic(i: int):
@@ -197,7 +198,8 @@ def load_convsent(path: str | Path, *, task: str = "convsent", limit: int | None
             locality=_other_topic(i, n, topic), topic=ent, sentiment=sentiment,
             pos_responses=pos, neg_responses=neg, source=source, index=i,
         ))
-    drops.finish(wanted_n, len(records), stacklevel=3)
+    hint = keys_hint(raw, "convsent") if wanted_n and not records else ""
+    drops.finish(wanted_n, len(records), stacklevel=3, hint=hint)
     return records
 
 
@@ -214,6 +216,8 @@ def _convsent_topic(f: Fields) -> tuple[str, tuple[str, ...], tuple[str, ...]]:
         for j, response in enumerate(value):
             if not isinstance(response, str):
                 f.fail(f"{key}[{j}]", f"expected a string, got {type(response).__name__}")
+            if unicode_problem(response):
+                f.fail(f"{key}[{j}]", unicode_problem(response))
             if response.strip():
                 out.append(response.strip())
         lists.append(tuple(out))

@@ -7,7 +7,7 @@ from typing import Any, NoReturn
 
 from ..records import RecordError
 from ..tasks import is_sentiment, task_names
-from .reading import read_json
+from .reading import read_json, short, unicode_problem
 
 
 def load_instruction_file(path: str | Path, *, source: str | None = None) -> dict[str, Any]:
@@ -36,12 +36,15 @@ def load_instruction_file(path: str | Path, *, source: str | None = None) -> dic
     template = data["template"]
     if not isinstance(template, str):
         fail("template", f"expected a string, got {type(template).__name__}")
+    if unicode_problem(template):
+        fail("template", unicode_problem(template))
     if template.count("{}") != 3:  # other braces are literal text (chapter 2)
-        fail("template", f"needs exactly three '{{}}' fields (task, description, input), got {template!r:.80}")
+        fail("template", f"needs exactly three '{{}}' fields (task, description, input), got {short(template)}")
 
     instructions = data["instructions"]
     if not isinstance(instructions, dict):
-        fail("instructions", f"expected an object mapping a task to its descriptions, got {type(instructions).__name__}")
+        fail("instructions",
+             f"expected an object mapping a task to its descriptions, got {type(instructions).__name__}")
     known = task_names()
     unknown = sorted(set(instructions) - set(known))
     if unknown:
@@ -52,20 +55,22 @@ def load_instruction_file(path: str | Path, *, source: str | None = None) -> dic
     for task in instructions:
         texts = instructions[task]
         if not isinstance(texts, list) or len(texts) != 10:
-            fail(f"instructions.{task}", f"expected a list of 10 descriptions, got {texts!r:.80}")
+            fail(f"instructions.{task}", f"expected a list of 10 descriptions, got {short(texts)}")
         for j, text in enumerate(texts):
             if not isinstance(text, str) or not text.strip():
-                fail(f"instructions.{task}[{j}]", f"expected a non-empty string, got {text!r}")
+                fail(f"instructions.{task}[{j}]", f"expected a non-empty string, got {short(text)}")
+            if unicode_problem(text):
+                fail(f"instructions.{task}[{j}]", unicode_problem(text))
             if is_sentiment(task) and ("[LABEL]" not in text or "[TOPIC]" not in text):
                 fail(f"instructions.{task}[{j}]", "a sentiment task's description must contain [LABEL] and [TOPIC]")
         out[task] = list(texts)
 
     heldout = data.get("heldout_instruction_index", 9)  # the paper keeps the tenth back
     if not isinstance(heldout, int) or isinstance(heldout, bool) or not 0 <= heldout < 10:
-        fail("heldout_instruction_index", f"expected an integer in 0..9, got {heldout!r}")
+        fail("heldout_instruction_index", f"expected an integer in 0..9, got {short(heldout)}")
     if "train_instruction_indices" in data:
         expected = [j for j in range(10) if j != heldout]
         if data["train_instruction_indices"] != expected:
             fail("train_instruction_indices", f"expected {expected} (all but the held-out one), "
-                                              f"got {data['train_instruction_indices']!r}")
+                                              f"got {short(data['train_instruction_indices'])}")
     return {"template": template, "instructions": out, "heldout_instruction_index": heldout}

@@ -1,121 +1,47 @@
-"""Reading a JSON file of records: typed field access, skipped-item reports and format sniffing.
+"""Reading a JSON file of records: typed field access, format sniffing and unreadable files.
 
 Shared by every loader in :mod:`instructedit_lite.loaders` (book chapter 1).  Every failure is a
-:class:`~instructedit_lite.records.RecordError` naming the file, the record and the field.
+:class:`~instructedit_lite.records.RecordError` naming the file, the record and the field;
+skipped items are reported by :mod:`~instructedit_lite.loaders.skipped`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import json
 import re
-import warnings
+import reprlib
 from pathlib import Path
-from typing import Any, Callable, Iterator, NoReturn
+from typing import Any, Callable, NoReturn
 
 from ..records import EditRecord, Probe, RecordError, answers_from
 from ..tasks import task_names
+from .skipped import Drops
 
 ON_ERROR = ("raise", "skip")
-#: How many record numbers a summarised warning lists.
-SHOWN_RECORDS = 5
+
+# Values quoted in messages are cut short: a field may hold a list of a million items or
+# nesting hundreds deep, and a message must stay one readable line.
+_REPR = reprlib.Repr()
+_REPR.maxstring, _REPR.maxother, _REPR.maxlong, _REPR.maxlevel = 60, 60, 40, 3
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = 5
 
 
-# ---------------------------------------------------------------------------------------------
-# Skipped items: summarised warnings, or a table for the caller
-# ---------------------------------------------------------------------------------------------
-def field_pattern(field_name: str) -> str:
-    """``locality.Relation_Specificity[3].ground_truth`` -> ``locality.Relation_Specificity[*].ground_truth``."""
-    return re.sub(r"\[\d+\]", "[*]", field_name)
+def short(value: Any) -> str:
+    """A short repr for messages (``[1, 2, 3, 4, 5, ...]``)."""
+    return _REPR.repr(value)
 
 
-class SkippedDataWarning(UserWarning):
-    """Unusable items dropped under ``on_error="skip"``: one warning per file, kind and field.
-
-    ``.errors`` holds every :class:`RecordError` summarised (``.error`` is the first), ``.dropped``
-    says what was dropped (``"record"``, ``"probe"``, ``"rephrase"``), ``.field`` the field with
-    list positions as ``[*]`` and ``.records`` the numbers of the records concerned, in file order.
-    """
-
-    def __init__(self, errors: RecordError | list[RecordError], dropped: str):
-        self.errors = [errors] if isinstance(errors, RecordError) else list(errors)
-        if not self.errors:
-            raise ValueError("SkippedDataWarning needs at least one error")
-        self.error, self.dropped = self.errors[0], dropped
-        self.field = field_pattern(self.error.field)
-        self.records = list(dict.fromkeys(e.index for e in self.errors))  # each record once, in file order
-        if len(self.errors) == 1:
-            text = f"dropped {dropped}: {self.error}"
-        else:
-            shown = ", ".join(str(i) for i in self.records[:SHOWN_RECORDS])
-            more = f" and {len(self.records) - SHOWN_RECORDS} more" if len(self.records) > SHOWN_RECORDS else ""
-            text = (f"{self.error.source}: dropped {len(self.errors)} {dropped}s, field '{self.field}', "
-                    f"record{'s' if len(self.records) > 1 else ''} {shown}{more}; the first: {self.error.message}")
-        super().__init__(text)
+# A JSON ``\ud800`` escape parses into half a UTF-16 pair, which no tokenizer can encode.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-class Skipped(list):
-    """The items dropped while :func:`collect_skipped` was active: ``(dropped, RecordError)`` pairs."""
-
-    def table(self):
-        """One row per dropped item: file, record, field, dropped, reason (a pandas DataFrame)."""
-        import pandas as pd  # only needed by the callers who ask for a table
-
-        return pd.DataFrame([{"file": e.source, "record": e.index, "field": e.field, "dropped": what,
-                              "reason": e.message} for what, e in self],
-                            columns=["file", "record", "field", "dropped", "reason"])
-
-
-_COLLECTORS: contextvars.ContextVar[tuple[Skipped, ...]] = contextvars.ContextVar("skipped", default=())
-
-
-@contextlib.contextmanager
-def collect_skipped() -> Iterator[Skipped]:
-    """Gather the items the loaders drop instead of warning about them (``with ... as skipped``).
-
-    ``skipped.table()`` then shows them, one row each, e.g. in a chapter instead of warnings.
-    """
-    out = Skipped()
-    token = _COLLECTORS.set(_COLLECTORS.get() + (out,))
-    try:
-        yield out
-    finally:
-        _COLLECTORS.reset(token)
-
-
-class Drops:
-    """What one load dropped; raises at once under ``on_error="raise"``, reports at the end."""
-
-    def __init__(self, source: str, on_error: str):
-        self.source, self.on_error = source, on_error
-        self.items: list[tuple[str, RecordError]] = []
-
-    def add(self, error: RecordError, what: str) -> None:
-        if self.on_error == "raise":
-            raise error
-        self.items.append((what, error))
-
-    def finish(self, n_items: int, n_kept: int, stacklevel: int = 4) -> None:
-        """Raise if every record was dropped; otherwise hand the drops to a collector or warn.
-
-        ``stacklevel`` points the warning at the loader's caller (3 from a loader, 4 via :func:`load_each`).
-        """
-        if n_items and not n_kept:
-            first = self.items[0][1] if self.items else None
-            raise RecordError(self.source, None, "<file>",
-                              f"all {n_items} records were dropped as unusable (is it a file of another format?); "
-                              f"the first problem: record {first.index}, field '{first.field}': {first.message}"
-                              if first else f"all {n_items} records were dropped as unusable")
-        collectors = _COLLECTORS.get()
-        if collectors:
-            collectors[-1].extend(self.items)
-            return
-        groups: dict[tuple[str, str], list[RecordError]] = {}
-        for what, err in self.items:
-            groups.setdefault((what, field_pattern(err.field)), []).append(err)
-        for (what, _), errors in groups.items():
-            warnings.warn(SkippedDataWarning(errors, what), stacklevel=stacklevel)
+def unicode_problem(text: str) -> str | None:
+    """Why ``text`` is not valid Unicode (an unpaired surrogate), or ``None``."""
+    m = _SURROGATE.search(text)
+    if m is None:
+        return None
+    return (f"contains an unpaired surrogate \\u{ord(m.group()):04x} at character {m.start()} "
+            "(a \\u escape of half a UTF-16 pair): not valid Unicode text")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,6 +82,9 @@ class Fields:
 def text_value(value: Any, f: Fields, field_name: str, *, allow_empty: bool = False) -> str:
     if not isinstance(value, str):
         f.fail(field_name, f"expected a string, got {type(value).__name__}")
+    problem = unicode_problem(value)
+    if problem:
+        f.fail(field_name, problem)
     value = value.strip()
     if not value and not allow_empty:
         f.fail(field_name, "must not be empty")
@@ -163,10 +92,19 @@ def text_value(value: Any, f: Fields, field_name: str, *, allow_empty: bool = Fa
 
 
 def answers_value(value: Any, f: Fields, field_name: str, *, allow_empty: bool = False) -> tuple[str, ...]:
+    if isinstance(value, list):  # checked here so that a message quotes a bad item short
+        for item in value:
+            for a in item if isinstance(item, list) else [item]:
+                if not isinstance(a, str):
+                    f.fail(field_name, f"answers must be strings, got {short(a)}")
     out = answers_from(value, source=f.source, index=f.index, field_name=field_name)
+    for a in out:
+        problem = unicode_problem(a)
+        if problem:
+            f.fail(field_name, problem)
     if not out and not allow_empty:
         # An empty answer list cannot be scored; the caller decides whether to drop the item.
-        f.fail(field_name, f"no non-empty answer in {value!r:.80}")
+        f.fail(field_name, f"no non-empty answer in {short(value)}")
     return out
 
 
@@ -238,12 +176,16 @@ def check_options(limit: int | None, on_error: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # Files
 # ---------------------------------------------------------------------------------------------
+#: Said of every file that cannot be parsed: there are no records to skip one by one.
+WHOLE_FILE = "the file cannot be read as a whole, so on_error='skip' cannot drop single records"
+
+
 def read_json(path: str | Path, source: str | None = None) -> Any:
     """Parse a JSON file; a missing file stays a FileNotFoundError, anything else unreadable is a RecordError."""
     source = str(path) if source is None else source
 
     def fail(message: str) -> NoReturn:
-        raise RecordError(source, None, "<file>", message)
+        raise RecordError(source, None, "<file>", f"{message}; {WHOLE_FILE}")
 
     data = Path(path).read_bytes()
     try:
@@ -253,17 +195,31 @@ def read_json(path: str | Path, source: str | None = None) -> Any:
         fail(f"not UTF-8 text: byte {data[exc.start]:#04x} at offset {exc.start}"
              + ("; it starts with a UTF-16 byte-order mark" if utf16 else " (Latin-1 or another encoding?)")
              + "; save it as UTF-8")
+    if "\x00" in text[:1000]:  # UTF-16 or UTF-32 without a byte-order mark decodes to text with NULs
+        fail("not UTF-8 text: it has zero bytes between its characters, as UTF-16 or UTF-32 without a "
+             "byte-order mark has; save it as UTF-8")
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        fail(f"not valid JSON: {exc}")
+        fail(f"not valid JSON: {exc}" + (_json_lines_hint(text) if exc.msg == "Extra data" else ""))
     except RecursionError:
         fail("nested too deeply to read (hundreds of levels of lists or objects)")
     except ValueError as exc:  # e.g. an integer of thousands of digits
-        fail(f"cannot read a value: {exc}")
+        fail(f"cannot read a value: {short(str(exc))}")
 
 
-#: The known record formats, recognised by keys every record of the format has.
+def _json_lines_hint(text: str) -> str:
+    """A hint when the text is JSON Lines (one value per line), as MEND's original zsRE files are."""
+    lines = [line for line in text.splitlines()[:2] if line.strip()]
+    try:
+        if len(lines) == 2 and all(isinstance(json.loads(line), dict) for line in lines):
+            return " (it looks like JSON Lines, one object per line; these loaders read one JSON list of objects)"
+    except (ValueError, RecursionError):
+        pass
+    return ""
+
+
+#: The formats the loaders read, by keys their records have: name -> (keys, loader).
 FORMATS: dict[str, tuple[frozenset[str], str]] = {
     "counterfact_mend": (frozenset({"prompt", "target_new", "locality_prompt", "locality_ground_truth"}),
                          "load_counterfact_mend"),
@@ -271,15 +227,49 @@ FORMATS: dict[str, tuple[frozenset[str], str]] = {
     "convsent": (frozenset({"ent", "pos", "neg"}), "load_convsent"),
     "knowedit": (frozenset({"prompt", "target_new", "locality"}), "load_knowedit"),
 }
+#: Known formats no loader here reads, recognised so that the message can say what the file is.
+OTHER_FORMATS: dict[str, tuple[frozenset[str], str]] = {
+    "rome_counterfact": (frozenset({"requested_rewrite", "paraphrase_prompts", "neighborhood_prompts"}),
+                         "ROME's original CounterFact; its MEND/EasyEdit split (counterfact-train/val/edit.json) "
+                         "is read by load_counterfact_mend"),
+    "mquake": (frozenset({"requested_rewrite", "questions", "new_answer"}), "MQuAKE's multi-hop questions"),
+    "knowedit_wikibio": (frozenset({"text", "labels", "concept"}), "KnowEdit's WikiBio (hallucination) task"),
+}
+#: The top-level keys each loader reads or knowingly ignores (``pred`` and ``cond`` are MEND's model
+#: output and SERAC's conditioning string).
+READ_KEYS: dict[str, frozenset[str]] = {
+    "knowedit": frozenset({"subject", "prompt", "target_new", "ground_truth", "rephrase_prompt", "locality",
+                           "portability", "cond"}),
+    "zsre_mend": frozenset({"subject", "src", "alt", "answers", "rephrase", "loc", "loc_ans", "portability",
+                            "pred", "cond"}),
+    "counterfact_mend": frozenset({"case_id", "subject", "prompt", "target_new", "ground_truth", "rephrase_prompt",
+                                   "locality_prompt", "locality_ground_truth"}),
+    "convsent": frozenset({"ent", "pos", "neg"}),
+}
+# A key the loader does not read that holds probes or rephrases: reading on would lose them silently.
+_PROBE_KEY = re.compile(r"locality|^loc(_|$)|portab|rephrase|paraphrase|neighbo", re.IGNORECASE)
 
 
 def sniff_format(raw: list[Any], sample: int = 20) -> str | None:
-    """The known format whose keys the first ``sample`` records have, if exactly one fits them all."""
+    """The known format whose keys most of the first ``sample`` records have, if exactly one does."""
     objects = [item for item in raw[:sample] if isinstance(item, dict)]
     if not objects:
         return None
-    fits = [name for name, (keys, _) in FORMATS.items() if all(keys <= obj.keys() for obj in objects)]
-    return fits[0] if len(fits) == 1 else None
+    known = {**{n: k for n, (k, _) in FORMATS.items()}, **{n: k for n, (k, _) in OTHER_FORMATS.items()}}
+    fits = {name: sum(keys <= obj.keys() for obj in objects) for name, keys in known.items()}
+    best = max(fits.values())
+    winners = [name for name, n in fits.items() if n == best]
+    return winners[0] if len(winners) == 1 and 2 * best > len(objects) else None
+
+
+def keys_hint(raw: list[Any], fmt: str) -> str:
+    """``; its first record has the keys (a, b), load_x needs (c, d)``, or ``""``."""
+    first = next((item for item in raw if isinstance(item, dict)), None)
+    if first is None:
+        return ""
+    keys, loader = FORMATS[fmt]
+    return (f"; its first record has the keys ({', '.join(short(k) for k in sorted(first)[:12])}), "
+            f"{loader} needs ({', '.join(sorted(keys))})")
 
 
 def read_list(path: str | Path, source: str, expected: str) -> list[Any]:
@@ -287,15 +277,37 @@ def read_list(path: str | Path, source: str, expected: str) -> list[Any]:
     data = read_json(path, source)
     if isinstance(data, dict) and "instructions" in data and "template" in data:
         raise RecordError(source, None, "<file>", "this is an instruction file; read it with load_instruction_file")
+    if isinstance(data, dict) and {"success", "locality"} <= data.keys():
+        raise RecordError(source, None, "<file>", "this is KnowEdit's Sanitation file ({success, locality}); "
+                                                  "no loader here reads that task")
     if not isinstance(data, list):
         raise RecordError(source, None, "<file>", f"expected a JSON list of records, got {type(data).__name__}")
     found = sniff_format(data)
-    if found is not None and found != expected:
+    if found in FORMATS and found != expected:
         keys, loader = FORMATS[found]
         raise RecordError(source, None, "<file>",
                           f"its records have the keys of the {found} format ({', '.join(sorted(keys))}), "
                           f"not of {expected}; read it with {loader}")
+    if found in OTHER_FORMATS:
+        keys, what = OTHER_FORMATS[found]
+        raise RecordError(source, None, "<file>", f"its records have the keys of {what} ({', '.join(sorted(keys))}); "
+                                                  f"no loader here reads that format")
+    _check_unread_probe_keys(data, source, expected)
     return data
+
+
+def _check_unread_probe_keys(data: list[Any], source: str, expected: str) -> None:
+    """Refuse a file whose records hold probes under a key the loader does not read."""
+    keys = set().union(*(item.keys() for item in data if isinstance(item, dict)))
+    unread = sorted(k for k in keys - READ_KEYS[expected] if _PROBE_KEY.search(k))
+    if not unread:
+        return
+    key = unread[0]
+    index = next(i for i, item in enumerate(data) if isinstance(item, dict) and key in item)
+    raise RecordError(source, index, key,
+                      f"{FORMATS[expected][1]} does not read this field, so the probes or rephrases it holds would be "
+                      f"lost; is the file in another format? ({expected} records have "
+                      f"{', '.join(sorted(READ_KEYS[expected]))})")
 
 
 def load_each(path: str | Path, build: Callable[[Fields], EditRecord], *, fmt: str, source: str | None,
@@ -304,7 +316,7 @@ def load_each(path: str | Path, build: Callable[[Fields], EditRecord], *, fmt: s
     source = str(path) if source is None else source
     check_options(limit, on_error)
     raw = read_list(path, source, fmt)[:limit]
-    drops = Drops(source, on_error)
+    drops = Drops(source, on_error, FORMATS[fmt][1])
     records = []
     for i, item in enumerate(raw):
         try:
@@ -313,5 +325,5 @@ def load_each(path: str | Path, build: Callable[[Fields], EditRecord], *, fmt: s
             drops.add(err, "record")
         except RecursionError:  # a deeply nested value that parsed but cannot be printed
             drops.add(RecordError(source, i, "<record>", "nested too deeply"), "record")
-    drops.finish(len(raw), len(records))
+    drops.finish(len(raw), len(records), hint=keys_hint(raw, fmt) if raw and not records else "")
     return records
