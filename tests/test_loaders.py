@@ -450,7 +450,7 @@ def test_load_real_errors(monkeypatch, tmp_path):
 
 
 # --- the real files -------------------------------------------------------------------------------
-#: Record counts from shared/data/real/README.md.
+#: Record counts from the README of the data folder (its table of files).
 README_COUNTS = {
     "wiki_counterfact": 1428, "wiki_recent": 570, "zsre_knowedit": 1304, "zsre_mend_portability": 1037,
     "zsre_mend_train": 1000, "convsent_test": 800, "convsent_val": 799, "counterfact_mend_train": 10000,
@@ -572,13 +572,18 @@ def _write(path: Path, data: bytes) -> Path:
     return path
 
 
-@pytest.mark.parametrize("encoding, hint", [("latin-1", "not UTF-8"), ("utf-16", "UTF-16")])
+@pytest.mark.parametrize("encoding, hint", [("latin-1", "not UTF-8"), ("utf-16", "UTF-16 byte-order mark"),
+                                            ("utf-16-le", "zero bytes"), ("utf-32-be", "zero bytes")])
+@pytest.mark.parametrize("subject", ["Malmö", "Oslo"])  # UTF-16 of ASCII text is valid UTF-8, with NULs
 @pytest.mark.parametrize("on_error", ["raise", "skip"])
-def test_text_that_is_not_utf8_is_a_record_error(tmp_path, encoding, hint, on_error):
-    text = json.dumps([_knowedit_item(0, subject="Malmö")], ensure_ascii=False)
+def test_text_that_is_not_utf8_is_a_record_error(tmp_path, encoding, hint, subject, on_error):
+    if encoding == "latin-1" and subject == "Oslo":
+        pytest.skip("ASCII text is UTF-8 too")
+    text = json.dumps([_knowedit_item(0, subject=subject)], ensure_ascii=False)
     path = _write(tmp_path / "latin.json", text.encode(encoding))
     err = raises_at(lambda: load_knowedit(path, task="counterfact", on_error=on_error), path, None, "<file>")
     assert hint in err.message
+    assert "cannot be read as a whole" in err.message  # a file-level error: skipping records cannot help
 
 
 def test_utf8_byte_order_mark_is_accepted(tmp_path):
@@ -596,7 +601,8 @@ def test_utf8_byte_order_mark_is_accepted(tmp_path):
 def test_huge_numbers_and_deep_nesting_are_record_errors(tmp_path, content, words, on_error):
     path = _write(tmp_path / "odd.json", content)
     err = raises_at(lambda: load_knowedit(path, task="counterfact", on_error=on_error), path, None, "<file>")
-    assert words in err.message
+    assert words in err.message and "cannot be read as a whole" in err.message
+    assert len(str(err)) < 400  # the offending value is not quoted whole
 
 
 def test_a_file_whose_every_record_is_dropped_is_an_error(tmp_path):
@@ -604,6 +610,10 @@ def test_a_file_whose_every_record_is_dropped_is_an_error(tmp_path):
     path.write_text(json.dumps([{"subject": "s", "prompt": "a"}, {"subject": "t", "prompt": "b"}]))
     err = raises_at(lambda: load_knowedit(path, task="counterfact", on_error="skip"), path, None, "<file>")
     assert "all 2 records were dropped" in err.message and "target_new" in err.message
+    # it names the loader used and what the records hold instead
+    assert "read with load_knowedit" in err.message
+    assert "its first record has the keys (prompt, subject), where load_knowedit expects (locality, prompt, " \
+           "target_new)" in err.message
     assert load_knowedit(path, task="counterfact", on_error="skip", limit=0) == []  # nothing asked, nothing dropped
 
 
@@ -699,3 +709,124 @@ def test_real_mend_counterfact_read_as_knowedit_names_its_loader():
     path = real_path("counterfact_mend_val")  # the issue's case: it used to load and lose its locality probes
     err = raises_at(lambda: load_knowedit(path, task="counterfact", on_error="skip"), path, None, "<file>")
     assert "load_counterfact_mend" in err.message
+
+
+def test_json_lines_is_named(tmp_path):
+    lines = "\n".join(json.dumps(_knowedit_item(i)) for i in range(3))  # MEND's original zsRE files look so
+    path = _write(tmp_path / "lines.json", lines.encode())
+    err = raises_at(lambda: load_knowedit(path, task="zsre", on_error="skip"), path, None, "<file>")
+    assert "JSON Lines" in err.message
+
+
+def test_convsent_whose_every_topic_is_dropped_names_its_loader(tmp_path):
+    path = tmp_path / "topics.json"
+    path.write_text(json.dumps([{"ent": "A", "pos": "yes", "neg": []}, {"ent": "B", "pos": 1, "neg": []}]))
+    err = raises_at(lambda: load_convsent(path, on_error="skip"), path, None, "<file>")
+    assert "read with load_convsent, all 2 records were dropped" in err.message and "field 'pos'" in err.message
+
+
+# --- skipped items: a summary the chapters can show ----------------------------------------------
+def test_skipped_summary_has_one_row_per_file_and_field(tmp_path):
+    path = _many_empty_probes(tmp_path)
+    with loaders.collect_skipped() as skips:
+        load_knowedit(path, task="counterfact", on_error="skip", source="knowedit/many.json")
+    summary = skips.summary()
+    assert list(summary.columns) == ["file", "dropped", "field", "items", "records", "first reason"]
+    assert summary.values.tolist() == [
+        ["knowedit/many.json", "probe", "locality.Relation_Specificity[*].ground_truth", 7,
+         "0, 1, 2, 3, 4 and 2 more", "no non-empty answer in [[]]"],
+        ["knowedit/many.json", "record", "target_new", 1, "7", "must not be empty"],
+    ]
+    # the same two lines a load outside collect_skipped warns with
+    with pytest.warns(SkippedDataWarning) as caught:
+        load_knowedit(path, task="counterfact", on_error="skip", source="knowedit/many.json")
+    assert [str(w.message) for w in caught] == skips.lines()
+    assert skips.lines()[0].startswith("knowedit/many.json: dropped 7 probes, field 'locality.Relation_Specificity"
+                                       "[*].ground_truth', records 0, 1, 2, 3, 4 and 2 more")
+    assert loaders.Skipped().summary().empty and loaders.Skipped().lines() == []
+
+
+# --- known formats no loader reads, and probes a loader would not read ----------------------------
+@pytest.mark.parametrize("data, words", [
+    ([{"case_id": 0, "requested_rewrite": {"prompt": "{} is in", "subject": "Oslo", "target_new": {"str": "Peru"}},
+       "paraphrase_prompts": ["p"], "neighborhood_prompts": ["n"]}], "ROME's original CounterFact"),
+    ([{"case_id": 0, "requested_rewrite": [{"prompt": "{} is in"}], "questions": ["q"], "answer": "a",
+       "new_answer": "b"}], "MQuAKE"),
+    ([{"text": "A passage.", "labels": "More text.", "concept": "john", "locality": {}}], "WikiBio"),
+    ({"success": [{"question": "q", "ground_truth": "a", "target_new": "I don't know."}], "locality": []},
+     "Sanitation"),
+])
+@pytest.mark.parametrize("on_error", ["raise", "skip"])
+def test_other_known_formats_are_named(tmp_path, data, words, on_error):
+    path = tmp_path / "other.json"
+    path.write_text(json.dumps(data))
+    err = raises_at(lambda: load_knowedit(path, task="counterfact", on_error=on_error), path, None, "<file>")
+    assert words in err.message and "no loader here reads" in err.message
+
+
+def test_sniff_format_goes_by_most_records():
+    cf = json.loads((FIX / "counterfact_mend.json").read_text())
+    odd = {k: v for k, v in cf[0].items() if k != "locality_prompt"}
+    assert loaders.sniff_format([odd] + cf) == "counterfact_mend"  # one odd record does not hide the format
+    assert loaders.sniff_format([odd, {"a": 1}, {"b": 2}]) is None
+
+
+def test_mend_counterfact_with_an_odd_first_record_still_names_its_loader(tmp_path):
+    cf = json.loads((FIX / "counterfact_mend.json").read_text())
+    path = tmp_path / "cf.json"
+    path.write_text(json.dumps([{k: v for k, v in cf[0].items() if k != "locality_prompt"}] + cf))
+    err = raises_at(lambda: load_knowedit(path, task="counterfact", on_error="skip"), path, None, "<file>")
+    assert "load_counterfact_mend" in err.message
+
+
+@pytest.mark.parametrize("key", ["locality_rs", "portability_r", "loc", "paraphrase_prompts"])
+@pytest.mark.parametrize("on_error", ["raise", "skip"])
+def test_probes_under_a_key_the_loader_does_not_read_are_not_lost_silently(tmp_path, key, on_error):
+    # e.g. EasyEdit's flattened KnowEdit records (locality_rs, portability_r): the KnowEdit loader
+    # would read them without their probes
+    items = [_knowedit_item(0, locality={}), _knowedit_item(1, locality={}, **{key: [{"prompt": "q"}]})]
+    path = tmp_path / "flat.json"
+    path.write_text(json.dumps(items))
+    err = raises_at(lambda: load_knowedit(path, task="counterfact", on_error=on_error), path, 1, key)
+    assert "load_knowedit does not read this field" in err.message
+
+
+def test_keys_a_loader_ignores_knowingly_are_fine(tmp_path):
+    items = [_knowedit_item(0, locality={}, cond="x >> y", note="kept out")]
+    path = tmp_path / "extra.json"
+    path.write_text(json.dumps(items))
+    assert len(load_knowedit(path, task="zsre")) == 1
+
+
+# --- text that is not valid Unicode, values too big to quote ------------------------------------
+def test_a_lone_surrogate_is_a_record_error(tmp_path):
+    # "\udc80" is valid JSON but half a UTF-16 pair: no tokenizer can encode it
+    raw = json.dumps([_knowedit_item(0), _knowedit_item(1, target_new="Os\udc80lo"),
+                      _knowedit_item(2, locality={"Relation_Specificity": [{"prompt": "q", "ground_truth": ["a\ud800"]},
+                                                                          {"prompt": "r", "ground_truth": "b"}]})])
+    path = _write(tmp_path / "surrogate.json", raw.encode())
+    err = raises_at(lambda: load_knowedit(path, task="counterfact"), path, 1, "target_new")
+    assert "unpaired surrogate \\udc80" in err.message
+    recs, drops = skipped(lambda: load_knowedit(path, task="counterfact", on_error="skip"))
+    assert [r.index for r in recs] == [0, 2] and len(recs[1].locality["Relation_Specificity"]) == 1
+    assert drops == [("record", 1, "target_new"), ("probe", 2, "locality.Relation_Specificity[0].ground_truth")]
+
+
+def test_a_lone_surrogate_in_a_convsent_response(tmp_path):
+    path = _write(tmp_path / "c.json", json.dumps([{"ent": "A", "pos": ["fine", "ba\udfffd"], "neg": ["no"]},
+                                                   {"ent": "B", "pos": ["ok"], "neg": ["no"]}]).encode())
+    raises_at(lambda: load_convsent(path), path, 0, "pos[1]")
+
+
+def test_messages_quote_big_values_short(tmp_path):
+    path = tmp_path / "big.json"
+    path.write_text(json.dumps([_knowedit_item(0, ground_truth=[list(range(100_000))])]))
+    err = raises_at(lambda: load_knowedit(path, task="counterfact"), path, 0, "ground_truth")
+    assert len(str(err)) < 300
+    data = json.loads((FIX / "instructions.json").read_text())
+    data["train_instruction_indices"] = list(range(100_000))
+    path = tmp_path / "instructions.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(RecordError, match="train_instruction_indices") as info:
+        load_instruction_file(path)
+    assert len(str(info.value)) < 300

@@ -188,16 +188,19 @@ def read_json(path: str | Path, source: str | None = None) -> Any:
         raise RecordError(source, None, "<file>", f"{message}; {WHOLE_FILE}")
 
     data = Path(path).read_bytes()
+    # UTF-16 or UTF-32 without a byte-order mark: zero bytes between the characters (ASCII text
+    # even decodes as UTF-8, with NULs, and would then fail as JSON with a puzzling message).
+    wide = "; it has zero bytes between its characters, as UTF-16 or UTF-32 without a byte-order mark has"
     try:
         text = data.decode("utf-8-sig")  # a UTF-8 byte-order mark is accepted and dropped
     except UnicodeDecodeError as exc:
-        utf16 = data[:2] in (b"\xff\xfe", b"\xfe\xff")
-        fail(f"not UTF-8 text: byte {data[exc.start]:#04x} at offset {exc.start}"
-             + ("; it starts with a UTF-16 byte-order mark" if utf16 else " (Latin-1 or another encoding?)")
-             + "; save it as UTF-8")
-    if "\x00" in text[:1000]:  # UTF-16 or UTF-32 without a byte-order mark decodes to text with NULs
-        fail("not UTF-8 text: it has zero bytes between its characters, as UTF-16 or UTF-32 without a "
-             "byte-order mark has; save it as UTF-8")
+        if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+            hint = "; it starts with a UTF-16 byte-order mark"
+        else:
+            hint = wide if b"\x00" in data[:1000] else " (Latin-1 or another encoding?)"
+        fail(f"not UTF-8 text: byte {data[exc.start]:#04x} at offset {exc.start}{hint}; save it as UTF-8")
+    if "\x00" in text[:1000]:
+        fail(f"not UTF-8 text{wide}; save it as UTF-8")
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
@@ -263,13 +266,13 @@ def sniff_format(raw: list[Any], sample: int = 20) -> str | None:
 
 
 def keys_hint(raw: list[Any], fmt: str) -> str:
-    """``; its first record has the keys (a, b), load_x needs (c, d)``, or ``""``."""
+    """``; its first record has the keys (a, b), where load_x expects (c, d)``, or ``""``."""
     first = next((item for item in raw if isinstance(item, dict)), None)
     if first is None:
         return ""
     keys, loader = FORMATS[fmt]
-    return (f"; its first record has the keys ({', '.join(short(k) for k in sorted(first)[:12])}), "
-            f"{loader} needs ({', '.join(sorted(keys))})")
+    return (f"; its first record has the keys ({', '.join(k[:40] for k in sorted(first)[:12])}), "
+            f"where {loader} expects ({', '.join(sorted(keys))})")
 
 
 def read_list(path: str | Path, source: str, expected: str) -> list[Any]:
