@@ -16,6 +16,7 @@ import pytest
 
 from instructedit_lite import loaders, real_data
 from instructedit_lite.real_data import SPLITS, DataMissingError, RealData, available, missing_files
+from instructedit_lite.records import RecordError
 
 FIX = Path(__file__).parent / "fixtures"
 
@@ -169,6 +170,19 @@ def test_dropped_items_are_kept_as_a_table(folder):
     table = data.skipped_table()
     assert table[["file", "record", "field"]].values.tolist() == [
         ["knowedit/wiki_counterfact_train_cf.json", 3, "target_new"]]
+    # one row per file and field, as a chapter shows it
+    assert data.skipped.summary()[["file", "dropped", "field", "items", "records"]].values.tolist() == [
+        ["knowedit/wiki_counterfact_train_cf.json", "record", "target_new", 1, "3"]]
+
+
+def test_a_file_of_another_format_in_the_layout_names_its_loader(folder):
+    # MEND's CounterFact where KnowEdit's is expected: it used to load, without its locality probes
+    shutil.copy(FIX / "counterfact_mend.json", folder / "knowedit/wiki_counterfact_train_cf.json")
+    with pytest.raises(RecordError) as info:
+        RealData(folder).records("counterfact", "train")
+    message = str(info.value)
+    assert message.startswith("knowedit/wiki_counterfact_train_cf.json") and "load_counterfact_mend" in message
+    assert str(folder) not in message
 
 
 # --- the real folder ------------------------------------------------------------------------------
@@ -188,6 +202,12 @@ def test_real_counts(real):
     for task in ("counterfact", "wikirecent"):  # within a subject group of the 20 % / 10 % targets
         n = counts.loc[task].sum()
         assert abs(counts.loc[task, "test"] - 0.2 * n) <= 3 and abs(counts.loc[task, "val"] - 0.1 * n) <= 3
+
+
+def test_real_counts_are_the_documented_ones(real):
+    # the numbers in real_data's docstring (seed 0, 70/10/20 %, both sentiments)
+    assert real.counts().values.tolist() == [[999, 143, 286], [399, 57, 114], [1398, 200, 1600], [0, 997, 1037]]
+    assert len(real.skipped) == 11 and real.skipped.summary()["items"].tolist() == [1, 1, 7, 2]
 
 
 def test_real_splits_are_disjoint_and_instructions_official(real):

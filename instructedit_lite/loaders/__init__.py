@@ -23,11 +23,17 @@ is empty).  With ``on_error="skip"`` such an item is dropped (a broken probe or 
 only that probe or rephrase, anything else drops the whole record) and the drops are reported
 once per file, kind and field as a :class:`SkippedDataWarning` with a count and the first record
 numbers; inside ``with collect_skipped() as skipped:`` they are gathered instead, and
-``skipped.table()`` lists them.  A file whose every record is dropped is an error, and so is a file
-whose records have the keys of another known format (the message names the loader to use).
-Unreadable files (not UTF-8, not JSON, numbers of thousands of digits, nesting hundreds deep) are
-a ``RecordError`` too; a UTF-8 byte-order mark is accepted.  The loaders default to ``"raise"``;
-:func:`load_real`, which reads the known published files, defaults to ``"skip"``.
+``skipped.summary()`` (one row per file and field) or ``skipped.table()`` (one row per item)
+shows them.  A file whose every record is dropped is an error naming the loader used and the keys
+its records have.  So is a file whose records have the keys of another known format (the message
+names the loader to use, or says that no loader here reads it: ROME's original CounterFact, MQuAKE,
+KnowEdit's WikiBio and Sanitation), and a record holding probes under a key its loader does not
+read (``locality_rs``, ``loc`` in a KnowEdit file), which would otherwise be lost silently.
+Unreadable files (not UTF-8, UTF-16 with or without a byte-order mark, JSON Lines, numbers of
+thousands of digits, nesting hundreds deep) are a file-level ``RecordError`` that ``"skip"`` cannot
+help; a UTF-8 byte-order mark is accepted.  Text with an unpaired surrogate (a lone ``\\udXXX``
+escape, which no tokenizer can encode) is an error of its field.  The loaders default to
+``"raise"``; :func:`load_real`, which reads the known published files, defaults to ``"skip"``.
 
 Normalisation applied everywhere: leading/trailing whitespace is stripped from text fields
 (some published targets read ``" myna"``; the edit is assembled as ``prompt + " " + target_new``,
