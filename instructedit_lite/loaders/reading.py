@@ -37,7 +37,7 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 
 def unicode_problem(text: str) -> str | None:
     """Why ``text`` is not valid Unicode (an unpaired surrogate), or ``None``."""
-    m = _SURROGATE.search(text)
+    m = None if text.isascii() else _SURROGATE.search(text)  # isascii is O(1): most text needs no search
     if m is None:
         return None
     return (f"contains an unpaired surrogate \\u{ord(m.group()):04x} at character {m.start()} "
