@@ -830,3 +830,9 @@ def test_messages_quote_big_values_short(tmp_path):
     with pytest.raises(RecordError, match="train_instruction_indices") as info:
         load_instruction_file(path)
     assert len(str(info.value)) < 300
+
+
+def test_an_unreadable_instruction_file_names_itself(tmp_path):
+    path = _write(tmp_path / "instructions.json", (FIX / "instructions.json").read_text().encode("utf-16"))
+    err = raises_at(lambda: load_instruction_file(path), path, None, "<file>")
+    assert "UTF-16" in err.message and "on_error" not in err.message  # that loader has no on_error

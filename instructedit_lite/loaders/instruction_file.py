@@ -26,7 +26,7 @@ def load_instruction_file(path: str | Path, *, source: str | None = None) -> dic
     def fail(field_name: str, message: str) -> NoReturn:
         raise RecordError(source, None, field_name, message)
 
-    data = read_json(path, source)
+    data = read_json(path, source, note="")  # one object, no records to skip
     if not isinstance(data, dict):
         fail("<file>", f"expected a JSON object, got {type(data).__name__}")
     for key in ("template", "instructions"):

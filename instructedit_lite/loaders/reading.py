@@ -180,12 +180,15 @@ def check_options(limit: int | None, on_error: str) -> None:
 WHOLE_FILE = "the file cannot be read as a whole, so on_error='skip' cannot drop single records"
 
 
-def read_json(path: str | Path, source: str | None = None) -> Any:
-    """Parse a JSON file; a missing file stays a FileNotFoundError, anything else unreadable is a RecordError."""
+def read_json(path: str | Path, source: str | None = None, *, note: str = WHOLE_FILE) -> Any:
+    """Parse a JSON file; a missing file stays a FileNotFoundError, anything else unreadable is a RecordError.
+
+    ``note`` ends every message (a file of records says that skipping records cannot help).
+    """
     source = str(path) if source is None else source
 
     def fail(message: str) -> NoReturn:
-        raise RecordError(source, None, "<file>", f"{message}; {WHOLE_FILE}")
+        raise RecordError(source, None, "<file>", f"{message}; {note}" if note else message)
 
     data = Path(path).read_bytes()
     # UTF-16 or UTF-32 without a byte-order mark: zero bytes between the characters (ASCII text
