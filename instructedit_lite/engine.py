@@ -115,6 +115,36 @@ def model_inputs(batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return {k: batch[k] for k in ("input_ids", "attention_mask", "positions") if k in batch}
 
 
+def _common(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common beginning of two token rows."""
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def shared_groups(rows: Sequence[tuple[int, ...]], min_shared: int) -> list[tuple[int, list[tuple[int, ...]]]]:
+    """Split sorted ``rows`` into runs that share a beginning: ``[(shared length, rows), ...]``.
+
+    A run grows while the next row shares at least ``min_shared`` tokens with its first row and
+    the run's shared part would not shrink below half of what it was; the shared part always leaves
+    each row at least one token of its own.  ``shared`` is 0 for a row that shares nothing.
+    """
+    groups: list[tuple[int, list[tuple[int, ...]]]] = []
+    i = 0
+    while i < len(rows):
+        first, shared, j = rows[i], len(rows[i]) - 1, i + 1
+        while j < len(rows) and min_shared > 0:
+            common = min(_common(first, rows[j]), len(rows[j]) - 1)
+            if common < min_shared or (j > i + 1 and common < shared / 2):
+                break
+            shared, j = min(shared, common), j + 1
+        groups.append((shared if j > i + 1 else 0, list(rows[i:j])))
+        i = j
+    return groups
+
+
 # ---------------------------------------------------------------------------------------------
 # The cache of prefix hidden states
 # ---------------------------------------------------------------------------------------------
@@ -172,10 +202,12 @@ class PrefixEngine(nn.Module):
     ``weight_names``: the edited matrices (their lowest block is where the cached prefix ends).
     ``key``: names the model in the cache key (e.g. the base model's cache key).
     ``prefix_batch_size``: rows per batch when computing missing prefixes.
+    ``min_shared``: rows that begin with at least this many equal tokens share their computation
+    (0 turns sharing off).
     """
 
     def __init__(self, model: nn.Module, weight_names: Sequence[str], *, key: str = "",
-                 cache_dtype: torch.dtype = torch.float32, prefix_batch_size: int = 32):
+                 cache_dtype: torch.dtype = torch.float32, prefix_batch_size: int = 32, min_shared: int = 8):
         super().__init__()
         blocks, norm, head = layout(model)
         object.__setattr__(self, "full_model", model)  # not a submodule: its children are shared below
@@ -186,7 +218,7 @@ class PrefixEngine(nn.Module):
         for attr, path in (("blocks", blocks), ("norm", norm), ("head", head)):
             object.__setattr__(self, attr, model.get_submodule(path))
         self.lowest = lowest_block(weight_names, blocks)
-        self.prefix_batch_size = prefix_batch_size
+        self.prefix_batch_size, self.min_shared = prefix_batch_size, min_shared
         self.cache = PrefixCache(f"{key}|{type(model).__name__}|block{self.lowest}", cache_dtype)
 
     def cache_path(self) -> "os.PathLike":
@@ -199,8 +231,10 @@ class PrefixEngine(nn.Module):
 
     # -- the two stopped passes through the model ------------------------------------------
 
-    def _run_until(self, block: nn.Module, input_ids: Tensor, attention_mask: Tensor):
-        """Run the model until ``block`` is called; return that call's ``(args, kwargs)``."""
+    def _run_until(self, block: nn.Module, input_ids: Tensor, attention_mask: Tensor, past_key_values=None):
+        """Run the model until ``block`` is called; return that call's ``(args, kwargs)``.
+
+        With ``past_key_values`` (a cache of earlier tokens) ``attention_mask`` covers those too."""
         captured: dict[str, Any] = {}
 
         def hook(module, args, kwargs):
@@ -210,7 +244,11 @@ class PrefixEngine(nn.Module):
         handle = block.register_forward_pre_hook(hook, with_kwargs=True)
         try:
             with torch.no_grad():
-                self.full_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+                if past_key_values is None:
+                    self.full_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+                else:
+                    self.full_model(input_ids=input_ids, attention_mask=attention_mask,
+                                    past_key_values=past_key_values, use_cache=True)
         except _Stop:
             pass
         finally:
@@ -221,25 +259,64 @@ class PrefixEngine(nn.Module):
 
     @torch.no_grad()
     def precompute(self, rows: Sequence[Sequence[int]], *, progress: bool = False) -> int:
-        """Compute and cache the prefix of every row not yet cached; returns how many were new."""
+        """Compute and cache the prefix of every row not yet cached; returns how many were new.
+
+        Rows that begin with the same tokens (an instruction, a shared question) are grouped
+        (:func:`shared_groups`) and their common beginning runs once: its keys and values are
+        kept and every row of the group runs only its own remaining tokens on top of them.
+        """
         from tqdm.auto import tqdm
 
-        todo = sorted({tuple(int(t) for t in r) for r in rows} - self.cache.rows.keys(), key=len)
-        device = self.head.weight.device
-        starts = range(0, len(todo), self.prefix_batch_size)
-        for start in tqdm(starts, desc="prefix states", disable=not progress, leave=False):
-            chunk = todo[start: start + self.prefix_batch_size]
-            width = max(len(r) for r in chunk)
-            ids = torch.zeros(len(chunk), width, dtype=torch.long, device=device)
-            mask = torch.zeros_like(ids)
-            for i, r in enumerate(chunk):
-                ids[i, : len(r)] = torch.tensor(r, device=device)
-                mask[i, : len(r)] = 1
-            args, _ = self._run_until(self.blocks[self.lowest], ids, mask)
-            hidden = args[0]
-            for i, r in enumerate(chunk):
-                self.cache.rows[r] = hidden[i, : len(r)].to(self.cache.dtype).clone()
+        todo = sorted({tuple(int(t) for t in r) for r in rows} - self.cache.rows.keys())
+        groups, alone = [], []
+        for shared, members in shared_groups(todo, self.min_shared):
+            # a separate pass for the shared part pays only when it saves enough tokens
+            if shared * (len(members) - 1) >= 4 * self.min_shared:
+                groups.append((shared, members))
+            else:
+                alone += members
+        bar = tqdm(total=len(todo), desc="prefix states", disable=not progress, leave=False)
+        for shared, members in [(0, alone)] + groups:
+            past = self._shared_past(members[0][:shared]) if shared else None
+            by_length = sorted(members, key=len)
+            for start in range(0, len(by_length), self.prefix_batch_size):
+                chunk = by_length[start: start + self.prefix_batch_size]
+                self._precompute_chunk(chunk, shared, past)
+                bar.update(len(chunk))
+        bar.close()
         return len(todo)
+
+    def _shared_past(self, tokens: tuple[int, ...]):
+        """``(hidden states, key/value cache)`` of a shared beginning, below the lowest edited block."""
+        from transformers import DynamicCache
+
+        device = self.head.weight.device
+        ids = torch.tensor([tokens], device=device)
+        cache = DynamicCache(config=self.config)
+        args, _ = self._run_until(self.blocks[self.lowest], ids, torch.ones_like(ids), past_key_values=cache)
+        return args[0][0], cache
+
+    def _precompute_chunk(self, chunk: list[tuple[int, ...]], shared: int, past) -> None:
+        """Cache the rows of ``chunk``; with ``past``, they run only their tokens after ``shared``."""
+        import copy
+
+        device = self.head.weight.device
+        width = max(len(r) for r in chunk) - shared
+        ids = torch.zeros(len(chunk), width, dtype=torch.long, device=device)
+        mask = torch.zeros(len(chunk), shared + width, dtype=torch.long, device=device)
+        for i, r in enumerate(chunk):
+            ids[i, : len(r) - shared] = torch.tensor(r[shared:], device=device)
+            mask[i, : len(r)] = 1
+        extra = {}
+        if past is not None:
+            cache = copy.deepcopy(past[1])  # the pass appends to it
+            cache.batch_repeat_interleave(len(chunk))
+            extra["past_key_values"] = cache
+        args, _ = self._run_until(self.blocks[self.lowest], ids, mask, **extra)
+        for i, r in enumerate(chunk):
+            own = args[0][i, : len(r) - shared]
+            states = own if past is None else torch.cat([past[0], own])
+            self.cache.rows[r] = states.to(self.cache.dtype).clone()
 
     # -- the edited part -----------------------------------------------------------------------
 

@@ -339,11 +339,15 @@ def engine_check(real: RealModel, engine: eng.PrefixEngine, config: tr.TrainConf
 
 
 def _seconds(fn, repeats: int) -> float:
+    """The fastest of ``repeats`` calls after a warm-up: other work on a shared machine only ever
+    adds time, so the minimum is the estimate least disturbed by it."""
     fn()  # warm-up (allocations, lazy initialisation)
-    start = time.perf_counter()
+    times = []
     for _ in range(repeats):
+        start = time.perf_counter()
         fn()
-    return (time.perf_counter() - start) / repeats
+        times.append(time.perf_counter() - start)
+    return min(times)
 
 
 def step_costs(real: RealModel, engine: eng.PrefixEngine, config: tr.TrainConfig,

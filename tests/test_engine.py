@@ -165,3 +165,42 @@ def test_errors_and_cache_file(setup, tokenizer, tmp_path):
     assert other.cache_path() != engine.cache_path() == fresh.cache_path()
     with pytest.raises(ValueError, match="prefix.pt"):
         other.cache.load(path)
+
+
+def test_shared_groups_split_sorted_rows_by_their_common_beginning():
+    from instructedit_lite.engine import shared_groups
+
+    rows = sorted([(1, 2, 3, 4, 5), (1, 2, 3, 4, 6, 7), (1, 2, 3, 9), (8, 8), (1, 2, 3, 4)])
+    groups = shared_groups(rows, min_shared=3)
+    assert [len(m) for _, m in groups] == [4, 1]
+    shared, members = groups[0]
+    assert shared == 3 and all(len(r) > shared for r in members)  # each row keeps a token of its own
+    assert groups[1] == (0, [(8, 8)])
+    assert [len(m) for _, m in shared_groups(rows, min_shared=0)] == [1] * 5  # 0: no sharing
+    # a run stops where its shared part would fall below half: 3 of 12 tokens is too few
+    long = sorted([(5, 5, 5, 7, 1), (5,) * 12 + (1,), (5,) * 12 + (2,)])
+    assert [(s, len(m)) for s, m in shared_groups(long, 2)] == [(12, 2), (0, 1)]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_shared_prefix_states_equal_the_plain_ones(arch, tokenizer):
+    """Rows that share an instruction run it once; their cached states equal a plain pass's."""
+    model = tiny_model(tokenizer, n_layer=4) if arch == "gpt2" else tiny_llama(tokenizer)
+    names = default_weight_names(model, n_last=2)
+    instruction = "Task: counterfact. Description: change the fact in the input to the new target. Input:"
+    prompts = [f"{instruction} {p}" for p in ("Ada Brun was born in", "Bo Kest works as a", "Cy Lorm")]
+    rows = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts + ["Dee Vo lives in"]]
+    shared, plain = PrefixEngine(model, names, min_shared=4), PrefixEngine(model, names, min_shared=0)
+    passes = []
+    run_shared = shared._shared_past
+    shared._shared_past = lambda tokens: passes.append(len(tokens)) or run_shared(tokens)
+    assert shared.precompute(rows) == plain.precompute(rows) == 4
+    assert len(passes) == 1 and passes[0] >= 10  # the instruction ran once, on its own
+    assert shared.cache.rows.keys() == plain.cache.rows.keys()
+    for key, states in plain.cache.rows.items():
+        torch.testing.assert_close(shared.cache.rows[key], states, **TOL)
+    # and the sharing really happened: the three instructed rows form one group
+    from instructedit_lite.engine import shared_groups
+
+    groups = shared_groups(sorted(tuple(r) for r in rows), 4)
+    assert sorted(len(m) for _, m in groups) == [1, 3]
