@@ -21,7 +21,7 @@ def taught(model, tok, records):
     """The model with each record's old answer fine-tuned in (FT-M towards the truth, 2nd block's c_proj)."""
     with contextlib.ExitStack() as stack:
         for r in records:
-            stack.enter_context(FTM(steps=60, lr=1e-2, layer=-2).edited(model, tok, replace(r, target_new=r.ground_truth[0])))
+            stack.enter_context(FTM(steps=60, lr=1e-2, layer=-2, eps=None).edited(model, tok, replace(r, target_new=r.ground_truth[0])))
         yield
 
 
@@ -62,7 +62,7 @@ def test_known_facts_keeps_only_what_the_model_says(world):
     records = [fact_record("counterfact", i) for i in range(4)]
     # Make the model "know" record 0's old answer by fine-tuning it in (FT-M towards the truth).
     teach = replace(records[0], target_new=records[0].ground_truth[0])
-    with FTM(steps=40).edited(model, tok, teach):
+    with FTM(steps=40, layer=-1, lr=5e-3, eps=None).edited(model, tok, teach):
         known = known_facts(model, tok, records)
     assert records[0] in known and len(known) < 4
 

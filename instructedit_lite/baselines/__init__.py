@@ -22,7 +22,7 @@ behaviour on the embedded model is in chapter 5 and docs/measurements.md.
 
 from ..editors import Editor
 from .calinet import CaliNet, CaliNetConfig
-from .finetune import FTL, FTM, FTLConfig, FTMConfig, last_prompt_position_nll
+from .finetune import FTL, FTM, FTLConfig, FTMConfig, last_prompt_position_nll, target_nll
 from .grace import GRACE, Codebook, GRACEConfig
 
 __all__ = [
@@ -30,7 +30,7 @@ __all__ = [
     "FTL", "FTLConfig", "FTM", "FTMConfig",
     "GRACE", "GRACEConfig", "Codebook",
     "CaliNet", "CaliNetConfig",
-    "last_prompt_position_nll",
+    "last_prompt_position_nll", "target_nll",
 ]
 
 _CLASSES = {"FT-L": FTL, "FT-M": FTM, "GRACE": GRACE, "CaliNet": CaliNet}

@@ -14,12 +14,13 @@ def _check(cond: bool, owner: str, option: str, value: Any, why: str) -> None:
         raise ValueError(f"{owner}.{option} {why}, got {value!r}")
 
 
-def _check_common(cfg, owner: str) -> None:
-    """Options every config has: ``layer`` (an int, negative counts from the last block),
-    ``module`` (a template with ``{layer}``, or None for the model's architecture profile) and
-    ``n_responses``."""
-    _check(isinstance(cfg.layer, int) and not isinstance(cfg.layer, bool), owner, "layer", cfg.layer,
-           "must be an int (negative counts from the last block)")
+def _check_common(cfg, owner: str, layer_may_be_none: bool = False) -> None:
+    """Options every config has: ``layer`` (an int, negative counts from the last block; None where
+    the config picks the block by relative depth), ``module`` (a template with ``{layer}``, or None
+    for the model's architecture profile) and ``n_responses``."""
+    is_int = isinstance(cfg.layer, int) and not isinstance(cfg.layer, bool)
+    _check(is_int or (layer_may_be_none and cfg.layer is None), owner, "layer", cfg.layer,
+           "must be an int (negative counts from the last block)" + (" or None" if layer_may_be_none else ""))
     _check(cfg.module is None or (isinstance(cfg.module, str) and "{layer}" in cfg.module), owner, "module",
            cfg.module, "must be None (the model's profile) or a module-name template containing '{layer}'")
     _check(isinstance(cfg.n_responses, int) and cfg.n_responses >= 1, owner, "n_responses", cfg.n_responses,
@@ -27,20 +28,30 @@ def _check_common(cfg, owner: str) -> None:
 
 
 def module_template(model: nn.Module, template: str | None, part: str) -> str:
-    """``template``, or when it is None the profile's template of ``part`` (``"mlp"`` or ``"mlp_out"``)."""
+    """``template``, or when it is None the profile's template of ``part``: ``"mlp"``, ``"mlp_out"``
+    (the MLP's output matrix) or ``"act_in"`` (the matrix whose output enters the activation: the
+    profile's first MLP input, ``c_fc`` for GPT-2, ``gate_proj`` for LLaMA)."""
     if template is not None:
         return template
     from ..architectures import profile_for
 
     profile = profile_for(model)
-    return profile.mlp_module() if part == "mlp" else profile.mlp_out_module()
+    parts = {"mlp": profile.mlp_module(), "mlp_out": profile.mlp_out_module(),
+             "act_in": f"{profile.mlp_module()}.{profile.mlp_in[0]}"}
+    return parts[part]
+
+
+def count_blocks(model: nn.Module, template: str) -> int:
+    """How many consecutive blocks 0, 1, ... have a module named by ``template``."""
+    n = 0
+    while _get(model, template.format(layer=n)) is not None:
+        n += 1
+    return n
 
 
 def _resolve_module(model: nn.Module, template: str, layer: int, owner: str) -> tuple[str, nn.Module]:
     """``template.format(layer=...)`` with a negative ``layer`` counted from the last block."""
-    n_blocks = 0
-    while _get(model, template.format(layer=n_blocks)) is not None:
-        n_blocks += 1
+    n_blocks = count_blocks(model, template)
     if n_blocks == 0:
         raise ValueError(f"{owner}.module: the model has no module {template.format(layer=0)!r} "
                          f"(template {template!r})")

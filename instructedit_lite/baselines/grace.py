@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import zlib
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -16,60 +17,88 @@ from ..editors import EditInfo, Editor, edit_batch
 from ..mend import lm_loss, only_these_require_grad, weight_info
 from ..records import EditRecord
 from ..text import model_inputs
-from .common import _all_targets_argmax, _check, _check_common, _Configured, _last_prompt_index, _resolve_module, module_template
+from .common import (_all_targets_argmax, _check, _check_common, _Configured, _last_prompt_index, _resolve_module,
+                     count_blocks, module_template)
 
-__all__ = ["GRACEConfig", "Codebook", "GRACE"]
+__all__ = ["GRACEConfig", "Codebook", "GRACE", "REFERENCE_DEPTH"]
 
 _SLACK = 1e-4  # relative margin when a GRACE radius is grown to cover a key
+
+#: EasyEdit's GPT2-XL choice, ``transformer.h[35].mlp.c_fc`` of 48 blocks, as a relative depth
+#: (the centre of block 35): ``floor(depth · n_blocks)`` is block 35 of 48, 2 of 4, 23 of 32.
+REFERENCE_DEPTH = 35.5 / 48
 
 
 @dataclass
 class GRACEConfig(Config):
-    """GRACE (Hartvigsen et al. 2023) at one module.
+    """GRACE (Hartvigsen et al. 2023) as EasyEdit runs it for GPT-2 (``hparams/GRACE/gpt2-xl.yaml``).
 
-    ``layer``/``module``: the wrapped module; default ``layer=-2``, the ``mlp.c_proj`` of block 2
-    of 4: a late layer that still has one block above it to turn the one replaced vector into a
-    multi-token target (blocks 1, 2, 3 all reach reliability 1.0 on 20 CounterFact records; block 2
-    needs the fewest steps, 14.7 on average against 17.8 and 27.6).
-    ``eps_init``: radius of a new key.  1.0 is kept: on the embedded model the last-token inputs of
-    block 2's ``c_proj`` for different prompts (30 test prompts per task) are at least ≈2.4 apart
-    (median 5.5–8.2 across the four tasks; prompt to its rephrase: median ≈3.7, min ≈1.0), so a
-    fresh key never captures another prompt and only rarely a rephrase.
-    ``lr``/``max_steps``: Adam on the new value (reference: lr 1.0, 100 steps).
-    ``stop_loss``: stop once the loss is below it and every target token is the argmax.
+    ``module``/``layer``/``depth``: the wrapped module.  ``module=None`` is the profile's
+    activation input (GPT-2 ``mlp.c_fc``, the reference's choice: its output is the MLP's
+    pre-activation; LLaMA ``mlp.gate_proj``).  ``layer=None`` takes the block at relative depth
+    ``depth`` (:data:`REFERENCE_DEPTH`, block 35 of GPT2-XL's 48): block 2 of the embedded
+    model's 4, 23 of a 32-block LLaMA (EasyEdit's llama-7b.yaml wraps ``layers[27].mlp.down_proj``
+    instead: pass ``module`` and ``layer`` for that).  An int ``layer`` overrides ``depth``.
+    ``eps_init``: radius of a new key (reference ``eps`` 1.0, Euclidean ``dist_fn: euc``).  Kept:
+    on the embedded model the inputs of block 2's ``c_fc`` at the last prompt token (norm ≈12.5)
+    are at least 3.9 apart for different prompts (30 test prompts per task; median 7.7–12.5), so
+    a fresh key never captures another prompt; a rephrase is usually outside it too (median
+    distance 4.0–6.6, a few ConvSent rephrases end like their prompt: distance 0).
+    ``init``: ``"cold"`` (reference ``val_init``): a new value starts uniform in [0, 1) from a
+    generator seeded by ``seed`` and the edit prompt (reruns agree); ``"warm"``: the module's own
+    output at the key.
+    ``lr``/``n_iter``: Adam on the value (reference ``edit_lr`` 1.0, ``n_iter`` 200).
+    ``stop_loss``: None (reference): always ``n_iter`` steps (its ``reg: early_stop`` is read but
+    never used); a number stops once the loss is below it and every target token is the argmax
+    (1e-2 on the embedded model, 50 test records per task: the same reliability, generalization and
+    locality to three decimals, with 119 steps per edit on average instead of 200).
     ``n_responses``: ConvSent responses per edit.
     """
 
-    layer: int = -2
+    layer: int | None = None
+    depth: float = REFERENCE_DEPTH
+    module: str | None = None  # None: the profile's activation input (c_fc / gate_proj)
     eps_init: float = 1.0
+    init: str = "cold"
+    seed: int = 0
     lr: float = 1.0
-    max_steps: int = 100
-    stop_loss: float = 1e-2
-    module: str | None = None  # None: the profile's MLP output matrix
+    n_iter: int = 200
+    stop_loss: float | None = None
     n_responses: int = 2
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
-        _check_common(self, owner)
+        _check_common(self, owner, layer_may_be_none=True)
+        _check(isinstance(self.depth, (int, float)) and 0 <= self.depth < 1, owner, "depth", self.depth,
+               "must be in [0, 1)")
         _check(isinstance(self.eps_init, (int, float)) and self.eps_init > 0, owner, "eps_init", self.eps_init,
                "must be > 0")
+        _check(self.init in ("cold", "warm"), owner, "init", self.init, "must be 'cold' or 'warm'")
+        _check(isinstance(self.seed, int), owner, "seed", self.seed, "must be an int")
         _check(isinstance(self.lr, (int, float)) and self.lr > 0, owner, "lr", self.lr, "must be > 0")
-        _check(isinstance(self.max_steps, int) and self.max_steps >= 0, owner, "max_steps", self.max_steps,
+        _check(isinstance(self.n_iter, int) and self.n_iter >= 0, owner, "n_iter", self.n_iter,
                "must be an int >= 0")
-        _check(isinstance(self.stop_loss, (int, float)) and self.stop_loss >= 0, owner, "stop_loss",
-               self.stop_loss, "must be >= 0")
+        _check(self.stop_loss is None or (isinstance(self.stop_loss, (int, float)) and self.stop_loss >= 0), owner,
+               "stop_loss", self.stop_loss, "must be None (always n_iter steps) or >= 0")
 
 
 class Codebook:
     """GRACE's memory: rows of key (module input), value (replacement output), radius ε and label.
 
-    :meth:`hook` is the forward hook: for each sequence it finds the FIRST position whose input lies
-    within ε of some key (Euclidean; the nearest such key if several) and, from that position on,
-    replaces the module's output with that key's value.  "Replace from the trigger on" lets one
-    value drive a multi-token target: the edit prompt triggers at its last token and the target
-    tokens after it see the replaced output too.  Sequences that never trigger are returned
-    untouched (bit-identical).  Assumes right padding (pads come after the real tokens, so a
-    trigger on a pad changes nothing that is read) and full-sequence forwards (no KV cache).
+    :meth:`hook` is the forward hook.  Every position is a query on its own: where the module's
+    input lies within ε of some key (Euclidean; the nearest such key if several), the module's
+    output *at that position* is replaced by the key's value; elsewhere it is left alone
+    (bit-identical).  On an edit prompt that is the reference's ``replace_last``: the key is the
+    input at the prompt's last token, so that token is replaced and the target tokens after it are
+    driven through attention.  Because the replacement at a position depends only on that
+    position's input, a KV-cached forward (one new token at a time) replaces exactly what a
+    full-sequence forward replaces, and ``model.generate`` gives the same text with and without
+    ``use_cache``.  (EasyEdit queries one position, the last prompt token, which it learns from the
+    labels; a hook sees no labels.  Generated tokens are queried too, as in EasyEdit's cached
+    generation.  Measured on the embedded model, 50 test records per task, ε = 1: no position but
+    the edit prompt's last token triggers on the edit rows or on any locality row, and 4 interior
+    positions of the 250 fact rephrases do; so this differs from querying the last prompt token
+    alone only there.)
     """
 
     def __init__(self) -> None:
@@ -77,9 +106,7 @@ class Codebook:
         self.values: list[Tensor] = []  # a value may be a leaf requiring grad while it is trained
         self.eps: list[float] = []
         self.labels: list[str] = []
-        # What the last forward did, per sequence: the first triggered position and the entry
-        # whose value replaced the outputs from there (both -1 where nothing triggered).
-        self.last_trigger: Tensor | None = None
+        # What the last forward did: per position the entry whose value replaced the output (-1: none).
         self.last_entry: Tensor | None = None
 
     def __len__(self) -> int:
@@ -97,51 +124,44 @@ class Codebook:
         return i, float(distances[i])
 
     def hook(self, module: nn.Module, inputs: tuple, output: Tensor) -> Tensor | None:
-        self.last_trigger = self.last_entry = None
+        self.last_entry = None
         if not self.keys:
             return None
         x = inputs[0]  # (B, T, d_in)
         keys = torch.stack(self.keys).to(x.dtype)  # (K, d_in)
         # Exact (non-matmul) distances: a key must be at distance 0 from itself, not ~1e-3.
         dist = torch.cdist(x, keys.expand(x.shape[0], -1, -1), compute_mode="donot_use_mm_for_euclid_dist")
-        inside = dist <= torch.tensor(self.eps, dtype=dist.dtype, device=dist.device)  # (B, T, K)
-        hit = inside.any(-1)  # (B, T)
-        triggered = hit.any(-1)  # (B,)
-        first = hit.int().argmax(-1)  # first triggered position (0 where none, masked below)
-        none = torch.full_like(first, -1)
-        self.last_trigger = torch.where(triggered, first, none)
-        rows = torch.arange(x.shape[0], device=x.device)
-        at_first = dist[rows, first].masked_fill(~inside[rows, first], math.inf)  # (B, K)
-        which = at_first.argmin(-1)  # nearest key within its radius at the trigger position
-        self.last_entry = torch.where(triggered, which, none)
-        if not triggered.any():
+        eps = torch.tensor(self.eps, dtype=dist.dtype, device=dist.device)
+        nearest, which = dist.masked_fill(dist > eps, math.inf).min(-1)  # (B, T): nearest key within its radius
+        hit = torch.isfinite(nearest)
+        self.last_entry = torch.where(hit, which, torch.full_like(which, -1))
+        if not hit.any():
             return None
-        values = torch.stack(self.values).to(output.dtype)[which]  # (B, d_out)
-        positions = torch.arange(x.shape[1], device=x.device)
-        replace_here = triggered[:, None] & (positions[None, :] >= first[:, None])  # (B, T)
-        return torch.where(replace_here[..., None], values[:, None, :], output)
+        values = torch.stack(self.values).to(output.dtype)[which]  # (B, T, d_out)
+        return torch.where(hit[..., None], values, output)
 
 
 class GRACE(Editor, _Configured):
     """GRACE: a forward hook with a codebook; the model's weights are never changed.
 
-    :meth:`add_edit` applies GRACE's codebook update for one edit and trains the affected value:
+    :meth:`add_edit` applies GRACE's codebook update for one edit and trains the affected value
+    (EasyEdit's ``GRACEAdapter``, ``eps_expand: coverage``):
 
     * the new key (the module's input at the last prompt token) is farther than ``ε_near +
-      eps_init`` from every key → a new entry with radius ``eps_init`` (the balls do not overlap);
+      eps_init`` from every key → a new entry with radius ``eps_init`` and a new (cold) value;
     * else, same label as the nearest entry → **expand**: its radius grows to cover the new key
       (``ε ← max(ε, d)``, plus a 1e-4 relative margin for rounding) and its value is trained
       further on the new edit;
     * else (conflicting label) → **split**: a new entry, and both radii shrink to ``d / 2`` so the
       two balls no longer overlap (at distance 0 no radius can separate them: the entry is
-      **overwritten** with the new label and its value retrained, so the latest edit wins).
+      **overwritten** with the new label and a new value, so the latest edit wins; the reference
+      would keep two entries that can never fire).
 
-    A value is trained with Adam (``lr``, up to ``max_steps``) on the NLL of all edit rows, with
-    the hook active, so training sees exactly what inference will; it starts from the module's
-    output at the key position (new entries) or from the current value (expand).  If another
-    entry triggers earlier on the edit prompt, the new value has no effect and is left untrained
-    (``triggered`` is False in the details).  The book's evaluation uses :meth:`edited`: a fresh
-    codebook with this one edit, hook on inside the block.
+    A value is trained with Adam (``lr``, ``n_iter`` steps) on the NLL of all edit rows, with the
+    hook active, so training sees exactly what inference will.  If another entry wins at the edit
+    prompt's last token, this value has no effect and is left untrained (``triggered`` is False in
+    the details).  The book's evaluation uses :meth:`edited`: a fresh codebook with this one edit,
+    hook on inside the block.
     """
 
     name = "GRACE"
@@ -155,14 +175,22 @@ class GRACE(Editor, _Configured):
         """Forget every edit (an empty codebook)."""
         self.codebook.reset()
 
-    def module(self, model: nn.Module) -> nn.Module:
-        template = module_template(model, self.config.module, "mlp_out")
-        name, module = _resolve_module(model, template, self.config.layer, "GRACE")
+    def module_name(self, model: nn.Module) -> str:
+        """The wrapped module's name: the config's ``layer``, or the block at ``depth``."""
+        cfg = self.config
+        template = module_template(model, cfg.module, "act_in")
+        layer = cfg.layer
+        if layer is None:  # relative depth; at least block 0 so a missing module is named below
+            layer = int(cfg.depth * count_blocks(model, template))
+        name, _ = _resolve_module(model, template, layer, "GRACE")
         try:
             weight_info(model, f"{name}.weight")
         except ValueError as err:
             raise ValueError(f"GRACE.module: {err}") from None
-        return module
+        return name
+
+    def module(self, model: nn.Module) -> nn.Module:
+        return model.get_submodule(self.module_name(model))
 
     @contextlib.contextmanager
     def hooked(self, model: nn.Module) -> Iterator[Codebook]:
@@ -174,8 +202,8 @@ class GRACE(Editor, _Configured):
             handle.remove()
 
     def key(self, model: nn.Module, tokenizer, record: EditRecord) -> tuple[Tensor, Tensor]:
-        """The edit's key and the initial value: the wrapped module's own input and output at the
-        last prompt token, computed without the codebook."""
+        """The edit's key and the module's own output there: its input and output at the last prompt
+        token, computed without the codebook."""
         module = self.module(model)
         prompt = tokenizer(record.prompt, add_special_tokens=False)["input_ids"]
         if not prompt:
@@ -191,13 +219,21 @@ class GRACE(Editor, _Configured):
             handle.remove()
         return seen["key"], seen["out"]
 
+    def initial_value(self, record: EditRecord, output: Tensor) -> Tensor:
+        """A new entry's value: cold (uniform in [0, 1), seeded by ``seed`` and the prompt) or warm."""
+        if self.config.init == "warm":
+            return output.clone()
+        seed = (self.config.seed * 1_000_003 + zlib.crc32(record.prompt.encode("utf-8"))) % 2**63
+        cold = torch.rand(output.shape, generator=torch.Generator().manual_seed(seed))
+        return cold.to(device=output.device, dtype=output.dtype)
+
     @torch.enable_grad()  # an edit is an optimisation, also when the caller scores under no_grad
     def add_edit(self, model: nn.Module, tokenizer, record: EditRecord) -> dict[str, Any]:
         """Add one edit to the codebook (rules in the class docstring) and train its value.
 
         Returns details: ``action`` ("add", "expand", "split" or "overwrite"), ``steps``, ``loss``,
-        ``triggered`` (whether this edit's entry takes over on the edit prompt, at or before its last
-        token: False means an earlier-triggering entry shadows it, and its value is left untrained),
+        ``triggered`` (whether this edit's entry is the one that fires at the edit prompt's last
+        token: False means a nearer entry shadows it, and its value is left untrained),
         ``distance`` (to the nearest earlier key) and ``n_entries``.
         """
         cfg, book = self.config, self.codebook
@@ -217,10 +253,11 @@ class GRACE(Editor, _Configured):
         elif overlaps and distance == 0:
             action = "overwrite"  # the very same key with a new label: no radius can separate them
             book.labels[index] = label
+            book.values[index] = self.initial_value(record, output)
         else:
             action = "split" if overlaps else "add"
             book.keys.append(key)
-            book.values.append(output)
+            book.values.append(self.initial_value(record, output))
             book.eps.append(cfg.eps_init)
             book.labels.append(label)
             if overlaps:  # conflicting labels: both balls shrink to touch halfway
@@ -236,10 +273,11 @@ class GRACE(Editor, _Configured):
                 while True:
                     logits = model(**inputs).logits
                     loss = lm_loss(logits, labels)
-                    own = bool(((book.last_trigger <= last) & (book.last_entry == index)).all())
-                    if not own:  # another entry takes over on the edit prompt: this value has no effect
+                    own = bool((book.last_entry[:, last] == index).all())
+                    if not own:  # another entry fires at the key position: this value has no effect
                         break
-                    if step == cfg.max_steps or (loss.item() < cfg.stop_loss and _all_targets_argmax(logits, labels)):
+                    if step == cfg.n_iter or (cfg.stop_loss is not None and loss.item() < cfg.stop_loss
+                                              and _all_targets_argmax(logits, labels)):
                         break
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
@@ -260,4 +298,3 @@ class GRACE(Editor, _Configured):
                 yield EditInfo(seconds=time.perf_counter() - start, details=details)
         finally:
             self.reset()
-
