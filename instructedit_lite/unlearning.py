@@ -59,9 +59,9 @@ def known_facts(model, tokenizer, records: Sequence[EditRecord]) -> list[EditRec
 
 @dataclass
 class UnlikelihoodConfig:
-    """Fine-tuning with the unlikelihood of the old answer: one ``mlp.c_proj`` (FT-M's choice of
-    matrix, :class:`~.baselines.FTMConfig`), ``steps`` Adam steps at ``lr``; stops once every old
-    answer token has probability below ``stop_prob``."""
+    """Fine-tuning with the unlikelihood of the old answer: one ``mlp.c_proj`` (the last block's),
+    ``steps`` Adam steps at ``lr``; stops once every old answer token has probability below
+    ``stop_prob``."""
 
     layer: int = -1
     steps: int = 20

@@ -241,7 +241,7 @@ def test_grace_new_value_starts_cold_and_seeded(world):
 def test_grace_runs_n_iter_steps_unless_a_stop_loss_is_given(world):
     tok, model, records = world
     record = replace(records["counterfact"][0], target_new="great")
-    assert GRACE(n_iter=7).add_edit(model, tok, record)["steps"] == 7  # reference: never early
+    assert GRACE(n_iter=7, stop_loss=None).add_edit(model, tok, record)["steps"] == 7  # reference: never early
     early = GRACE(n_iter=7, stop_loss=1e3)  # stops once the target is the argmax (loss < 1e3 always)
     steps = early.add_edit(model, tok, record)["steps"]
     with early.hooked(model):
