@@ -1,0 +1,143 @@
+"""Decoding through plain forward passes: batched greedy answers and EasyEdit-style sampled text.
+
+Every function here calls only ``model(input_ids=..., attention_mask=...).logits`` on
+right-padded batches, with no KV cache, so it sees exactly what the teacher-forced scores see:
+an edited model, a hook-based editor (GRACE, CaliNet: each step is a full-sequence forward, the
+case their hooks are written for) or a :class:`~instructedit_lite.engine.PrefixEngine` (chapter 7).
+The answers are short (a few tokens), so the missing cache costs little (chapter 5).
+
+* :func:`greedy_tokens`: ``n`` greedy tokens after each prompt, all prompts in one batch;
+* :func:`normalize` and :func:`begins_with`: the answer check of *generation success*;
+* :func:`sample_text`: EasyEdit's ``generate_fast`` convention for fluency (top-k sampling from a
+  seeded :class:`torch.Generator`, the prompt counted in the token budget and returned with the
+  continuation); :func:`greedy_text` the greedy alternative.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import string
+import zlib
+from typing import Iterator, Sequence
+
+import torch
+
+__all__ = ["greedy_tokens", "normalize", "begins_with", "sample_text", "greedy_text", "case_generator",
+           "no_cache_growth"]
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _context_limit(model) -> int:
+    config = getattr(model, "config", None)
+    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None) or 1024
+
+
+@contextlib.contextmanager
+def no_cache_growth(model) -> Iterator[None]:
+    """A :class:`~instructedit_lite.engine.PrefixEngine` caches every distinct row it sees; rows that
+    exist only during decoding (the prompt plus a partial answer) are dropped again on exit."""
+    cache = getattr(getattr(model, "cache", None), "rows", None)
+    before = set(cache) if isinstance(cache, dict) else None
+    try:
+        yield
+    finally:
+        if before is not None:
+            for key in [k for k in cache if k not in before]:
+                del cache[key]
+
+
+@torch.no_grad()
+def greedy_tokens(model, tokenizer, prompts: Sequence[str], n_tokens: int | Sequence[int]) -> list[list[int]]:
+    """The first ``n_tokens`` greedy token ids after each prompt (one int for all, or one per prompt).
+
+    One right-padded batch, ``max(n_tokens)`` forward passes; a row's new token is read at its own
+    last position and written just after it.  Generation does not stop at an end-of-text token:
+    the caller decides what the tokens mean.
+    """
+    if not prompts:
+        return []
+    counts = [n_tokens] * len(prompts) if isinstance(n_tokens, int) else list(n_tokens)
+    if len(counts) != len(prompts) or min(counts) < 1:
+        raise ValueError(f"greedy_tokens: need one count >= 1 per prompt, got {counts}")
+    rows = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    if min(len(r) for r in rows) == 0:
+        raise ValueError("greedy_tokens: a prompt has no tokens")
+    steps, lengths = max(counts), [len(r) for r in rows]
+    width = max(lengths) + steps
+    if width > _context_limit(model):
+        raise ValueError(f"greedy_tokens: {max(lengths)} prompt tokens + {steps} new ones exceed the context "
+                         f"of {_context_limit(model)}")
+    device = _device(model)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.full((len(rows), width), pad, dtype=torch.long, device=device)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, device=device)
+    length = torch.tensor(lengths, device=device)
+    index = torch.arange(len(rows), device=device)
+    positions = torch.arange(width, device=device)
+    with no_cache_growth(model):
+        for _ in range(steps):
+            used = int(length.max())  # columns beyond every row's end are never needed
+            mask = (positions[:used] < length[:, None]).long()
+            logits = model(input_ids=ids[:, :used], attention_mask=mask).logits
+            ids[index, length] = logits[index, length - 1].argmax(-1)
+            length = length + 1
+    return [ids[i, lengths[i]: lengths[i] + counts[i]].tolist() for i in range(len(rows))]
+
+
+_STRIP = string.whitespace + string.punctuation + "“”‘’«»–—…"
+
+
+def normalize(text: str) -> str:
+    """Case-folded, inner whitespace collapsed, surrounding whitespace and punctuation stripped."""
+    return " ".join(text.casefold().split()).strip(_STRIP)
+
+
+def begins_with(generated: str, answers: Sequence[str]) -> bool:
+    """Whether the normalised ``generated`` text starts with one normalised answer.
+
+    A plain prefix test, lenient on purpose: "Parisian" begins with "Paris".  It makes every
+    greedy answer whose tokens are the target's a success, so generation success can only fall
+    below the teacher-forced exact match through ties in the argmax (chapter 5).
+    """
+    text = normalize(generated)
+    return any(a and text.startswith(a) for a in map(normalize, answers))
+
+
+def case_generator(seed: int, *keys) -> torch.Generator:
+    """A CPU generator seeded from ``seed`` and the case's identity (e.g. task and index), stable
+    across processes (no Python ``hash``): every method samples a case's text from the same seed."""
+    text = "/".join(str(k) for k in (seed, *keys))
+    return torch.Generator().manual_seed(zlib.crc32(text.encode()))
+
+
+@torch.no_grad()
+def sample_text(model, tokenizer, prompt: str, *, max_out_len: int = 100, top_k: int = 5,
+                generator: torch.Generator | None = None) -> str:
+    """EasyEdit's ``generate_fast`` for one prompt: top-``k`` sampling (temperature 1) until the row,
+    *prompt included*, holds ``max_out_len`` tokens; returns the prompt and its continuation decoded.
+
+    As there, a prompt of ``max_out_len`` tokens or more gets no continuation.  The draws come from
+    ``generator`` (CPU), so a rerun with the same generator state gives the same text.
+    """
+    device = _device(model)
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError("sample_text: the prompt has no tokens")
+    limit = min(max_out_len, _context_limit(model))
+    with no_cache_growth(model):
+        while len(ids) < limit:
+            x = torch.tensor([ids], device=device)
+            logits = model(input_ids=x, attention_mask=torch.ones_like(x)).logits[0, -1].float().cpu()
+            top = torch.topk(torch.softmax(logits, -1), top_k)
+            pick = torch.multinomial(top.values / top.values.sum(), 1, generator=generator)
+            ids.append(int(top.indices[pick]))
+    return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def greedy_text(model, tokenizer, prompt: str, n_tokens: int = 100) -> str:
+    """``n_tokens`` greedy tokens after ``prompt``, the continuation only, decoded."""
+    return tokenizer.decode(greedy_tokens(model, tokenizer, [prompt], n_tokens)[0], skip_special_tokens=True)
