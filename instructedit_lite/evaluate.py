@@ -77,7 +77,7 @@ from . import metrics
 from .atomic import atomic_write_text
 from .config import jsonable
 from .editors import Editor
-from .generation import begins_with, case_generator, greedy_text, greedy_tokens, sample_text
+from .generation import begins_with, case_generator, decided, greedy_text, greedy_tokens, sample_text
 from .records import EditRecord
 from .tasks import is_sentiment
 from .text import prompt_target_batch
@@ -193,13 +193,24 @@ def _convsent_scores(kinds: list[str], logits, labels, pre_logits) -> dict[str, 
     return out
 
 
-def locality_greedy(model, tokenizer, record: EditRecord) -> list[list[int]] | None:
+def locality_greedy(model, tokenizer, record: EditRecord, before: list[list[int]] | None = None) -> list[list[int]] | None:
     """The greedy answer to each locality probe (as many tokens as the probe's answer); None for
-    ConvSent, whose generation success is not defined (module docstring)."""
+    ConvSent, whose generation success is not defined (module docstring).  With ``before`` (the
+    unedited model's answers) a row stops at its first token that differs from them."""
     if is_sentiment(record.task) or not record.locality_probes:
         return None
     probes = record.locality_probes
-    return greedy_tokens(model, tokenizer, [p.prompt for p in probes], [_n_tokens(tokenizer, p.answer) for p in probes])
+    stop = None if before is None else (lambda i, ids: ids[-1] != before[i][len(ids) - 1])
+    return greedy_tokens(model, tokenizer, [p.prompt for p in probes], [_n_tokens(tokenizer, p.answer) for p in probes],
+                         stop=stop)
+
+
+def _answer_text(tokenizer, ids: list[int]) -> str:
+    """The greedy answer's text: its tokens up to the first end-of-text token, decoded."""
+    eos = tokenizer.eos_token_id
+    if eos is not None and eos in ids:
+        ids = ids[: ids.index(eos)]
+    return tokenizer.decode(ids, skip_special_tokens=True)
 
 
 def _gen_scores(model, tokenizer, rec: EditRecord, pre_greedy) -> dict[str, float]:
@@ -208,14 +219,18 @@ def _gen_scores(model, tokenizer, rec: EditRecord, pre_greedy) -> dict[str, floa
         return out
     rows = _gen_rows(rec)
     counts = [max(_n_tokens(tokenizer, a) for a in answers) + GEN_EXTRA_TOKENS for _, _, answers in rows]
-    generated = greedy_tokens(model, tokenizer, [p for _, p, _ in rows], counts)
-    hits = [(kind, begins_with(tokenizer.decode(ids, skip_special_tokens=True), answers))
+
+    def stop(i: int, ids: list[int]) -> bool:  # the answer is decided: more tokens cannot change it
+        return ids[-1] == tokenizer.eos_token_id or decided(_answer_text(tokenizer, ids), rows[i][2])
+
+    generated = greedy_tokens(model, tokenizer, [p for _, p, _ in rows], counts, stop=stop)
+    hits = [(kind, begins_with(_answer_text(tokenizer, ids), answers))
             for (kind, _, answers), ids in zip(rows, generated)]
     for kind in ("reliability", "generalization", "portability"):
         values = [h for k, h in hits if k == kind]
         out[f"gen_{kind}"] = float(np.mean(values)) if values else math.nan
     if pre_greedy is not None:
-        post = locality_greedy(model, tokenizer, rec)
+        post = locality_greedy(model, tokenizer, rec, before=pre_greedy)
         out["gen_locality"] = float(np.mean([a == b for a, b in zip(pre_greedy, post)]))
     return out
 

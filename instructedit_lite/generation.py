@@ -18,12 +18,12 @@ from __future__ import annotations
 import contextlib
 import string
 import zlib
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
 __all__ = ["greedy_tokens", "normalize", "begins_with", "sample_text", "greedy_text", "case_generator",
-           "no_cache_growth"]
+           "no_cache_growth", "decided"]
 
 
 def _device(model) -> torch.device:
@@ -50,12 +50,14 @@ def no_cache_growth(model) -> Iterator[None]:
 
 
 @torch.no_grad()
-def greedy_tokens(model, tokenizer, prompts: Sequence[str], n_tokens: int | Sequence[int]) -> list[list[int]]:
-    """The first ``n_tokens`` greedy token ids after each prompt (one int for all, or one per prompt).
+def greedy_tokens(model, tokenizer, prompts: Sequence[str], n_tokens: int | Sequence[int], *,
+                  stop: Callable[[int, list[int]], bool] | None = None) -> list[list[int]]:
+    """Up to ``n_tokens`` greedy token ids after each prompt (one int for all, or one per prompt).
 
-    One right-padded batch, ``max(n_tokens)`` forward passes; a row's new token is read at its own
-    last position and written just after it.  Generation does not stop at an end-of-text token:
-    the caller decides what the tokens mean.
+    One right-padded batch, at most ``max(n_tokens)`` forward passes; a row's new token is read at
+    its own last position and written just after it.  ``stop(i, ids)``, asked after each new token
+    of row ``i``, ends that row early (its answer is decided); decoding ends when every row has
+    ended.  Generation does not stop at an end-of-text token: the caller decides what tokens mean.
     """
     if not prompts:
         return []
@@ -75,17 +77,22 @@ def greedy_tokens(model, tokenizer, prompts: Sequence[str], n_tokens: int | Sequ
     ids = torch.full((len(rows), width), pad, dtype=torch.long, device=device)
     for i, r in enumerate(rows):
         ids[i, : len(r)] = torch.tensor(r, device=device)
-    length = torch.tensor(lengths, device=device)
-    index = torch.arange(len(rows), device=device)
+    out: list[list[int]] = [[] for _ in rows]
+    active = list(range(len(rows)))
     positions = torch.arange(width, device=device)
     with no_cache_growth(model):
-        for _ in range(steps):
+        while active:
+            length = torch.tensor([lengths[i] + len(out[i]) for i in range(len(rows))], device=device)
             used = int(length.max())  # columns beyond every row's end are never needed
             mask = (positions[:used] < length[:, None]).long()
             logits = model(input_ids=ids[:, :used], attention_mask=mask).logits
-            ids[index, length] = logits[index, length - 1].argmax(-1)
-            length = length + 1
-    return [ids[i, lengths[i]: lengths[i] + counts[i]].tolist() for i in range(len(rows))]
+            index = torch.tensor(active, device=device)
+            new = logits[index, length[index] - 1].argmax(-1)
+            ids[index, length[index]] = new
+            for i, token in zip(active, new.tolist()):
+                out[i].append(token)
+            active = [i for i in active if len(out[i]) < counts[i] and not (stop and stop(i, out[i]))]
+    return out
 
 
 _STRIP = string.whitespace + string.punctuation + "“”‘’«»–—…"
@@ -105,6 +112,17 @@ def begins_with(generated: str, answers: Sequence[str]) -> bool:
     """
     text = normalize(generated)
     return any(a and text.startswith(a) for a in map(normalize, answers))
+
+
+def decided(generated: str, answers: Sequence[str]) -> bool:
+    """Whether more tokens can no longer change :func:`begins_with`: the text already begins with
+    an answer, or it has left every answer (it is no prefix of any).  Text ending in a partial
+    character (``U+FFFD`` from a split byte sequence) is never decided."""
+    if "\ufffd" in generated:
+        return False
+    text = normalize(generated)
+    normalized = [a for a in map(normalize, answers) if a]
+    return any(text.startswith(a) for a in normalized) or not any(a.startswith(text) for a in normalized)
 
 
 def case_generator(seed: int, *keys) -> torch.Generator:
@@ -139,5 +157,11 @@ def sample_text(model, tokenizer, prompt: str, *, max_out_len: int = 100, top_k:
 
 
 def greedy_text(model, tokenizer, prompt: str, n_tokens: int = 100) -> str:
-    """``n_tokens`` greedy tokens after ``prompt``, the continuation only, decoded."""
-    return tokenizer.decode(greedy_tokens(model, tokenizer, [prompt], n_tokens)[0], skip_special_tokens=True)
+    """Up to ``n_tokens`` greedy tokens after ``prompt`` (fewer where the context ends first), the
+    continuation only, decoded."""
+    n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    n = min(n_tokens, _context_limit(model) - n_prompt)
+    if n < 1:
+        raise ValueError(f"greedy_text: a prompt of {n_prompt} tokens leaves no room in the context of "
+                         f"{_context_limit(model)}")
+    return tokenizer.decode(greedy_tokens(model, tokenizer, [prompt], n)[0], skip_special_tokens=True)

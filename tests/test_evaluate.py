@@ -372,3 +372,26 @@ def test_top_k_one_sampling_is_greedy_and_a_long_prompt_gets_no_text(model, tok)
     sampled = generation.sample_text(model, tok, prompt, max_out_len=n_prompt + 6, top_k=1)
     assert sampled == prompt + generation.greedy_text(model, tok, prompt, 6)
     assert generation.sample_text(model, tok, prompt, max_out_len=n_prompt) == prompt  # as generate_fast
+
+
+def test_an_answer_is_decided_only_when_more_text_cannot_change_it():
+    assert generation.decided(" Paris is", ["Paris"])  # begins with the answer: success for good
+    assert generation.decided(" in the", ["Paris", "Lyon"])  # left every answer: failure for good
+    assert not generation.decided(" Par", ["Paris"]) and not generation.decided(" ", ["Paris"])
+    assert not generation.decided(" Z\ufffd", ["Zürich"])  # half a character: wait for the rest
+
+
+def test_stopping_early_gives_the_same_generation_success(model, tok, records):
+    """Decoding stops once an answer is decided; the success is the one of the full-length answer."""
+    for method in (Unedited(), TargetBias()):
+        for rec in (records["counterfact"] + records["zsre"]):
+            rec = method.prepare(dataclasses.replace(rec, target_new="great") if rec.index % 2 else rec)
+            rows = ev._gen_rows(rec)
+            counts = [max(ev._n_tokens(tok, a) for a in ans) + ev.GEN_EXTRA_TOKENS for _, _, ans in rows]
+            with method.edited(model, tok, rec):
+                full = generation.greedy_tokens(model, tok, [p for _, p, _ in rows], counts)
+                scores = ev._gen_scores(model, tok, rec, None)
+            for kind in ("reliability", "generalization", "portability"):
+                hits = [generation.begins_with(ev._answer_text(tok, ids), ans)
+                        for (k, _, ans), ids in zip(rows, full) if k == kind]
+                assert scores[f"gen_{kind}"] == pytest.approx(sum(hits) / len(hits))
