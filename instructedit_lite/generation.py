@@ -16,6 +16,7 @@ The answers are short (a few tokens), so the missing cache costs little (chapter
 from __future__ import annotations
 
 import contextlib
+import inspect
 import string
 import zlib
 from typing import Callable, Iterator, Sequence
@@ -132,25 +133,46 @@ def case_generator(seed: int, *keys) -> torch.Generator:
     return torch.Generator().manual_seed(zlib.crc32(text.encode()))
 
 
+def _kv_cache_is_exact(model) -> bool:
+    """Whether a KV cache gives the same text as full forward passes: a plain Hugging Face model
+    (edited weights or not) with no forward hooks anywhere.  A hook-based edit (GRACE, CaliNet)
+    sees the whole sequence only without the cache; an engine has no cache."""
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        return False
+    return not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
 @torch.no_grad()
 def sample_text(model, tokenizer, prompt: str, *, max_out_len: int = 100, top_k: int = 5,
-                generator: torch.Generator | None = None) -> str:
+                generator: torch.Generator | None = None, use_cache: bool | None = None) -> str:
     """EasyEdit's ``generate_fast`` for one prompt: top-``k`` sampling (temperature 1) until the row,
     *prompt included*, holds ``max_out_len`` tokens; returns the prompt and its continuation decoded.
 
     As there, a prompt of ``max_out_len`` tokens or more gets no continuation.  The draws come from
     ``generator`` (CPU), so a rerun with the same generator state gives the same text.
+    ``use_cache`` (default: where it is exact, see :func:`_kv_cache_is_exact`) feeds one new token
+    per step with the model's KV cache instead of the whole row.
     """
     device = _device(model)
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     if not ids:
         raise ValueError("sample_text: the prompt has no tokens")
     limit = min(max_out_len, _context_limit(model))
+    cache = _kv_cache_is_exact(model) if use_cache is None else use_cache
+    # transformers 5 names the KV cache ``cache``; earlier versions ``past_key_values``
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    past, fed = None, 0
     with no_cache_growth(model):
         while len(ids) < limit:
-            x = torch.tensor([ids], device=device)
-            logits = model(input_ids=x, attention_mask=torch.ones_like(x)).logits[0, -1].float().cpu()
-            top = torch.topk(torch.softmax(logits, -1), top_k)
+            x = torch.tensor([ids[fed:] if cache else ids], device=device)
+            if cache:
+                out = model(input_ids=x, use_cache=True, **{cache_arg: past})
+                past, fed = getattr(out, cache_arg), len(ids)
+            else:
+                out = model(input_ids=x, attention_mask=torch.ones_like(x))
+            top = torch.topk(torch.softmax(out.logits[0, -1].float().cpu(), -1), top_k)
             pick = torch.multinomial(top.values / top.values.sum(), 1, generator=generator)
             ids.append(int(top.indices[pick]))
     return tokenizer.decode(ids, skip_special_tokens=True)

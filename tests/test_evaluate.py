@@ -395,3 +395,13 @@ def test_stopping_early_gives_the_same_generation_success(model, tok, records):
                 hits = [generation.begins_with(ev._answer_text(tok, ids), ans)
                         for (k, _, ans), ids in zip(rows, full) if k == kind]
                 assert scores[f"gen_{kind}"] == pytest.approx(sum(hits) / len(hits))
+
+
+def test_sampled_text_is_the_same_with_and_without_the_kv_cache(model, tok):
+    prompt = "What do you think of the band Zorbi?"
+    texts = [generation.sample_text(model, tok, prompt, max_out_len=40, generator=torch.Generator().manual_seed(3),
+                                    use_cache=cache) for cache in (True, False)]
+    assert texts[0] == texts[1]
+    assert generation._kv_cache_is_exact(model) and not generation._kv_cache_is_exact(ForwardOnly(model))
+    with TargetBias().edited(model, tok, hand_records(n=1)["counterfact"][0]):  # a hook: no cache
+        assert not generation._kv_cache_is_exact(model)
