@@ -145,6 +145,28 @@ def _kv_cache_is_exact(model) -> bool:
 
 
 @torch.no_grad()
+def _extend(model, ids: list[int], n_new: int, pick: Callable[[torch.Tensor], int], use_cache: bool | None) -> list[int]:
+    """``ids`` plus ``n_new`` tokens, each ``pick(next-token logits)``, one row, no padding.
+    ``use_cache`` (default: where it is exact, see :func:`_kv_cache_is_exact`) feeds one new token
+    per step with the model's KV cache instead of the whole row."""
+    device, ids = _device(model), list(ids)
+    cache = _kv_cache_is_exact(model) if use_cache is None else use_cache
+    # transformers 5 names the KV cache ``cache``; earlier versions ``past_key_values``
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    past, fed = None, 0
+    with no_cache_growth(model):
+        for _ in range(n_new):
+            x = torch.tensor([ids[fed:] if cache else ids], device=device)
+            mask = torch.ones(1, len(ids), dtype=torch.long, device=device)  # the whole row, cached part too
+            if cache:
+                out = model(input_ids=x, attention_mask=mask, use_cache=True, **{cache_arg: past})
+                past, fed = getattr(out, cache_arg), len(ids)
+            else:
+                out = model(input_ids=x, attention_mask=mask)
+            ids.append(pick(out.logits[0, -1].float().cpu()))
+    return ids
+
+
 def sample_text(model, tokenizer, prompt: str, *, max_out_len: int = 100, top_k: int = 5,
                 generator: torch.Generator | None = None, use_cache: bool | None = None) -> str:
     """EasyEdit's ``generate_fast`` for one prompt: top-``k`` sampling (temperature 1) until the row,
@@ -152,38 +174,26 @@ def sample_text(model, tokenizer, prompt: str, *, max_out_len: int = 100, top_k:
 
     As there, a prompt of ``max_out_len`` tokens or more gets no continuation.  The draws come from
     ``generator`` (CPU), so a rerun with the same generator state gives the same text.
-    ``use_cache`` (default: where it is exact, see :func:`_kv_cache_is_exact`) feeds one new token
-    per step with the model's KV cache instead of the whole row.
     """
-    device = _device(model)
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     if not ids:
         raise ValueError("sample_text: the prompt has no tokens")
-    limit = min(max_out_len, _context_limit(model))
-    cache = _kv_cache_is_exact(model) if use_cache is None else use_cache
-    # transformers 5 names the KV cache ``cache``; earlier versions ``past_key_values``
-    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    past, fed = None, 0
-    with no_cache_growth(model):
-        while len(ids) < limit:
-            x = torch.tensor([ids[fed:] if cache else ids], device=device)
-            if cache:
-                out = model(input_ids=x, use_cache=True, **{cache_arg: past})
-                past, fed = getattr(out, cache_arg), len(ids)
-            else:
-                out = model(input_ids=x, attention_mask=torch.ones_like(x))
-            top = torch.topk(torch.softmax(out.logits[0, -1].float().cpu(), -1), top_k)
-            pick = torch.multinomial(top.values / top.values.sum(), 1, generator=generator)
-            ids.append(int(top.indices[pick]))
-    return tokenizer.decode(ids, skip_special_tokens=True)
+
+    def pick(logits: torch.Tensor) -> int:
+        top = torch.topk(torch.softmax(logits, -1), top_k)
+        return int(top.indices[torch.multinomial(top.values / top.values.sum(), 1, generator=generator)])
+
+    n_new = max(0, min(max_out_len, _context_limit(model)) - len(ids))
+    return tokenizer.decode(_extend(model, ids, n_new, pick, use_cache), skip_special_tokens=True)
 
 
-def greedy_text(model, tokenizer, prompt: str, n_tokens: int = 100) -> str:
+def greedy_text(model, tokenizer, prompt: str, n_tokens: int = 100, *, use_cache: bool | None = None) -> str:
     """Up to ``n_tokens`` greedy tokens after ``prompt`` (fewer where the context ends first), the
     continuation only, decoded."""
-    n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-    n = min(n_tokens, _context_limit(model) - n_prompt)
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    n = min(n_tokens, _context_limit(model) - len(ids))
     if n < 1:
-        raise ValueError(f"greedy_text: a prompt of {n_prompt} tokens leaves no room in the context of "
+        raise ValueError(f"greedy_text: a prompt of {len(ids)} tokens leaves no room in the context of "
                          f"{_context_limit(model)}")
-    return tokenizer.decode(greedy_tokens(model, tokenizer, [prompt], n)[0], skip_special_tokens=True)
+    out = _extend(model, ids, n, lambda logits: int(logits.argmax()), use_cache)
+    return tokenizer.decode(out[len(ids):], skip_special_tokens=True)

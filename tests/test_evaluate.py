@@ -405,3 +405,10 @@ def test_sampled_text_is_the_same_with_and_without_the_kv_cache(model, tok):
     assert generation._kv_cache_is_exact(model) and not generation._kv_cache_is_exact(ForwardOnly(model))
     with TargetBias().edited(model, tok, hand_records(n=1)["counterfact"][0]):  # a hook: no cache
         assert not generation._kv_cache_is_exact(model)
+
+
+def test_greedy_text_is_the_same_with_and_without_the_kv_cache(model, tok):
+    prompt = "Ada Brun was born in"
+    assert generation.greedy_text(model, tok, prompt, 20, use_cache=True) == generation.greedy_text(
+        model, tok, prompt, 20, use_cache=False)
+    assert generation.greedy_text(model, tok, prompt, 5) == tok.decode(generation.greedy_tokens(model, tok, [prompt], 5)[0])
