@@ -50,18 +50,33 @@ def no_cache_growth(model) -> Iterator[None]:
                 del cache[key]
 
 
+def _decoder(model):
+    """The model to decode with: an engine's full model (the same modules, so the same edited
+    weights and hooks; the engine only caches states below the edited blocks), else ``model``."""
+    return getattr(model, "full_model", model)
+
+
+def _cache_arg(model) -> str:
+    # transformers 5 names the KV cache ``cache``; earlier versions ``past_key_values``
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 @torch.no_grad()
 def greedy_tokens(model, tokenizer, prompts: Sequence[str], n_tokens: int | Sequence[int], *,
-                  stop: Callable[[int, list[int]], bool] | None = None) -> list[list[int]]:
+                  stop: Callable[[int, list[int]], bool] | None = None,
+                  use_cache: bool | None = None) -> list[list[int]]:
     """Up to ``n_tokens`` greedy token ids after each prompt (one int for all, or one per prompt).
 
-    One right-padded batch, at most ``max(n_tokens)`` forward passes; a row's new token is read at
-    its own last position and written just after it.  ``stop(i, ids)``, asked after each new token
-    of row ``i``, ends that row early (its answer is decided); decoding ends when every row has
-    ended.  Generation does not stop at an end-of-text token: the caller decides what tokens mean.
+    One right-padded batch; a row's new token is read at its own last position.  ``stop(i, ids)``,
+    asked after each new token of row ``i``, ends that row early (its answer is decided); decoding
+    ends when every row has ended.  It does not stop at an end-of-text token: the caller decides
+    what the tokens mean.  ``use_cache`` (default: where it is exact, :func:`_kv_cache_is_exact`)
+    feeds one token per row and step with the KV cache (each row's own position ids; the prompt's
+    padding stays masked); otherwise every step is a full forward pass over the rows so far.
     """
     if not prompts:
         return []
+    model = _decoder(model)
     counts = [n_tokens] * len(prompts) if isinstance(n_tokens, int) else list(n_tokens)
     if len(counts) != len(prompts) or min(counts) < 1:
         raise ValueError(f"greedy_tokens: need one count >= 1 per prompt, got {counts}")
@@ -80,20 +95,49 @@ def greedy_tokens(model, tokenizer, prompts: Sequence[str], n_tokens: int | Sequ
         ids[i, : len(r)] = torch.tensor(r, device=device)
     out: list[list[int]] = [[] for _ in rows]
     active = list(range(len(rows)))
-    positions = torch.arange(width, device=device)
+    cache = _kv_cache_is_exact(model) if use_cache is None else use_cache
+    step = _cached_steps(model, ids, lengths) if cache else _full_steps(model, ids, lengths, out)
+    while active:
+        new = next(step).argmax(-1).tolist()
+        for i in active:
+            out[i].append(new[i])
+        active = [i for i in active if len(out[i]) < counts[i] and not (stop and stop(i, out[i]))]
+    step.close()
+    return out
+
+
+def _full_steps(model, ids: torch.Tensor, lengths: list[int], out: list[list[int]]):
+    """Next-token logits of every row, a full forward pass per step over prompt and tokens so far."""
+    positions = torch.arange(ids.shape[1], device=ids.device)
+    rows = torch.arange(len(lengths), device=ids.device)
     with no_cache_growth(model):
-        while active:
-            length = torch.tensor([lengths[i] + len(out[i]) for i in range(len(rows))], device=device)
+        while True:
+            length = torch.tensor([n + len(o) for n, o in zip(lengths, out)], device=ids.device)
+            for i, o in enumerate(out):  # the tokens chosen so far, in place
+                ids[i, lengths[i]: lengths[i] + len(o)] = torch.tensor(o, dtype=torch.long, device=ids.device)
             used = int(length.max())  # columns beyond every row's end are never needed
             mask = (positions[:used] < length[:, None]).long()
             logits = model(input_ids=ids[:, :used], attention_mask=mask).logits
-            index = torch.tensor(active, device=device)
-            new = logits[index, length[index] - 1].argmax(-1)
-            ids[index, length[index]] = new
-            for i, token in zip(active, new.tolist()):
-                out[i].append(token)
-            active = [i for i in active if len(out[i]) < counts[i] and not (stop and stop(i, out[i]))]
-    return out
+            yield logits[rows, length - 1]
+
+
+def _cached_steps(model, ids: torch.Tensor, lengths: list[int]):
+    """The same with the KV cache: the prompts once, then one token per row and step, at position
+    ``length + k`` of its row; the prompts' padding stays in the cache, masked."""
+    width = max(lengths)
+    length = torch.tensor(lengths, device=ids.device)
+    mask = (torch.arange(width, device=ids.device) < length[:, None]).long()
+    rows = torch.arange(len(lengths), device=ids.device)
+    arg = _cache_arg(model)
+    result = model(input_ids=ids[:, :width], attention_mask=mask, use_cache=True)
+    logits, past = result.logits[rows, length - 1], getattr(result, arg)
+    while True:
+        new = yield logits
+        token = logits.argmax(-1) if new is None else new
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        result = model(input_ids=token[:, None], attention_mask=mask, position_ids=length[:, None],
+                       use_cache=True, **{arg: past})
+        logits, past, length = result.logits[:, -1], getattr(result, arg), length + 1
 
 
 _STRIP = string.whitespace + string.punctuation + "“”‘’«»–—…"
@@ -149,10 +193,10 @@ def _extend(model, ids: list[int], n_new: int, pick: Callable[[torch.Tensor], in
     """``ids`` plus ``n_new`` tokens, each ``pick(next-token logits)``, one row, no padding.
     ``use_cache`` (default: where it is exact, see :func:`_kv_cache_is_exact`) feeds one new token
     per step with the model's KV cache instead of the whole row."""
+    model = _decoder(model)
     device, ids = _device(model), list(ids)
     cache = _kv_cache_is_exact(model) if use_cache is None else use_cache
-    # transformers 5 names the KV cache ``cache``; earlier versions ``past_key_values``
-    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache_arg = _cache_arg(model)
     past, fed = None, 0
     with no_cache_growth(model):
         for _ in range(n_new):

@@ -412,3 +412,24 @@ def test_greedy_text_is_the_same_with_and_without_the_kv_cache(model, tok):
     assert generation.greedy_text(model, tok, prompt, 20, use_cache=True) == generation.greedy_text(
         model, tok, prompt, 20, use_cache=False)
     assert generation.greedy_text(model, tok, prompt, 5) == tok.decode(generation.greedy_tokens(model, tok, [prompt], 5)[0])
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_cached_greedy_equals_full_passes_on_a_ragged_batch(tok, arch):
+    """The KV-cached batch (right padding left in the cache, masked; per-row position ids) gives
+    the tokens of full forward passes, for GPT-2's absolute and LLaMA's rotary positions."""
+    if arch == "gpt2":
+        net = tiny_model(tok, seed=2)
+    else:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        net = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                           max_position_embeddings=256)).eval()
+    prompts = ["Ada Brun was born in", "What do you think of the band Zorbi? I", "Oslo", "Cy Lorm works as a"]
+    cached = generation.greedy_tokens(net, tok, prompts, [6, 3, 5, 4], use_cache=True)
+    full = generation.greedy_tokens(net, tok, prompts, [6, 3, 5, 4], use_cache=False)
+    assert cached == full and [len(c) for c in cached] == [6, 3, 5, 4]
+    one_by_one = [generation.greedy_tokens(net, tok, [p], n, use_cache=False)[0] for p, n in zip(prompts, [6, 3, 5, 4])]
+    assert full == one_by_one  # the padding of a batch changes nothing
