@@ -193,7 +193,8 @@ def _convsent_scores(kinds: list[str], logits, labels, pre_logits) -> dict[str, 
     return out
 
 
-def locality_greedy(model, tokenizer, record: EditRecord, before: list[list[int]] | None = None) -> list[list[int]] | None:
+def locality_greedy(model, tokenizer, record: EditRecord,
+                    before: list[list[int]] | None = None) -> list[list[int]] | None:
     """The greedy answer to each locality probe (as many tokens as the probe's answer); None for
     ConvSent, whose generation success is not defined (module docstring).  With ``before`` (the
     unedited model's answers) a row stops at its first token that differs from them."""
@@ -201,8 +202,8 @@ def locality_greedy(model, tokenizer, record: EditRecord, before: list[list[int]
         return None
     probes = record.locality_probes
     stop = None if before is None else (lambda i, ids: ids[-1] != before[i][len(ids) - 1])
-    return greedy_tokens(model, tokenizer, [p.prompt for p in probes], [_n_tokens(tokenizer, p.answer) for p in probes],
-                         stop=stop)
+    counts = [_n_tokens(tokenizer, p.answer) for p in probes]
+    return greedy_tokens(model, tokenizer, [p.prompt for p in probes], counts, stop=stop)
 
 
 def _answer_text(tokenizer, ids: list[int]) -> str:

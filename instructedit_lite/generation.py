@@ -189,7 +189,8 @@ def _kv_cache_is_exact(model) -> bool:
 
 
 @torch.no_grad()
-def _extend(model, ids: list[int], n_new: int, pick: Callable[[torch.Tensor], int], use_cache: bool | None) -> list[int]:
+def _extend(model, ids: list[int], n_new: int, pick: Callable[[torch.Tensor], int],
+            use_cache: bool | None) -> list[int]:
     """``ids`` plus ``n_new`` tokens, each ``pick(next-token logits)``, one row, no padding.
     ``use_cache`` (default: where it is exact, see :func:`_kv_cache_is_exact`) feeds one new token
     per step with the model's KV cache instead of the whole row."""

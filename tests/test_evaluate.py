@@ -286,7 +286,8 @@ def test_generation_success_of_the_unedited_and_of_a_strong_edit(model, tok, rec
     assert sent[list(ev.GEN_METRICS)].isna().all().all()  # ConvSent: not defined
     assert (facts.loc["base model", "gen_locality"] == 1.0).all()  # nothing changed
     assert (facts.loc["base model", "gen_reliability"] == 0.0).all()  # a random model does not say "great"
-    assert (facts.loc["bias", "gen_reliability"] == 1.0).all() and (facts.loc["bias", "gen_generalization"] == 1.0).all()
+    assert (facts.loc["bias", "gen_reliability"] == 1.0).all()
+    assert (facts.loc["bias", "gen_generalization"] == 1.0).all()
     assert (facts.loc["bias", "gen_locality"] < 1.0).all()  # it says "great" everywhere
     # a greedy answer with the target's tokens is a teacher-forced exact match
     assert (facts.gen_reliability >= facts.reliability_em).all()
@@ -411,7 +412,8 @@ def test_greedy_text_is_the_same_with_and_without_the_kv_cache(model, tok):
     prompt = "Ada Brun was born in"
     assert generation.greedy_text(model, tok, prompt, 20, use_cache=True) == generation.greedy_text(
         model, tok, prompt, 20, use_cache=False)
-    assert generation.greedy_text(model, tok, prompt, 5) == tok.decode(generation.greedy_tokens(model, tok, [prompt], 5)[0])
+    tokens = generation.greedy_tokens(model, tok, [prompt], 5)[0]
+    assert generation.greedy_text(model, tok, prompt, 5) == tok.decode(tokens)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
