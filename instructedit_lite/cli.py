@@ -5,7 +5,7 @@
                             [--seed S] [--out DIR] [--smoke] [--no-cache] [--threads T]
     instructedit-lite bench [--model smollm2 --json] [--out FILE] [--repeats N] [--threads T]
     instructedit-lite evaluate --method InstructEdit --task zsre [--split test] [--n 50] [--out FILE.json]
-    instructedit-lite reproduce [--smoke] --out DIR [--n N] [--processes P]
+    instructedit-lite reproduce [--smoke] --out DIR [--n N] [--processes P] [--fluency greedy] [--no-generation]
     instructedit-lite fetch-data DIR
     instructedit-lite optimize-instructions --model embedded --rounds N --out FILE
                             [--proposer smollm2|http --url URL --api-model NAME]
@@ -87,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--n", type=int, default=None, help="test cases per task (default 50; smoke 4)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--processes", type=int, default=None, help="editors trained side by side (default: cores)")
+    r.add_argument("--fluency", choices=("easyedit", "greedy"), default="easyedit",
+                   help="fluency text: EasyEdit's top-5 sampling, seeded (default), or greedy")
+    r.add_argument("--no-generation", action="store_true",
+                   help="skip generation success (the gen_* columns: greedy answers after each prompt)")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     for command in (t, e, r):
         command.add_argument("--model", default="embedded",
@@ -223,7 +227,8 @@ def cmd_reproduce(args, stream) -> int:
 
     base = None if args.model in (None, "embedded") else load_base(args)
     results = reproduce(args.out, smoke=args.smoke, seed=args.seed, n_cases=args.n, processes=args.processes,
-                        progress=not args.quiet, base=base)
+                        progress=not args.quiet, base=base, fluency=args.fluency,
+                        generation=not args.no_generation)
     _print_json({"out": str(args.out), "headline": results["headline"], "timings": results["timings"]}, stream)
     return 0
 

@@ -4,30 +4,61 @@ For each record and each method (:class:`~instructedit_lite.editors.Editor`):
 
 1. ``rec = method.prepare(record)``: InstructEdit prefixes the edit prompt, the rephrases and the
    portability probes with the task instruction; locality probes are never prefixed.
-2. Before the edit (once per record, shared by all methods): the locality rows' logits.
+2. Before the edit (once per record, shared by all methods): the locality rows' logits and the
+   greedy answers to the locality prompts; for ConvSent (per method: the rows carry its
+   instruction) the scoring rows' logits, for ES's topic factor.
 3. Inside ``with method.edited(model, tokenizer, rec)``: one batched forward pass over all scoring
-   rows (edit prompt, rephrases, portability), one over the locality rows, and, for the first
-   ``fluency_cases`` records of each task, a greedy generation for the fluency score.
+   rows (edit prompt, rephrases, portability), one over the locality rows, the batched greedy
+   answers of generation success, and, for the first ``fluency_cases`` records of each task, the
+   text scored for fluency.  Decoding runs through ``model``'s forward like the scores
+   (:mod:`~instructedit_lite.generation`), so an engine or a hook-based edit is seen the same way.
 4. On leaving the block the model is the original again; the next case starts from it.
 
 Scores per case (columns of the tidy table, one row per method × case):
 
-=================  =========================================  =========================================
-column             fact tasks (counterfact, wikirecent, zsre)  convsent
-=================  =========================================  =========================================
-reliability        token accuracy of ``target_new``            ES on the edit question
-reliability_em     exact match of ``target_new``               1 if the wanted sentiment wins there
-generalization     token accuracy on the rephrases (mean)      ES on the rephrased question
-generalization_em  exact match on the rephrases (mean)         1 if the wanted sentiment wins there
-portability        token accuracy of the portability answers  (none)
-portability_em     exact match of the portability answers      (none)
-locality           argmax agreement pre/post, locality rows    agreement on another topic's responses
-drawdown           KL(pre ‖ post) on the locality rows         DD: the same, the ConvSent metric
-fluency            n-gram entropy of generated text            the same
-=================  =========================================  =========================================
+==================  ========================================  ==========================================
+column              fact tasks (counterfact, wikirecent, zsre) convsent
+==================  ========================================  ==========================================
+reliability         token accuracy of ``target_new``           ES on the edit question
+reliability_em      exact match of ``target_new``              1 if the wanted sentiment wins there
+token_accuracy      token accuracy of ``target_new``           the same: the paper's ConvSent column
+generalization      token accuracy on the rephrases (mean)     ES on the rephrased question
+generalization_em   exact match on the rephrases (mean)        1 if the wanted sentiment wins there
+portability         token accuracy of the portability answers  (none)
+portability_em      exact match of the portability answers     (none)
+locality            argmax agreement pre/post, locality rows   agreement on another topic's responses
+drawdown            KL(pre ‖ post) on the locality rows        DD: the same, the ConvSent metric
+gen_reliability     greedy answer begins with ``target_new``   (none: NaN)
+gen_generalization  the same after each rephrase (mean)        (none: NaN)
+gen_portability     greedy answer begins with an alias         (none: NaN)
+gen_locality        greedy locality answer unchanged           (none: NaN)
+fluency             n-gram entropy of generated text           the same
+==================  ========================================  ==========================================
 
-ES (edit success) = ``σ(mean log p(wanted responses) − mean log p(unwanted responses))`` after the
-question, over all responses of each sentiment (:func:`~instructedit_lite.metrics.edit_success`).
+**Teacher-forced** scores (the paper's) hand the model the answer's earlier tokens; **generation
+success** (``gen_*``, chapter 5) asks what the edited model actually says: the greedy
+continuation of the (instructed) prompt, as many tokens as the answer has plus
+:data:`GEN_EXTRA_TOKENS`, normalised (case, spacing, surrounding punctuation), counts when it
+begins with an acceptable answer (``target_new``; a probe's aliases), a plain prefix test.  ``gen_locality`` is the
+share of locality prompts whose greedy answer (as many tokens as the probe's answer) is the same
+token for token after the edit.  A greedy answer whose tokens are the target's is exactly a
+teacher-forced exact match, so ``gen_reliability ≥ reliability_em`` up to ties in the argmax;
+it is higher when the model says the answer in other tokens or letter case.  ConvSent's
+answers are free text with a sentiment, which no cheap rule judges honestly: its ``gen_*`` are NaN.
+
+ES (edit success) is the reference's (EasyEdit ``evaluate_utils.es``):
+``σ(ℓ⁺ − ℓ⁻) · min(1, exp(ℓ⁺ − ℓ⁺_pre))``, with ``ℓ⁺``/``ℓ⁻`` the mean log-probability per token
+pooled over all responses of the wanted/other sentiment after the question, and ``ℓ⁺_pre`` the
+same for the unedited model (:func:`~instructedit_lite.metrics.edit_success`,
+:func:`~instructedit_lite.metrics.topic_factor`).  The paper's ConvSent *columns* are plain token
+accuracy of ``target_new`` after the question (``token_accuracy``); the tables' averages over
+tasks use ``reliability``, i.e. ES for ConvSent.
+
+**Fluency** follows EasyEdit's ``generate_fast`` by default (``fluency="easyedit"``): top-5
+sampling from a generator seeded per case (:func:`~instructedit_lite.generation.case_generator`,
+the same for every method), until prompt and continuation hold 100 tokens, scored on the whole
+text with case-sensitive words (:func:`~instructedit_lite.metrics.fluency_easyedit`).
+``fluency="greedy"``: 100 greedy tokens after the prompt, the continuation alone, lower-cased.
 """
 
 from __future__ import annotations
@@ -46,16 +77,24 @@ from . import metrics
 from .atomic import atomic_write_text
 from .config import jsonable
 from .editors import Editor
+from .generation import begins_with, case_generator, decided, greedy_text, greedy_tokens, sample_text
 from .records import EditRecord
 from .tasks import is_sentiment
 from .text import prompt_target_batch
 
-__all__ = ["METRICS", "evaluate_case", "evaluate_methods", "summarize", "average_over_tasks", "write_results",
-           "locality_rows", "generate", "nested", "timed", "paired_difference"]
+__all__ = ["METRICS", "GEN_METRICS", "FLUENCY_MODES", "GEN_EXTRA_TOKENS", "evaluate_case", "evaluate_methods",
+           "summarize", "average_over_tasks", "write_results", "locality_rows", "locality_greedy", "generate",
+           "nested", "timed", "paired_difference"]
 
+#: Generation-success columns (greedy decoding, chapter 5).
+GEN_METRICS = ("gen_reliability", "gen_generalization", "gen_portability", "gen_locality")
 #: Metric columns of the per-case table, in display order.
-METRICS = ("reliability", "reliability_em", "generalization", "generalization_em", "portability", "portability_em",
-           "locality", "drawdown", "fluency")
+METRICS = ("reliability", "reliability_em", "token_accuracy", "generalization", "generalization_em", "portability",
+           "portability_em", "locality", "drawdown", *GEN_METRICS, "fluency")
+#: How fluency text is produced and scored: EasyEdit's ``generate_fast`` convention, or greedy.
+FLUENCY_MODES = ("easyedit", "greedy")
+#: Greedy tokens decoded beyond an answer's own length (its tokens in context may differ).
+GEN_EXTRA_TOKENS = 2
 
 
 def locality_rows(record: EditRecord) -> list[tuple[str, str]]:
@@ -77,7 +116,9 @@ def _forward(model, tokenizer, rows: Sequence[tuple[str, str]]) -> tuple[torch.T
 
 @torch.no_grad()
 def generate(model, tokenizer, prompt: str, max_new_tokens: int = 100) -> str:
-    """Greedy continuation of ``prompt`` (at most the model's context length), decoded."""
+    """Greedy continuation of ``prompt`` (at most the model's context length), decoded, through
+    ``model.generate`` (a plain Hugging Face model only; evaluation uses
+    :func:`~instructedit_lite.generation.greedy_text`, which works for any model or engine)."""
     device = next(model.parameters()).device
     ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
     limit = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 1024)
@@ -97,8 +138,16 @@ def _fact_rows(rec: EditRecord) -> list[tuple[str, str, str]]:
     return rows
 
 
+def _gen_rows(rec: EditRecord) -> list[tuple[str, str, tuple[str, ...]]]:
+    """``(kind, prompt, acceptable answers)`` of the generation-success rows of a fact record."""
+    rows = [("reliability", rec.prompt, (rec.target_new,))]
+    rows += [("generalization", r, (rec.target_new,)) for r in rec.rephrase]
+    rows += [("portability", p.prompt, p.answers) for p in rec.portability_probes]
+    return rows
+
+
 def _convsent_rows(rec: EditRecord) -> list[tuple[str, str, str]]:
-    rows = []
+    rows = [("token_accuracy", rec.prompt, rec.target_new)]
     for kind, questions in (("reliability", [rec.prompt]), ("generalization", list(rec.rephrase))):
         for q_index, question in enumerate(questions):
             rows += [(f"{kind}/{q_index}/wanted", question, r) for r in rec.wanted_responses]
@@ -106,64 +155,147 @@ def _convsent_rows(rec: EditRecord) -> list[tuple[str, str, str]]:
     return rows
 
 
-def _fact_scores(kinds: list[str], logits, labels) -> dict[str, float]:
+def _n_tokens(tokenizer, answer: str) -> int:
+    return len(tokenizer(" " + answer.strip(), add_special_tokens=False)["input_ids"])
+
+
+def _fact_scores(kinds: list[str], logits, labels, pre_logits=None) -> dict[str, float]:
     acc = metrics.token_accuracy(logits, labels).tolist()
     out: dict[str, float] = {}
     for kind in ("reliability", "generalization", "portability"):
         values = [a for k, a in zip(kinds, acc) if k == kind]
         out[kind] = float(np.mean(values)) if values else math.nan
         out[f"{kind}_em"] = float(np.mean([a == 1.0 for a in values])) if values else math.nan
+    out["token_accuracy"] = out["reliability"]
     return out
 
 
-def _convsent_scores(kinds: list[str], logits, labels) -> dict[str, float]:
-    logp = metrics.mean_logprob(logits, labels)
-    out: dict[str, float] = {}
+def _convsent_scores(kinds: list[str], logits, labels, pre_logits) -> dict[str, float]:
+    """ES with the reference's pooling and topic factor, per question, then averaged."""
+    out: dict[str, float] = {"token_accuracy": float(metrics.token_accuracy(logits[:1], labels[:1])[0])}
     for kind in ("reliability", "generalization"):
         es, wins = [], []
         questions = sorted({k.split("/")[1] for k in kinds if k.startswith(kind + "/")})
         for q in questions:
-            wanted = logp[[i for i, k in enumerate(kinds) if k == f"{kind}/{q}/wanted"]]
-            unwanted = logp[[i for i, k in enumerate(kinds) if k == f"{kind}/{q}/unwanted"]]
-            es.append(metrics.edit_success(wanted, unwanted))
-            wins.append(float(wanted.mean() > unwanted.mean()))
+            w = [i for i, k in enumerate(kinds) if k == f"{kind}/{q}/wanted"]
+            u = [i for i, k in enumerate(kinds) if k == f"{kind}/{q}/unwanted"]
+            wanted = metrics.pooled_logprob(logits[w], labels[w])
+            unwanted = metrics.pooled_logprob(logits[u], labels[u]) if u else None
+            if unwanted is None:  # no response of the other sentiment: nothing to contrast
+                es.append(math.nan)
+                wins.append(math.nan)
+                continue
+            es.append(metrics.edit_success(wanted, unwanted, metrics.pooled_logprob(pre_logits[w], labels[w])))
+            wins.append(float(wanted.item() > unwanted.item()))
         out[kind] = float(np.mean(es)) if es else math.nan
         out[f"{kind}_em"] = float(np.mean(wins)) if wins else math.nan
     out["portability"] = out["portability_em"] = math.nan
     return out
 
 
+def locality_greedy(model, tokenizer, record: EditRecord,
+                    before: list[list[int]] | None = None) -> list[list[int]] | None:
+    """The greedy answer to each locality probe (as many tokens as the probe's answer); None for
+    ConvSent, whose generation success is not defined (module docstring).  With ``before`` (the
+    unedited model's answers) a row stops at its first token that differs from them."""
+    if is_sentiment(record.task) or not record.locality_probes:
+        return None
+    probes = record.locality_probes
+    stop = None if before is None else (lambda i, ids: ids[-1] != before[i][len(ids) - 1])
+    counts = [_n_tokens(tokenizer, p.answer) for p in probes]
+    return greedy_tokens(model, tokenizer, [p.prompt for p in probes], counts, stop=stop)
+
+
+def _answer_text(tokenizer, ids: list[int]) -> str:
+    """The greedy answer's text: its tokens up to the first end-of-text token, decoded."""
+    eos = tokenizer.eos_token_id
+    if eos is not None and eos in ids:
+        ids = ids[: ids.index(eos)]
+    return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def _gen_scores(model, tokenizer, rec: EditRecord, pre_greedy) -> dict[str, float]:
+    out = dict.fromkeys(GEN_METRICS, math.nan)
+    if is_sentiment(rec.task):
+        return out
+    rows = _gen_rows(rec)
+    counts = [max(_n_tokens(tokenizer, a) for a in answers) + GEN_EXTRA_TOKENS for _, _, answers in rows]
+
+    def stop(i: int, ids: list[int]) -> bool:  # the answer is decided: more tokens cannot change it
+        return ids[-1] == tokenizer.eos_token_id or decided(_answer_text(tokenizer, ids), rows[i][2])
+
+    generated = greedy_tokens(model, tokenizer, [p for _, p, _ in rows], counts, stop=stop)
+    hits = [(kind, begins_with(_answer_text(tokenizer, ids), answers))
+            for (kind, _, answers), ids in zip(rows, generated)]
+    for kind in ("reliability", "generalization", "portability"):
+        values = [h for k, h in hits if k == kind]
+        out[f"gen_{kind}"] = float(np.mean(values)) if values else math.nan
+    if pre_greedy is not None:
+        post = locality_greedy(model, tokenizer, rec, before=pre_greedy)
+        out["gen_locality"] = float(np.mean([a == b for a, b in zip(pre_greedy, post)]))
+    return out
+
+
+def _fluency(model, tokenizer, rec: EditRecord, record: EditRecord, tokens: int, mode: str, seed: int):
+    if mode == "easyedit":
+        text = sample_text(model, tokenizer, rec.prompt, max_out_len=tokens,
+                           generator=case_generator(seed, record.task, record.source, record.index))
+        return text, metrics.fluency_easyedit(text)
+    text = greedy_text(model, tokenizer, rec.prompt, tokens)
+    return text, metrics.fluency(text)
+
+
 def evaluate_case(method: Editor, model, tokenizer, record: EditRecord, *, pre_locality=None,
-                  fluency_tokens: int = 0) -> dict[str, Any]:
-    """One test case: edit, score, undo.  ``pre_locality``: the unedited model's logits on
-    :func:`locality_rows` (computed here if not given).  ``fluency_tokens > 0`` also generates that
-    many tokens after the edit prompt and scores their fluency."""
+                  pre_greedy=None, fluency_tokens: int = 0, fluency: str = "easyedit", generation: bool = True,
+                  seed: int = 0) -> dict[str, Any]:
+    """One test case: edit, score, undo.
+
+    ``pre_locality`` / ``pre_greedy``: the unedited model's logits on :func:`locality_rows` and its
+    :func:`locality_greedy` answers (computed here if not given).  ``generation``: also score
+    generation success (``gen_*``).  ``fluency_tokens > 0`` also scores fluency on text generated
+    after the edit prompt: ``fluency="easyedit"`` samples until prompt and text hold that many
+    tokens, from a generator seeded by ``seed`` and the case; ``"greedy"`` adds that many greedy
+    tokens.
+    """
+    if fluency not in FLUENCY_MODES:
+        raise ValueError(f"fluency must be one of {FLUENCY_MODES}, got {fluency!r}")
     rec = method.prepare(record)
     loc_rows = locality_rows(record)
     if pre_locality is None:
         pre_locality = _forward(model, tokenizer, loc_rows)[0]
-    score_rows = _convsent_rows(rec) if is_sentiment(record.task) else _fact_rows(rec)
+    if generation and pre_greedy is None:
+        pre_greedy = locality_greedy(model, tokenizer, record)
+    sentiment = is_sentiment(record.task)
+    score_rows = _convsent_rows(rec) if sentiment else _fact_rows(rec)
     kinds = [k for k, _, _ in score_rows]
+    score_pairs = [(p, a) for _, p, a in score_rows]
+    pre_scores = _forward(model, tokenizer, score_pairs)[0] if sentiment else None  # ES's topic factor
     with method.edited(model, tokenizer, rec) as info:
-        logits, labels = _forward(model, tokenizer, [(p, a) for _, p, a in score_rows])
+        logits, labels = _forward(model, tokenizer, score_pairs)
         post_locality, loc_labels = _forward(model, tokenizer, loc_rows)
-        text = generate(model, tokenizer, rec.prompt, fluency_tokens) if fluency_tokens else None
-    scores = (_convsent_scores if is_sentiment(record.task) else _fact_scores)(kinds, logits, labels)
+        gen = _gen_scores(model, tokenizer, rec, pre_greedy) if generation else dict.fromkeys(GEN_METRICS, math.nan)
+        text, fluency_score = (_fluency(model, tokenizer, rec, record, fluency_tokens, fluency, seed)
+                               if fluency_tokens else (None, math.nan))
+    scores = (_convsent_scores if sentiment else _fact_scores)(kinds, logits, labels, pre_scores)
     scores["locality"] = float(metrics.agreement(pre_locality, post_locality, loc_labels).mean())
     scores["drawdown"] = float(metrics.drawdown(pre_locality, post_locality, loc_labels).mean())
-    scores["fluency"] = metrics.fluency(text) if text is not None else math.nan
+    scores.update(gen)
+    scores["fluency"] = fluency_score
     return {"method": method.name, "task": record.task, "case": record.index, "subject": record.subject,
-            **scores, "edit_seconds": info.seconds, "generated": text,
+            **{m: scores[m] for m in METRICS}, "edit_seconds": info.seconds, "generated": text,
             **{f"detail:{k}": v for k, v in info.details.items()}}
 
 
 def evaluate_methods(methods: Sequence[Editor], model, tokenizer, records: Mapping[str, Sequence[EditRecord]] | Sequence[EditRecord],
-                     *, fluency_cases: int = 0, fluency_tokens: int = 100, progress: bool = True) -> pd.DataFrame:
+                     *, fluency_cases: int = 0, fluency_tokens: int = 100, fluency: str = "easyedit",
+                     generation: bool = True, seed: int = 0, progress: bool = True) -> pd.DataFrame:
     """Every method on every record (task → records, or a flat list), one row per method × case.
 
-    Records are the outer loop so that the unedited model's locality logits are computed once
-    per record and shared by all methods.  The model's weights are checked to be the original
-    ones after every case (a leaked edit would corrupt every later number).
+    Records are the outer loop so that the unedited model's locality logits and greedy answers
+    are computed once per record and shared by all methods.  The model's weights are checked to
+    be the original ones after every case (a leaked edit would corrupt every later number).
+    ``generation`` (generation success, on by default), ``fluency`` and ``seed``: as in
+    :func:`evaluate_case`; fluency is scored on the first ``fluency_cases`` records of each task.
     """
     from tqdm.auto import tqdm
 
@@ -172,6 +304,8 @@ def evaluate_methods(methods: Sequence[Editor], model, tokenizer, records: Mappi
     names = [m.name for m in methods]
     if len(set(names)) != len(names):
         raise ValueError(f"evaluate_methods: method names must be distinct, got {names}")
+    if fluency not in FLUENCY_MODES:
+        raise ValueError(f"fluency must be one of {FLUENCY_MODES}, got {fluency!r}")
     fingerprint = _fingerprint(model)
     seen_per_task: dict[str, int] = {}
     rows = []
@@ -180,9 +314,11 @@ def evaluate_methods(methods: Sequence[Editor], model, tokenizer, records: Mappi
         n_task = seen_per_task.get(record.task, 0)
         seen_per_task[record.task] = n_task + 1
         pre = _forward(model, tokenizer, locality_rows(record))[0]
+        pre_greedy = locality_greedy(model, tokenizer, record) if generation else None
         for method in methods:
-            rows.append(evaluate_case(method, model, tokenizer, record, pre_locality=pre,
-                                      fluency_tokens=fluency_tokens if n_task < fluency_cases else 0))
+            rows.append(evaluate_case(method, model, tokenizer, record, pre_locality=pre, pre_greedy=pre_greedy,
+                                      fluency_tokens=fluency_tokens if n_task < fluency_cases else 0,
+                                      fluency=fluency, generation=generation, seed=seed))
             bar.update(1)
         if _fingerprint(model) != fingerprint:
             raise RuntimeError(f"the model was not restored after editing {record.source}, record {record.index}")

@@ -32,7 +32,7 @@ from .train import TrainConfig, TrainedEditor, default_config
 
 __all__ = ["editor_configs", "scaling_configs", "balance_configs", "build_methods", "PerTaskMethod",
            "evaluation_records", "main_evaluation", "multitask_table", "holdout_table", "unseen_table",
-           "N_CASES", "N_CASES_SMOKE", "FLUENCY_CASES", "UNSEEN", "SINGLE", "COMPARED"]
+           "N_CASES", "N_CASES_SMOKE", "FLUENCY_CASES", "UNSEEN", "SINGLE", "COMPARED", "GENERATION_COLUMNS"]
 
 #: Test cases per task in the book (and in ``reproduce``), and in smoke mode.
 N_CASES = 50
@@ -108,9 +108,10 @@ def evaluation_records(source, n: int, tasks: Sequence[str] | None = None) -> di
 
 
 def main_evaluation(methods: Mapping[str, Editor], base, records: Mapping[str, list[EditRecord]], *,
-                    fluency_cases: int = FLUENCY_CASES, progress: bool = True) -> pd.DataFrame:
+                    fluency_cases: int = FLUENCY_CASES, progress: bool = True, **options) -> pd.DataFrame:
     """One pass: every method on every record, except the single-task editors on the held-out
-    task (there is no single-task ZsRE editor).  One row per method × case."""
+    task (there is no single-task ZsRE editor).  One row per method × case.  ``options``
+    (``generation``, ``fluency``, ``seed``, ...) reach :func:`~instructedit_lite.evaluate.evaluate_methods`."""
     def held_out(name: str) -> bool:  # unregistered methods are evaluated everywhere
         return name not in _methods.method_names() or _methods.get_method(name).held_out
 
@@ -119,10 +120,10 @@ def main_evaluation(methods: Mapping[str, Editor], base, records: Mapping[str, l
     single = [m for name, m in methods.items() if not held_out(name)]
     others = [m for name, m in methods.items() if held_out(name)]
     parts = [evaluate_methods(others, base.model, base.tokenizer, records, fluency_cases=fluency_cases,
-                              progress=progress)]
+                              progress=progress, **options)]
     if single:
         parts.append(evaluate_methods(single, base.model, base.tokenizer, fact_records,
-                                      fluency_cases=fluency_cases, progress=progress))
+                                      fluency_cases=fluency_cases, progress=progress, **options))
     return pd.concat(parts, ignore_index=True)
 
 
@@ -210,15 +211,21 @@ def _held_out_label() -> str:
 
 
 RESULT_COLUMNS = ["reliability", "generalization", "locality", "portability", "fluency"]
+#: Teacher-forced columns beside their generation-success counterparts (results.md).
+GENERATION_COLUMNS = ["reliability", "reliability_em", "gen_reliability", "generalization", "gen_generalization",
+                      "portability", "gen_portability", "locality", "gen_locality"]
 
 
 def reproduce(out_dir, *, smoke: bool = False, seed: int = 0, n_cases: int | None = None,
               processes: int | None = None, progress: bool = True, base=None,
-              fluency_cases: int | None = None) -> dict[str, Any]:
+              fluency_cases: int | None = None, fluency: str = "easyedit", generation: bool = True) -> dict[str, Any]:
     """The book's editors and experiments end to end for ``base`` (a
     :class:`~instructedit_lite.base_model.BaseModel`; default: the embedded model of world ``seed``):
-    train (or load) the editors, evaluate every registered method, and write ``out_dir/results.json``, ``out_dir/results.md`` and the per-case table
-    ``out_dir/cases.csv`` (each written atomically).  Returns the results dictionary."""
+    train (or load) the editors, evaluate every registered method, and write ``out_dir/results.json``,
+    ``out_dir/results.md`` and the per-case table ``out_dir/cases.csv`` (each written atomically), with
+    the teacher-forced and the generation-success columns (``generation``) and fluency by the
+    ``fluency`` convention (:data:`~instructedit_lite.evaluate.FLUENCY_MODES`).  Returns the results
+    dictionary."""
     import json
     import platform
     import time
@@ -250,7 +257,8 @@ def reproduce(out_dir, *, smoke: bool = False, seed: int = 0, n_cases: int | Non
     records = evaluation_records(base.source, n_cases)
     if fluency_cases is None:  # generation is the slow part: one case per task in smoke mode
         fluency_cases = 1 if smoke else min(FLUENCY_CASES, n_cases)
-    cases = main_evaluation(methods, base, records, fluency_cases=fluency_cases, progress=progress)
+    cases = main_evaluation(methods, base, records, fluency_cases=fluency_cases, progress=progress,
+                            fluency=fluency, generation=generation, seed=seed)
     timings["evaluation_s"] = time.perf_counter() - start
     per_method_seconds = cases.groupby("method")["edit_seconds"].mean()
 
@@ -259,6 +267,7 @@ def reproduce(out_dir, *, smoke: bool = False, seed: int = 0, n_cases: int | Non
     unseen = unseen_table(cases)
     results = {
         "settings": {"smoke": smoke, "seed": seed, "cases_per_task": n_cases, "base_model": base.key,
+                     "fluency": fluency, "fluency_cases": fluency_cases, "generation_success": generation,
                      "editors": {name: {"config_key": t.config.key(), "train_seconds": t.summary["train_seconds"],
                                         "loaded_from_cache": t.loaded} for name, t in trained.items()},
                      "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine()},
@@ -270,8 +279,15 @@ def reproduce(out_dir, *, smoke: bool = False, seed: int = 0, n_cases: int | Non
     }
     markdown = "\n\n".join([
         f"# instructedit-lite reproduce ({'smoke' if smoke else 'full'}: {n_cases} test cases per task, seed {seed})",
+        f"Fluency: {fluency} convention on {fluency_cases} case(s) per task "
+        f"({'top-5 sampling, 100 tokens counting the prompt' if fluency == 'easyedit' else '100 greedy tokens'}).",
         "## Multi-task editing (Table 3 analogue)", _markdown(multi[RESULT_COLUMNS]),
         f"## Hold-out editing ({_held_out_label()}, no editor trained on it)", _markdown(hold[RESULT_COLUMNS]),
+        "## Teacher-forced against generation success (multi-task editing)",
+        "`gen_*`: the greedy answer begins with the target (locality: the greedy answer is unchanged); "
+        "ConvSent has none. ConvSent's reliability is its ES; `token_accuracy` is the paper's ConvSent column.",
+        _markdown(multi[GENERATION_COLUMNS + ["token_accuracy"]]),
+        f"## Hold-out editing, generation success ({_held_out_label()})", _markdown(hold[GENERATION_COLUMNS]),
         "## Unseen instructions", _markdown(unseen[["reliability", "generalization", "locality"]]),
         "## Timings (seconds)", _markdown(pd.Series(timings, name="seconds").to_frame()),
     ]) + "\n"

@@ -10,12 +10,15 @@ the answer's tokens and ``logits[:, t]`` predicts token ``t + 1``:
 * **agreement** (locality): the share of answer positions whose argmax is the same before and
   after the edit, whether or not it was right;
 * **mean log-probability** per answer token, for ConvSent's **edit success**
-  ``ES = σ(mean log p(wanted) − mean log p(unwanted))``, optionally times the reference's topic
-  factor ``z_topic = min(1, exp(ℓ⁺_post − ℓ⁺_pre))``, and its **drawdown** ``DD = KL(pre ‖ post)``
+  ``ES = σ(mean log p(wanted) − mean log p(unwanted))`` times the reference's topic factor
+  ``z_topic = min(1, exp(ℓ⁺_post − ℓ⁺_pre))`` (evaluation passes the unedited model's ``ℓ⁺_pre``
+  and pools the tokens, as EasyEdit's ``es`` does), and its **drawdown** ``DD = KL(pre ‖ post)``
   on another topic's responses.  The paper's ConvSent *columns* are neither: its test script scores
-  ConvSent like the fact tasks, by the token accuracy of ``target_new`` after the question;
-* **fluency**: the weighted n-gram entropy of generated text, lower-cased (the default) or as
-  EasyEdit scores it (:func:`fluency_easyedit`: case-sensitive words, prompt included).
+  ConvSent like the fact tasks, by the token accuracy of ``target_new`` after the question
+  (evaluation reports it as ``token_accuracy``);
+* **fluency**: the weighted n-gram entropy of generated text, as EasyEdit scores it
+  (:func:`fluency_easyedit`: case-sensitive words, prompt included; evaluation's default) or
+  lower-cased over the continuation alone (:func:`fluency`, the greedy option).
 
 Conventions of the paper's tables, as named options (chapter 5): :func:`generalization` falls back
 to the edit prompt when a record has no rephrase (``convention="paper"``; the default gives NaN),
@@ -96,7 +99,7 @@ def topic_factor(wanted_logprob: Tensor, pre_wanted_logprob: Tensor) -> float:
     ``ℓ⁺`` is the mean log-probability of the wanted responses after the edit and, from the unedited
     model on the same rows, before it.  It is 1 when the edit made the wanted responses no less
     likely, and shrinks an edit that won the sentiment contrast only by making the wanted responses
-    themselves less likely.
+    themselves less likely.  No classifier is involved: it compares the model with itself.
     """
     gap = float(wanted_logprob.float().mean() - pre_wanted_logprob.float().mean())
     return min(1.0, math.exp(gap))
@@ -109,8 +112,8 @@ def edit_success(wanted_logprob: Tensor, unwanted_logprob: Tensor, pre_wanted_lo
     edited topic, one per response (:func:`mean_logprob`) or one pooled over all tokens
     (:func:`pooled_logprob`, as the reference does).  0.5 means no preference; above 0.5 the wanted
     sentiment wins.  With ``pre_wanted_logprob`` (the wanted responses under the unedited model)
-    the result is multiplied by the reference's :func:`topic_factor`, as EasyEdit's ``es`` does;
-    without it, the sentiment term alone (the library's default so far).
+    the result is multiplied by the reference's :func:`topic_factor`, as EasyEdit's ``es`` does and
+    as evaluation does by default; without it, the sentiment term alone.
     """
     gap = float(wanted_logprob.float().mean() - unwanted_logprob.float().mean())
     z_sentiment = 1.0 / (1.0 + math.exp(-gap))

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
+import pandas as pd
 import pytest
 
 from instructedit_lite import base_model, bench, cli
@@ -150,3 +151,16 @@ def test_reproduce_smoke_end_to_end(tmp_path):
     assert "## Hold-out editing" in markdown and "| InstructEdit |" in markdown
     assert len((tmp_path / "cases.csv").read_text().splitlines()) > 1
     assert "headline" in json.loads(out.getvalue())
+    # generation success beside the teacher-forced scores, in every file; ConvSent has none
+    assert results["settings"]["fluency"] == "easyedit" and results["settings"]["generation_success"] is True
+    for task in ("counterfact", "wikirecent", "average"):
+        row = results["multitask"]["InstructEdit"][task]
+        assert 0.0 <= row["gen_reliability"] <= 1.0 and 0.0 <= row["gen_locality"] <= 1.0
+    assert results["multitask"]["InstructEdit"]["convsent"]["gen_reliability"] is None
+    assert 0.0 <= results["multitask"]["InstructEdit"]["convsent"]["token_accuracy"] <= 1.0
+    assert 0.0 <= results["holdout"]["InstructEdit"]["gen_reliability"] <= 1.0
+    assert "## Teacher-forced against generation success" in markdown and "gen_reliability" in markdown
+    cases = pd.read_csv(tmp_path / "cases.csv")
+    assert {"gen_reliability", "gen_generalization", "gen_portability", "gen_locality", "token_accuracy"} <= set(cases)
+    facts = cases[cases.task != "convsent"]
+    assert (facts.gen_reliability >= facts.reliability_em - 1e-9).mean() > 0.95  # exact match ⇒ said (ties aside)

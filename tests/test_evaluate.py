@@ -13,9 +13,11 @@ import pytest
 import torch
 
 from instructedit_lite import evaluate as ev
+from instructedit_lite import generation, metrics
 from instructedit_lite.editors import EditInfo, Editor, MendMethod, Unedited, WeightEditor
 from instructedit_lite.instructions import default_instructions
 from instructedit_lite.mend import MendConfig, MendEditor
+from instructedit_lite.text import prompt_target_batch
 from tiny import hand_records, snapshot, tiny_model, tiny_tokenizer
 
 
@@ -93,14 +95,80 @@ def test_a_strong_edit_succeeds_and_costs_locality(model, tok, records):
     assert (facts.loc["bias", "drawdown"] > 0).all()
 
 
+class WordBias(Editor):
+    """A hook on the LM head that favours the given tokens by ``strength`` logits everywhere."""
+
+    name = "word bias"
+
+    def __init__(self, token_ids, strength: float):
+        self.token_ids, self.strength = list(token_ids), strength
+
+    @contextlib.contextmanager
+    def edited(self, model, tokenizer, record):
+        bias = torch.zeros(model.config.vocab_size)
+        bias[self.token_ids] = self.strength
+        handle = model.lm_head.register_forward_hook(lambda m, i, out: out + bias)
+        try:
+            yield EditInfo()
+        finally:
+            handle.remove()
+
+
+def _sentiment_only_ids(tok, rec):
+    """Tokens of the wanted responses that no unwanted response has ("hate", "awful", ...)."""
+    ids = lambda texts: {t for r in texts for t in tok(" " + r, add_special_tokens=False)["input_ids"]}
+    return sorted(ids(rec.wanted_responses) - ids(rec.unwanted_responses))
+
+
 def test_convsent_success_follows_the_wanted_sentiment(model, tok, records):
     rec = records["convsent"][0]
-    case = ev.evaluate_case(TargetBias(), model, tok, rec)
+    case = ev.evaluate_case(WordBias(_sentiment_only_ids(tok, rec), 3.0), model, tok, rec)
     base = ev.evaluate_case(Unedited(), model, tok, rec)
-    # the bias favours the tokens of target_new, one of the wanted responses
     assert case["reliability"] > base["reliability"]
     assert case["reliability"] > 0.5 and case["reliability_em"] == 1.0
     assert math.isnan(case["portability"])
+
+
+def test_convsent_es_is_the_references_with_its_topic_factor(model, tok, records):
+    """EasyEdit's ``es``: token-pooled log-probabilities, times min(1, exp(l+_post - l+_pre))."""
+    rec = records["convsent"][0]
+    method = TargetBias(50.0)  # wins the contrast by making *every* response token-for-token unlikely
+    case = ev.evaluate_case(method, model, tok, rec)
+    q = rec.prompt
+    rows = [(q, r) for r in rec.wanted_responses] + [(q, r) for r in rec.unwanted_responses]
+    batch = prompt_target_batch(tok, *map(list, zip(*rows)))
+    n = len(rec.wanted_responses)
+
+    def logits():
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+    with torch.no_grad():
+        pre = logits()
+        with method.edited(model, tok, rec):
+            post = logits()
+    lab = batch["labels"]
+    pos_post, neg_post = metrics.pooled_logprob(post[:n], lab[:n]), metrics.pooled_logprob(post[n:], lab[n:])
+    pos_pre = metrics.pooled_logprob(pre[:n], lab[:n])
+    z_sent = torch.sigmoid(pos_post - neg_post).item()
+    z_topic = min(1.0, math.exp((pos_post - pos_pre).item()))
+    es = ev._convsent_scores(["reliability/0/wanted"] * n + ["reliability/0/unwanted"] * (len(rows) - n),
+                             post, lab, pre)["reliability"]
+    assert es == pytest.approx(z_sent * z_topic, rel=1e-5)
+    assert z_topic < 0.5  # the factor matters here: without it this edit would look like a success
+    assert case["reliability"] < 0.5 and case["reliability_em"] == 1.0  # the sentiment "wins", ES says no
+
+
+def test_convsent_token_accuracy_is_the_papers_column(model, tok, records):
+    rec = records["convsent"][1]
+    method = TargetBias(50.0)
+    case = ev.evaluate_case(method, model, tok, rec)
+    batch = prompt_target_batch(tok, [rec.prompt], [rec.target_new])
+    with torch.no_grad(), method.edited(model, tok, rec):
+        post = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert case["token_accuracy"] == pytest.approx(metrics.token_accuracy(post, batch["labels"]).item())
+    assert case["token_accuracy"] != pytest.approx(case["reliability"])  # not the ES
+    fact = ev.evaluate_case(method, model, tok, records["counterfact"][0])
+    assert fact["token_accuracy"] == fact["reliability"]  # fact tasks: the same token accuracy
 
 
 def test_a_leaked_edit_is_caught(tok, records):
@@ -171,3 +239,199 @@ def test_paired_difference_and_its_interval():
     assert same == {"difference": 0.0, "low": 0.0, "high": 0.0}
     with pytest.raises(ValueError, match="same a cases"):
         ev.paired_difference(cases[~((cases.method == "y") & (cases.case == 0))], "x", "y")
+
+
+# --- generation success (greedy answers) and fluency text ------------------------------------
+
+
+class ForwardOnly(torch.nn.Module):
+    """A model seen only through ``forward(input_ids, attention_mask).logits`` (no ``generate``, no
+    KV cache), like the frozen-prefix engine; its parameters are the model's."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner, self.config = model, model.config
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+    @property
+    def lm_head(self):
+        return self.inner.lm_head
+
+
+def test_greedy_tokens_match_generate_on_a_ragged_batch(model, tok):
+    prompts = ["Ada Brun was born in", "What do you think of the band Zorbi?", "Oslo"]
+    ours = generation.greedy_tokens(model, tok, prompts, [5, 3, 4])
+    for prompt, got in zip(prompts, ours):
+        ids = tok(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=len(got),
+                             min_new_tokens=len(got), do_sample=False, pad_token_id=0)
+        assert got == out[0, ids.shape[1]:].tolist()
+
+
+def test_answer_normalisation_and_prefix_check():
+    assert generation.normalize('  "The  Hague",\n') == "the hague"
+    assert generation.begins_with(" the hague is a city", ["The Hague"])
+    assert generation.begins_with(" ...Paris, France", ["Lyon", "paris"])  # an alias
+    assert not generation.begins_with(" in Paris", ["Paris"])  # must begin with the answer
+    assert not generation.begins_with("", ["Paris"])
+
+
+def test_generation_success_of_the_unedited_and_of_a_strong_edit(model, tok, records):
+    recs = {"counterfact": [dataclasses.replace(r, target_new="great") for r in records["counterfact"]],
+            "convsent": records["convsent"]}
+    cases = ev.evaluate_methods([Unedited(), TargetBias()], model, tok, recs, progress=False).set_index("method")
+    facts, sent = cases[cases.task == "counterfact"], cases[cases.task == "convsent"]
+    assert sent[list(ev.GEN_METRICS)].isna().all().all()  # ConvSent: not defined
+    assert (facts.loc["base model", "gen_locality"] == 1.0).all()  # nothing changed
+    assert (facts.loc["base model", "gen_reliability"] == 0.0).all()  # a random model does not say "great"
+    assert (facts.loc["bias", "gen_reliability"] == 1.0).all()
+    assert (facts.loc["bias", "gen_generalization"] == 1.0).all()
+    assert (facts.loc["bias", "gen_locality"] < 1.0).all()  # it says "great" everywhere
+    # a greedy answer with the target's tokens is a teacher-forced exact match
+    assert (facts.gen_reliability >= facts.reliability_em).all()
+
+
+class SecondTokenOnly(Editor):
+    """Makes the target's second token the argmax right after its first one, and nothing else: the
+    teacher-forced score gives half credit, the model never says the answer."""
+
+    name = "second token"
+
+    @contextlib.contextmanager
+    def edited(self, model, tokenizer, record):
+        first, second = tokenizer(" " + record.target_new, add_special_tokens=False)["input_ids"][:2]
+
+        def hook(module, inputs, out):
+            after_first = (self.ids == first).float()[..., None]
+            bias = torch.zeros(out.shape[-1])
+            bias[second] = 100.0
+            return out + after_first * bias
+
+        def keep_ids(module, args, kwargs):
+            self.ids = kwargs.get("input_ids", args[0] if args else None)
+
+        handles = [model.register_forward_pre_hook(keep_ids, with_kwargs=True),
+                   model.lm_head.register_forward_hook(hook)]
+        try:
+            yield EditInfo()
+        finally:
+            for h in handles:
+                h.remove()
+
+
+def test_teacher_forcing_flatters_and_generation_does_not(model, tok, records):
+    rec = dataclasses.replace(records["counterfact"][0], target_new="is great")
+    assert len(tok(" is great", add_special_tokens=False)["input_ids"]) == 2
+    case = ev.evaluate_case(SecondTokenOnly(), model, tok, rec)
+    assert case["reliability"] == 0.5 and case["reliability_em"] == 0.0
+    assert case["gen_reliability"] == 0.0
+
+
+def test_generation_goes_through_the_models_forward(model, tok, records):
+    """A forward-only wrapper (as the engine is) gives the same scores as the model itself."""
+    recs = {"counterfact": records["counterfact"]}
+    kwargs = dict(fluency_cases=1, fluency_tokens=12, progress=False)
+    plain = ev.evaluate_methods([Unedited(), TargetBias()], model, tok, recs, **kwargs)
+    wrapped = ev.evaluate_methods([Unedited(), TargetBias()], ForwardOnly(model), tok, recs, **kwargs)
+    columns = list(ev.METRICS)
+    pd.testing.assert_frame_equal(plain[columns], wrapped[columns])
+    assert plain.generated.tolist()[:2] == wrapped.generated.tolist()[:2]
+
+
+def test_generation_can_be_turned_off(model, tok, records):
+    cases = ev.evaluate_methods([Unedited()], model, tok, {"zsre": records["zsre"]}, generation=False,
+                                progress=False)
+    assert cases[list(ev.GEN_METRICS)].isna().all().all()
+    assert set(ev.GEN_METRICS) <= set(ev.summarize(cases).columns)
+
+
+def test_fluency_defaults_to_easyedit_sampling_seeded_per_case(model, tok, records):
+    recs = {"counterfact": records["counterfact"][:1]}
+    one = ev.evaluate_methods([Unedited()], model, tok, recs, fluency_cases=1, fluency_tokens=30, progress=False)
+    two = ev.evaluate_methods([Unedited()], model, tok, recs, fluency_cases=1, fluency_tokens=30, progress=False)
+    other = ev.evaluate_methods([Unedited()], model, tok, recs, fluency_cases=1, fluency_tokens=30, seed=1,
+                                progress=False)
+    text = one.generated[0]
+    prompt = records["counterfact"][0].prompt
+    assert text.startswith(prompt)  # the prompt is part of the scored text, as in generate_fast
+    assert one.fluency[0] == metrics.fluency_easyedit(text)
+    assert two.generated[0] == text  # seeded: a rerun agrees
+    assert other.generated[0] != text  # ... and the seed is used
+    greedy = ev.evaluate_methods([Unedited()], model, tok, recs, fluency_cases=1, fluency_tokens=30,
+                                 fluency="greedy", progress=False)
+    assert greedy.generated[0] == generation.greedy_text(model, tok, prompt, 30)
+    assert greedy.fluency[0] == metrics.fluency(greedy.generated[0])
+    with pytest.raises(ValueError, match="fluency must be one of"):
+        ev.evaluate_methods([Unedited()], model, tok, recs, fluency="nucleus", progress=False)
+
+
+def test_top_k_one_sampling_is_greedy_and_a_long_prompt_gets_no_text(model, tok):
+    prompt = "Ada Brun was born in"
+    n_prompt = len(tok(prompt, add_special_tokens=False)["input_ids"])
+    sampled = generation.sample_text(model, tok, prompt, max_out_len=n_prompt + 6, top_k=1)
+    assert sampled == prompt + generation.greedy_text(model, tok, prompt, 6)
+    assert generation.sample_text(model, tok, prompt, max_out_len=n_prompt) == prompt  # as generate_fast
+
+
+def test_an_answer_is_decided_only_when_more_text_cannot_change_it():
+    assert generation.decided(" Paris is", ["Paris"])  # begins with the answer: success for good
+    assert generation.decided(" in the", ["Paris", "Lyon"])  # left every answer: failure for good
+    assert not generation.decided(" Par", ["Paris"]) and not generation.decided(" ", ["Paris"])
+    assert not generation.decided(" Z\ufffd", ["Zürich"])  # half a character: wait for the rest
+
+
+def test_stopping_early_gives_the_same_generation_success(model, tok, records):
+    """Decoding stops once an answer is decided; the success is the one of the full-length answer."""
+    for method in (Unedited(), TargetBias()):
+        for rec in (records["counterfact"] + records["zsre"]):
+            rec = method.prepare(dataclasses.replace(rec, target_new="great") if rec.index % 2 else rec)
+            rows = ev._gen_rows(rec)
+            counts = [max(ev._n_tokens(tok, a) for a in ans) + ev.GEN_EXTRA_TOKENS for _, _, ans in rows]
+            with method.edited(model, tok, rec):
+                full = generation.greedy_tokens(model, tok, [p for _, p, _ in rows], counts)
+                scores = ev._gen_scores(model, tok, rec, None)
+            for kind in ("reliability", "generalization", "portability"):
+                hits = [generation.begins_with(ev._answer_text(tok, ids), ans)
+                        for (k, _, ans), ids in zip(rows, full) if k == kind]
+                assert scores[f"gen_{kind}"] == pytest.approx(sum(hits) / len(hits))
+
+
+def test_sampled_text_is_the_same_with_and_without_the_kv_cache(model, tok):
+    prompt = "What do you think of the band Zorbi?"
+    texts = [generation.sample_text(model, tok, prompt, max_out_len=40, generator=torch.Generator().manual_seed(3),
+                                    use_cache=cache) for cache in (True, False)]
+    assert texts[0] == texts[1]
+    assert generation._kv_cache_is_exact(model) and not generation._kv_cache_is_exact(ForwardOnly(model))
+    with TargetBias().edited(model, tok, hand_records(n=1)["counterfact"][0]):  # a hook: no cache
+        assert not generation._kv_cache_is_exact(model)
+
+
+def test_greedy_text_is_the_same_with_and_without_the_kv_cache(model, tok):
+    prompt = "Ada Brun was born in"
+    assert generation.greedy_text(model, tok, prompt, 20, use_cache=True) == generation.greedy_text(
+        model, tok, prompt, 20, use_cache=False)
+    tokens = generation.greedy_tokens(model, tok, [prompt], 5)[0]
+    assert generation.greedy_text(model, tok, prompt, 5) == tok.decode(tokens)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_cached_greedy_equals_full_passes_on_a_ragged_batch(tok, arch):
+    """The KV-cached batch (right padding left in the cache, masked; per-row position ids) gives
+    the tokens of full forward passes, for GPT-2's absolute and LLaMA's rotary positions."""
+    if arch == "gpt2":
+        net = tiny_model(tok, seed=2)
+    else:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        net = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                           max_position_embeddings=256)).eval()
+    prompts = ["Ada Brun was born in", "What do you think of the band Zorbi? I", "Oslo", "Cy Lorm works as a"]
+    cached = generation.greedy_tokens(net, tok, prompts, [6, 3, 5, 4], use_cache=True)
+    full = generation.greedy_tokens(net, tok, prompts, [6, 3, 5, 4], use_cache=False)
+    assert cached == full and [len(c) for c in cached] == [6, 3, 5, 4]
+    one_by_one = [generation.greedy_tokens(net, tok, [p], n, use_cache=False)[0] for p, n in zip(prompts, [6, 3, 5, 4])]
+    assert full == one_by_one  # the padding of a batch changes nothing

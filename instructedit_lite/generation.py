@@ -1,0 +1,244 @@
+"""Decoding through plain forward passes: batched greedy answers and EasyEdit-style sampled text.
+
+Every function here calls only ``model(input_ids=..., attention_mask=...).logits`` on
+right-padded batches, with no KV cache, so it sees exactly what the teacher-forced scores see:
+an edited model, a hook-based editor (GRACE, CaliNet: each step is a full-sequence forward, the
+case their hooks are written for) or a :class:`~instructedit_lite.engine.PrefixEngine` (chapter 7).
+The answers are short (a few tokens), so the missing cache costs little (chapter 5).
+
+* :func:`greedy_tokens`: ``n`` greedy tokens after each prompt, all prompts in one batch;
+* :func:`normalize` and :func:`begins_with`: the answer check of *generation success*;
+* :func:`sample_text`: EasyEdit's ``generate_fast`` convention for fluency (top-k sampling from a
+  seeded :class:`torch.Generator`, the prompt counted in the token budget and returned with the
+  continuation); :func:`greedy_text` the greedy alternative.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import string
+import zlib
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+__all__ = ["greedy_tokens", "normalize", "begins_with", "sample_text", "greedy_text", "case_generator",
+           "no_cache_growth", "decided"]
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _context_limit(model) -> int:
+    config = getattr(model, "config", None)
+    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None) or 1024
+
+
+@contextlib.contextmanager
+def no_cache_growth(model) -> Iterator[None]:
+    """A :class:`~instructedit_lite.engine.PrefixEngine` caches every distinct row it sees; rows that
+    exist only during decoding (the prompt plus a partial answer) are dropped again on exit."""
+    cache = getattr(getattr(model, "cache", None), "rows", None)
+    before = set(cache) if isinstance(cache, dict) else None
+    try:
+        yield
+    finally:
+        if before is not None:
+            for key in [k for k in cache if k not in before]:
+                del cache[key]
+
+
+def _decoder(model):
+    """The model to decode with: an engine's full model (the same modules, so the same edited
+    weights and hooks; the engine only caches states below the edited blocks), else ``model``."""
+    return getattr(model, "full_model", model)
+
+
+def _cache_arg(model) -> str:
+    # transformers 5 names the KV cache ``cache``; earlier versions ``past_key_values``
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+@torch.no_grad()
+def greedy_tokens(model, tokenizer, prompts: Sequence[str], n_tokens: int | Sequence[int], *,
+                  stop: Callable[[int, list[int]], bool] | None = None,
+                  use_cache: bool | None = None) -> list[list[int]]:
+    """Up to ``n_tokens`` greedy token ids after each prompt (one int for all, or one per prompt).
+
+    One right-padded batch; a row's new token is read at its own last position.  ``stop(i, ids)``,
+    asked after each new token of row ``i``, ends that row early (its answer is decided); decoding
+    ends when every row has ended.  It does not stop at an end-of-text token: the caller decides
+    what the tokens mean.  ``use_cache`` (default: where it is exact, :func:`_kv_cache_is_exact`)
+    feeds one token per row and step with the KV cache (each row's own position ids; the prompt's
+    padding stays masked); otherwise every step is a full forward pass over the rows so far.
+    """
+    if not prompts:
+        return []
+    model = _decoder(model)
+    counts = [n_tokens] * len(prompts) if isinstance(n_tokens, int) else list(n_tokens)
+    if len(counts) != len(prompts) or min(counts) < 1:
+        raise ValueError(f"greedy_tokens: need one count >= 1 per prompt, got {counts}")
+    rows = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    if min(len(r) for r in rows) == 0:
+        raise ValueError("greedy_tokens: a prompt has no tokens")
+    steps, lengths = max(counts), [len(r) for r in rows]
+    width = max(lengths) + steps
+    if width > _context_limit(model):
+        raise ValueError(f"greedy_tokens: {max(lengths)} prompt tokens + {steps} new ones exceed the context "
+                         f"of {_context_limit(model)}")
+    device = _device(model)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.full((len(rows), width), pad, dtype=torch.long, device=device)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, device=device)
+    out: list[list[int]] = [[] for _ in rows]
+    active = list(range(len(rows)))
+    cache = _kv_cache_is_exact(model) if use_cache is None else use_cache
+    step = _cached_steps(model, ids, lengths) if cache else _full_steps(model, ids, lengths, out)
+    while active:
+        new = next(step).argmax(-1).tolist()
+        for i in active:
+            out[i].append(new[i])
+        active = [i for i in active if len(out[i]) < counts[i] and not (stop and stop(i, out[i]))]
+    step.close()
+    return out
+
+
+def _full_steps(model, ids: torch.Tensor, lengths: list[int], out: list[list[int]]):
+    """Next-token logits of every row, a full forward pass per step over prompt and tokens so far."""
+    positions = torch.arange(ids.shape[1], device=ids.device)
+    rows = torch.arange(len(lengths), device=ids.device)
+    with no_cache_growth(model):
+        while True:
+            length = torch.tensor([n + len(o) for n, o in zip(lengths, out)], device=ids.device)
+            for i, o in enumerate(out):  # the tokens chosen so far, in place
+                ids[i, lengths[i]: lengths[i] + len(o)] = torch.tensor(o, dtype=torch.long, device=ids.device)
+            used = int(length.max())  # columns beyond every row's end are never needed
+            mask = (positions[:used] < length[:, None]).long()
+            logits = model(input_ids=ids[:, :used], attention_mask=mask).logits
+            yield logits[rows, length - 1]
+
+
+def _cached_steps(model, ids: torch.Tensor, lengths: list[int]):
+    """The same with the KV cache: the prompts once, then one token per row and step, at position
+    ``length + k`` of its row; the prompts' padding stays in the cache, masked."""
+    width = max(lengths)
+    length = torch.tensor(lengths, device=ids.device)
+    mask = (torch.arange(width, device=ids.device) < length[:, None]).long()
+    rows = torch.arange(len(lengths), device=ids.device)
+    arg = _cache_arg(model)
+    result = model(input_ids=ids[:, :width], attention_mask=mask, use_cache=True)
+    logits, past = result.logits[rows, length - 1], getattr(result, arg)
+    while True:
+        new = yield logits
+        token = logits.argmax(-1) if new is None else new
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        result = model(input_ids=token[:, None], attention_mask=mask, position_ids=length[:, None],
+                       use_cache=True, **{arg: past})
+        logits, past, length = result.logits[:, -1], getattr(result, arg), length + 1
+
+
+_STRIP = string.whitespace + string.punctuation + "“”‘’«»–—…"
+
+
+def normalize(text: str) -> str:
+    """Case-folded, inner whitespace collapsed, surrounding whitespace and punctuation stripped."""
+    return " ".join(text.casefold().split()).strip(_STRIP)
+
+
+def begins_with(generated: str, answers: Sequence[str]) -> bool:
+    """Whether the normalised ``generated`` text starts with one normalised answer.
+
+    A plain prefix test, lenient on purpose: "Parisian" begins with "Paris".  It makes every
+    greedy answer whose tokens are the target's a success, so generation success can only fall
+    below the teacher-forced exact match through ties in the argmax (chapter 5).
+    """
+    text = normalize(generated)
+    return any(a and text.startswith(a) for a in map(normalize, answers))
+
+
+def decided(generated: str, answers: Sequence[str]) -> bool:
+    """Whether more tokens can no longer change :func:`begins_with`: the text already begins with
+    an answer, or it has left every answer (it is no prefix of any).  Text ending in a partial
+    character (``U+FFFD`` from a split byte sequence) is never decided."""
+    if "\ufffd" in generated:
+        return False
+    text = normalize(generated)
+    normalized = [a for a in map(normalize, answers) if a]
+    return any(text.startswith(a) for a in normalized) or not any(a.startswith(text) for a in normalized)
+
+
+def case_generator(seed: int, *keys) -> torch.Generator:
+    """A CPU generator seeded from ``seed`` and the case's identity (e.g. task and index), stable
+    across processes (no Python ``hash``): every method samples a case's text from the same seed."""
+    text = "/".join(str(k) for k in (seed, *keys))
+    return torch.Generator().manual_seed(zlib.crc32(text.encode()))
+
+
+def _kv_cache_is_exact(model) -> bool:
+    """Whether a KV cache gives the same text as full forward passes: a plain Hugging Face model
+    (edited weights or not) with no forward hooks anywhere.  A hook-based edit (GRACE, CaliNet)
+    sees the whole sequence only without the cache; an engine has no cache."""
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        return False
+    return not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+@torch.no_grad()
+def _extend(model, ids: list[int], n_new: int, pick: Callable[[torch.Tensor], int],
+            use_cache: bool | None) -> list[int]:
+    """``ids`` plus ``n_new`` tokens, each ``pick(next-token logits)``, one row, no padding.
+    ``use_cache`` (default: where it is exact, see :func:`_kv_cache_is_exact`) feeds one new token
+    per step with the model's KV cache instead of the whole row."""
+    model = _decoder(model)
+    device, ids = _device(model), list(ids)
+    cache = _kv_cache_is_exact(model) if use_cache is None else use_cache
+    cache_arg = _cache_arg(model)
+    past, fed = None, 0
+    with no_cache_growth(model):
+        for _ in range(n_new):
+            x = torch.tensor([ids[fed:] if cache else ids], device=device)
+            mask = torch.ones(1, len(ids), dtype=torch.long, device=device)  # the whole row, cached part too
+            if cache:
+                out = model(input_ids=x, attention_mask=mask, use_cache=True, **{cache_arg: past})
+                past, fed = getattr(out, cache_arg), len(ids)
+            else:
+                out = model(input_ids=x, attention_mask=mask)
+            ids.append(pick(out.logits[0, -1].float().cpu()))
+    return ids
+
+
+def sample_text(model, tokenizer, prompt: str, *, max_out_len: int = 100, top_k: int = 5,
+                generator: torch.Generator | None = None, use_cache: bool | None = None) -> str:
+    """EasyEdit's ``generate_fast`` for one prompt: top-``k`` sampling (temperature 1) until the row,
+    *prompt included*, holds ``max_out_len`` tokens; returns the prompt and its continuation decoded.
+
+    As there, a prompt of ``max_out_len`` tokens or more gets no continuation.  The draws come from
+    ``generator`` (CPU), so a rerun with the same generator state gives the same text.
+    """
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError("sample_text: the prompt has no tokens")
+
+    def pick(logits: torch.Tensor) -> int:
+        top = torch.topk(torch.softmax(logits, -1), top_k)
+        return int(top.indices[torch.multinomial(top.values / top.values.sum(), 1, generator=generator)])
+
+    n_new = max(0, min(max_out_len, _context_limit(model)) - len(ids))
+    return tokenizer.decode(_extend(model, ids, n_new, pick, use_cache), skip_special_tokens=True)
+
+
+def greedy_text(model, tokenizer, prompt: str, n_tokens: int = 100, *, use_cache: bool | None = None) -> str:
+    """Up to ``n_tokens`` greedy tokens after ``prompt`` (fewer where the context ends first), the
+    continuation only, decoded."""
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    n = min(n_tokens, _context_limit(model) - len(ids))
+    if n < 1:
+        raise ValueError(f"greedy_text: a prompt of {len(ids)} tokens leaves no room in the context of "
+                         f"{_context_limit(model)}")
+    out = _extend(model, ids, n, lambda logits: int(logits.argmax()), use_cache)
+    return tokenizer.decode(out[len(ids):], skip_special_tokens=True)
