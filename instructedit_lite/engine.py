@@ -246,9 +246,13 @@ class PrefixEngine(nn.Module):
             with torch.no_grad():
                 if past_key_values is None:
                     self.full_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-                else:
+                else:  # transformers 5 names the KV cache ``cache``; earlier versions ``past_key_values``
+                    import inspect
+
+                    name = "cache" if "cache" in inspect.signature(self.full_model.forward).parameters \
+                        else "past_key_values"
                     self.full_model(input_ids=input_ids, attention_mask=attention_mask,
-                                    past_key_values=past_key_values, use_cache=True)
+                                    use_cache=True, **{name: past_key_values})
         except _Stop:
             pass
         finally:

@@ -172,7 +172,8 @@ class TrialEditor:
             pre_key = (task, record.index)
             if pre_key not in self._pre:  # the unedited model's locality logits, once per record
                 self._pre[pre_key] = _forward(self.model, self.tokenizer, locality_rows(record))[0]
-            row = evaluate_case(method, self.model, self.tokenizer, record, pre_locality=self._pre[pre_key])
+            row = evaluate_case(method, self.model, self.tokenizer, record, pre_locality=self._pre[pre_key],
+                                generation=False)  # the search scores rel, gen and loc only
             rows.append({"case": record.index, **{m: _finite(row[m]) for m in SCORE_METRICS}})
         return {k: [r[k] for r in rows] for k in rows[0]}
 
@@ -345,7 +346,7 @@ def compare_on_test(editor, base, sets: Mapping[str, InstructionSet], records: M
     per-case table (with ``score``) and, for the first set minus each other, the paired difference
     of the score and of each of its metrics, averaged over tasks."""
     methods = [MendMethod(editor, name, instructions=s) for name, s in sets.items()]
-    cases = evaluate_methods(methods, base.model, base.tokenizer, records, progress=progress)
+    cases = evaluate_methods(methods, base.model, base.tokenizer, records, progress=progress, generation=False)
     cases["score"] = score_records(cases)
     names = list(sets)
     diffs = {f"{names[0]} - {other}": {m: paired_difference(cases, names[0], other, m, n_boot=n_boot, seed=seed)
