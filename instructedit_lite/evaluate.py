@@ -77,7 +77,8 @@ from . import metrics
 from .atomic import atomic_write_text
 from .config import jsonable
 from .editors import Editor
-from .generation import begins_with, case_generator, decided, greedy_text, greedy_tokens, sample_text
+from .generation import (begins_with, case_generator, decided, greedy_text, greedy_tokens, greedy_tokens_within,
+                         sample_text)
 from .records import EditRecord
 from .tasks import is_sentiment
 from .text import prompt_target_batch
@@ -203,7 +204,7 @@ def locality_greedy(model, tokenizer, record: EditRecord,
     probes = record.locality_probes
     stop = None if before is None else (lambda i, ids: ids[-1] != before[i][len(ids) - 1])
     counts = [_n_tokens(tokenizer, p.answer) for p in probes]
-    return greedy_tokens(model, tokenizer, [p.prompt for p in probes], counts, stop=stop)
+    return greedy_tokens_within(model, tokenizer, [p.prompt for p in probes], counts, stop=stop)
 
 
 def _answer_text(tokenizer, ids: list[int]) -> str:
@@ -224,15 +225,17 @@ def _gen_scores(model, tokenizer, rec: EditRecord, pre_greedy) -> dict[str, floa
     def stop(i: int, ids: list[int]) -> bool:  # the answer is decided: more tokens cannot change it
         return ids[-1] == tokenizer.eos_token_id or decided(_answer_text(tokenizer, ids), rows[i][2])
 
-    generated = greedy_tokens(model, tokenizer, [p for _, p, _ in rows], counts, stop=stop)
+    # a prompt too long for the context with its answer (an in-context edit) is not scored: NaN
+    generated = greedy_tokens_within(model, tokenizer, [p for _, p, _ in rows], counts, stop=stop)
     hits = [(kind, begins_with(_answer_text(tokenizer, ids), answers))
-            for (kind, _, answers), ids in zip(rows, generated)]
+            for (kind, _, answers), ids in zip(rows, generated) if ids is not None]
     for kind in ("reliability", "generalization", "portability"):
         values = [h for k, h in hits if k == kind]
         out[f"gen_{kind}"] = float(np.mean(values)) if values else math.nan
     if pre_greedy is not None:
         post = locality_greedy(model, tokenizer, rec, before=pre_greedy)
-        out["gen_locality"] = float(np.mean([a == b for a, b in zip(pre_greedy, post)]))
+        same = [a == b for a, b in zip(pre_greedy, post) if a is not None and b is not None]
+        out["gen_locality"] = float(np.mean(same)) if same else math.nan
     return out
 
 

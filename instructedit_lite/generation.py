@@ -61,6 +61,28 @@ def _cache_arg(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+def greedy_tokens_within(model, tokenizer, prompts: Sequence[str], n_tokens: int | Sequence[int], *,
+                         stop: Callable[[int, list[int]], bool] | None = None) -> list[list[int] | None]:
+    """:func:`greedy_tokens` for the prompts that fit the model's context with their new tokens,
+    ``None`` for the others (e.g. an in-context edit whose demonstrations fill the context)."""
+    limit = _context_limit(_decoder(model))
+    counts = [n_tokens] * len(prompts) if isinstance(n_tokens, int) else list(n_tokens)
+    lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    keep = [i for i, (n, c) in enumerate(zip(lengths, counts)) if n + c <= limit]
+    out: list[list[int] | None] = [None] * len(prompts)
+    if not keep:
+        return out
+    # one batch when its widest prompt and longest answer fit together, else one row at a time
+    together = max(lengths[i] for i in keep) + max(counts[i] for i in keep) <= limit
+    for group in [keep] if together else [[i] for i in keep]:
+        sub_stop = None if stop is None else (lambda j, ids, g=group: stop(g[j], ids))
+        found = greedy_tokens(model, tokenizer, [prompts[i] for i in group], [counts[i] for i in group],
+                              stop=sub_stop)
+        for i, ids in zip(group, found):
+            out[i] = ids
+    return out
+
+
 @torch.no_grad()
 def greedy_tokens(model, tokenizer, prompts: Sequence[str], n_tokens: int | Sequence[int], *,
                   stop: Callable[[int, list[int]], bool] | None = None,

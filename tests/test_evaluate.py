@@ -435,3 +435,15 @@ def test_cached_greedy_equals_full_passes_on_a_ragged_batch(tok, arch):
     assert cached == full and [len(c) for c in cached] == [6, 3, 5, 4]
     one_by_one = [generation.greedy_tokens(net, tok, [p], n, use_cache=False)[0] for p, n in zip(prompts, [6, 3, 5, 4])]
     assert full == one_by_one  # the padding of a batch changes nothing
+
+
+def test_generation_success_skips_prompts_longer_than_the_context():
+    """An in-context edit can fill the context: its rows get None (scored NaN), the others are still decoded."""
+    from instructedit_lite.generation import greedy_tokens_within
+
+    tok = tiny_tokenizer()
+    model = tiny_model(tok)
+    long_prompt = " ".join(["word"] * (model.config.n_positions - 1))
+    out = greedy_tokens_within(model, tok, ["Ada Brun was born in", long_prompt], [3, 3])
+    assert out[0] is not None and len(out[0]) == 3 and out[1] is None
+    assert greedy_tokens_within(model, tok, [long_prompt], 3) == [None]
