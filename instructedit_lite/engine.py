@@ -246,13 +246,11 @@ class PrefixEngine(nn.Module):
             with torch.no_grad():
                 if past_key_values is None:
                     self.full_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-                else:  # transformers 5 names the KV cache ``cache``; earlier versions ``past_key_values``
-                    import inspect
+                else:
+                    from .generation import kv_cache_argument
 
-                    name = "cache" if "cache" in inspect.signature(self.full_model.forward).parameters \
-                        else "past_key_values"
-                    self.full_model(input_ids=input_ids, attention_mask=attention_mask,
-                                    use_cache=True, **{name: past_key_values})
+                    self.full_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True,
+                                    **{kv_cache_argument(self.full_model): past_key_values})
         except _Stop:
             pass
         finally:

@@ -1,12 +1,14 @@
 """Decoding through plain forward passes: batched greedy answers and EasyEdit-style sampled text.
 
-Every function here calls only ``model(input_ids=..., attention_mask=...).logits`` on
-right-padded batches, with no KV cache, so it sees exactly what the teacher-forced scores see:
-an edited model, a hook-based editor (GRACE, CaliNet: each step is a full-sequence forward, the
-case their hooks are written for) or a :class:`~instructedit_lite.engine.PrefixEngine` (chapter 7).
-The answers are short (a few tokens), so the missing cache costs little (chapter 5).
+Every function here calls only the model's own forward on right-padded batches, so it sees
+exactly what the teacher-forced scores see: an edited model, a hook-based editor (GRACE, CaliNet)
+or a :class:`~instructedit_lite.engine.PrefixEngine` (chapter 7, decoded with its full model).
+The KV cache is used only where it gives the same text as full passes (a plain Hugging Face model
+without hooks); a hook-based edit gets a full-sequence forward per step, the case its hooks are
+written for.
 
 * :func:`greedy_tokens`: ``n`` greedy tokens after each prompt, all prompts in one batch;
+  :func:`greedy_tokens_within` the same, skipping prompts too long for the context;
 * :func:`normalize` and :func:`begins_with`: the answer check of *generation success*;
 * :func:`sample_text`: EasyEdit's ``generate_fast`` convention for fluency (top-k sampling from a
   seeded :class:`torch.Generator`, the prompt counted in the token budget and returned with the
@@ -23,7 +25,8 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-__all__ = ["greedy_tokens", "normalize", "begins_with", "sample_text", "greedy_text", "case_generator",
+__all__ = ["greedy_tokens", "greedy_tokens_within", "kv_cache_argument", "normalize", "begins_with", "sample_text",
+           "greedy_text", "case_generator",
            "no_cache_growth", "decided"]
 
 
@@ -56,8 +59,9 @@ def _decoder(model):
     return getattr(model, "full_model", model)
 
 
-def _cache_arg(model) -> str:
-    # transformers 5 names the KV cache ``cache``; earlier versions ``past_key_values``
+def kv_cache_argument(model) -> str:
+    """The keyword of ``model.forward`` for the KV cache: ``cache`` in transformers 5, earlier
+    ``past_key_values``."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
@@ -150,7 +154,7 @@ def _cached_steps(model, ids: torch.Tensor, lengths: list[int]):
     length = torch.tensor(lengths, device=ids.device)
     mask = (torch.arange(width, device=ids.device) < length[:, None]).long()
     rows = torch.arange(len(lengths), device=ids.device)
-    arg = _cache_arg(model)
+    arg = kv_cache_argument(model)
     result = model(input_ids=ids[:, :width], attention_mask=mask, use_cache=True)
     logits, past = result.logits[rows, length - 1], getattr(result, arg)
     while True:
@@ -219,7 +223,7 @@ def _extend(model, ids: list[int], n_new: int, pick: Callable[[torch.Tensor], in
     model = _decoder(model)
     device, ids = _device(model), list(ids)
     cache = _kv_cache_is_exact(model) if use_cache is None else use_cache
-    cache_arg = _cache_arg(model)
+    cache_arg = kv_cache_argument(model)
     past, fed = None, 0
     with no_cache_growth(model):
         for _ in range(n_new):

@@ -101,12 +101,17 @@ def test_ftl_stays_in_the_eps_box_and_touches_one_matrix_and_bias(world):
             assert change <= eps * (1 + 1e-4) if name in deltas else change == 0
 
 
-def test_ftl_loss_scores_every_target_token_at_the_last_prompt_position():
+def two_labelled_rows():
+    """Random logits and labels of two rows with targets of 2 and 3 tokens, and the log-probabilities."""
     torch.manual_seed(0)
     logits = torch.randn(2, 6, 11)
     labels = torch.tensor([[-100, -100, 3, 4, -100, -100], [-100, -100, -100, 5, 6, 7]])
+    return logits, labels, torch.log_softmax(logits, -1)
+
+
+def test_ftl_loss_scores_every_target_token_at_the_last_prompt_position():
+    logits, labels, logp = two_labelled_rows()
     # By hand: row 0's last prompt position is 1, row 1's is 2; per-row mean, then mean.
-    logp = torch.log_softmax(logits, -1)
     expected = (-(logp[0, 1, 3] + logp[0, 1, 4]) / 2 - (logp[1, 2, 5] + logp[1, 2, 6] + logp[1, 2, 7]) / 3) / 2
     loss = last_prompt_position_nll(logits, labels)
     assert torch.allclose(loss, expected)
@@ -150,10 +155,7 @@ def test_ftm_has_ftl_configuration():
 
 
 def test_ftm_loss_is_teacher_forced_and_averaged_per_row():
-    torch.manual_seed(0)
-    logits = torch.randn(2, 6, 11)
-    labels = torch.tensor([[-100, -100, 3, 4, -100, -100], [-100, -100, -100, 5, 6, 7]])
-    logp = torch.log_softmax(logits, -1)
+    logits, labels, logp = two_labelled_rows()
     # Teacher forced: position t predicts label t+1; row means (2 and 3 tokens), then the mean of rows.
     expected = (-(logp[0, 1, 3] + logp[0, 2, 4]) / 2 - (logp[1, 2, 5] + logp[1, 3, 6] + logp[1, 4, 7]) / 3) / 2
     assert torch.allclose(target_nll(logits, labels), expected)
