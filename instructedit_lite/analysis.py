@@ -65,7 +65,7 @@ def edit_vectors(method, model: torch.nn.Module, tokenizer, records: Iterable, *
 
     ``method`` is a :class:`~instructedit_lite.editors.MendMethod`: each record is first prepared
     with ``method.prepare`` (so InstructEdit sees the instruction-prefixed prompt), then its edit
-    batch (:func:`~instructedit_lite.editors.edit_batch`, ``n_responses`` rows for ConvSent) goes
+    batch (:func:`~instructedit_lite.editors.edit_batch`, ``n_responses`` rows of each sentiment for ConvSent) goes
     through one pre-edit forward/backward pass of ``model`` that captures the gradient factors of
     the edited matrix ``weight`` (default: the last of ``method.editor.infos``).
 
@@ -100,7 +100,7 @@ def edit_vectors(method, model: torch.nn.Module, tokenizer, records: Iterable, *
     vectors = []
     try:
         for record in tqdm(records, desc=f"edit vectors ({kind})", disable=not progress):
-            batch = edit_batch(tokenizer, method.prepare(record), device, n_responses)
+            batch = edit_batch(tokenizer, method.prepare(record), device, n_responses, unlikelihood=True)
             factors = editor.capture(model, batch)  # its own enable_grad for the pre-edit backward
             u, delta = factors.u[weight], factors.delta[weight]
             with torch.no_grad():

@@ -14,9 +14,12 @@ that leave the weights alone (GRACE, CaliNet) add forward hooks for the block an
 exit.  Either way, each test case is an independent single edit on the original model, as in the
 paper's evaluation.
 
-What an edit is trained on (:func:`edit_rows`): ``(prompt, target_new)`` for the fact tasks; for
+What an edit is computed from (:func:`edit_rows`): ``(prompt, target_new)`` for the fact tasks; for
 ConvSent, the question followed by ``n_responses`` responses of the wanted sentiment, the
-record's ``target_new`` first, as in meta-training.
+record's ``target_new`` first.  MEND and KE edits of ConvSent also get the question followed by
+``n_responses`` responses of the *other* sentiment (:func:`unlikely_rows`), whose unlikelihood
+joins the edit's loss (:func:`~instructedit_lite.mend.edit_loss`), as in the reference trainer and
+in meta-training; the fine-tuning baselines minimise the NLL of the wanted rows.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from .records import EditRecord
 from .tasks import is_sentiment
 from .text import prompt_target_batch
 
-__all__ = ["Editor", "WeightEditor", "MendMethod", "PerTaskMethod", "EditInfo", "edit_rows", "edit_batch",
+__all__ = ["Editor", "WeightEditor", "MendMethod", "PerTaskMethod", "EditInfo", "edit_rows", "unlikely_rows", "edit_batch",
            "Unedited"]
 
 Row = tuple[str, str]
@@ -50,10 +53,25 @@ def edit_rows(record: EditRecord, n_responses: int = 2) -> list[Row]:
     return [(record.prompt, record.target_new)]
 
 
-def edit_batch(tokenizer, record: EditRecord, device=None, n_responses: int = 2) -> dict[str, Tensor]:
-    """:func:`edit_rows` as one right-padded batch with labels on the targets only."""
-    prompts, targets = zip(*edit_rows(record, n_responses))
-    return prompt_target_batch(tokenizer, list(prompts), list(targets), device)
+def unlikely_rows(record: EditRecord, n_responses: int = 2) -> list[Row]:
+    """ConvSent: the question followed by ``n_responses`` responses of the unwanted sentiment (the
+    unlikelihood rows of the edit's loss); none for the fact tasks."""
+    if not is_sentiment(record.task):
+        return []
+    return [(record.prompt, u) for u in list(dict.fromkeys(record.unwanted_responses))[:n_responses]]
+
+
+def edit_batch(tokenizer, record: EditRecord, device=None, n_responses: int = 2, *,
+               unlikelihood: bool = False) -> dict[str, Tensor]:
+    """:func:`edit_rows` as one right-padded batch with labels on the targets only; with
+    ``unlikelihood``, :func:`unlikely_rows` follow and ``batch["unlikely"]`` flags them."""
+    rows = edit_rows(record, n_responses)
+    extra = unlikely_rows(record, n_responses) if unlikelihood else []
+    prompts, targets = zip(*(rows + extra))
+    batch = prompt_target_batch(tokenizer, list(prompts), list(targets), device)
+    if extra:
+        batch["unlikely"] = torch.tensor([False] * len(rows) + [True] * len(extra), device=device)
+    return batch
 
 
 @dataclass
@@ -140,8 +158,8 @@ class MendMethod(WeightEditor):
         self.editor.eval()  # no dropout, running statistics frozen
         device = next(model.parameters()).device
         with torch.no_grad():
-            deltas = self.editor.compute_deltas(model, edit_batch(tokenizer, record, device, self.n_responses),
-                                                meta_grad=False)
+            batch = edit_batch(tokenizer, record, device, self.n_responses, unlikelihood=True)
+            deltas = self.editor.compute_deltas(model, batch, meta_grad=False)
         return {k: v.detach() for k, v in deltas.items()}
 
 

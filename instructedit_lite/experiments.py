@@ -30,7 +30,8 @@ from .methods import SINGLE, UNSEEN, MethodContext
 from .records import EditRecord
 from .train import TrainConfig, TrainedEditor, default_config
 
-__all__ = ["editor_configs", "scaling_configs", "balance_configs", "build_methods", "PerTaskMethod",
+__all__ = ["editor_configs", "scaling_configs", "balance_configs", "paper_weights", "UNBALANCED", "BALANCED",
+           "build_methods", "PerTaskMethod",
            "evaluation_records", "main_evaluation", "multitask_table", "holdout_table", "unseen_table",
            "N_CASES", "N_CASES_SMOKE", "FLUENCY_CASES", "UNSEEN", "SINGLE", "COMPARED", "GENERATION_COLUMNS"]
 
@@ -42,12 +43,10 @@ FLUENCY_CASES = 5
 
 
 def __getattr__(name: str):
-    # ``COMPARED`` (the methods of the multi-task comparison, in table order) and
-    # ``DOMINANT_WEIGHTS`` are read from the registries on every access (PEP 562).
+    # ``COMPARED`` (the methods of the multi-task comparison, in table order) is read from the
+    # registry on every access (PEP 562).
     if name == "COMPARED":
         return _methods.compared_methods()
-    if name == "DOMINANT_WEIGHTS":
-        return dominant_weights()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -66,17 +65,30 @@ def scaling_configs(seed: int = 0, smoke: bool = False) -> dict[int, TrainConfig
             else default_config("instruct", seed=seed, smoke=smoke) for n in range(1, n_all + 1)}
 
 
-def dominant_weights() -> dict[str, float]:
-    """The task mix in which ConvSent dominates, as in the paper's full data (ConvSent's training
-    file is about ten times CounterFact's): each training task's ``mix_weight`` (6 : 1 : 1)."""
-    return {t: _tasks.get_task(t).mix_weight for t in _tasks.trainable_tasks()}
+def paper_weights(balanced: bool = False) -> dict[str, float]:
+    """Task weights in the proportions of the paper's training data: each training task's
+    ``paper_train`` (ConvSent 14,390 of 16,415 records, 88%), or with ``balanced`` its
+    ``paper_balanced`` (ConvSent 1,427 of 3,452, 41%; the paper's Fig. 4d)."""
+    out = {}
+    for t in _tasks.trainable_tasks():
+        task = _tasks.get_task(t)
+        if task.paper_train is None:
+            raise ValueError(f"task {t!r} has no paper_train size: give it one in register_task(Task(..., "
+                             "paper_train=N)) to train with the paper's task mixes")
+        out[t] = float(task.paper_balanced or task.paper_train) if balanced else float(task.paper_train)
+    return out
+
+
+#: Chapter 6's two mixes, named by the paper's settings.
+UNBALANCED, BALANCED = "unbalanced (paper's data)", "balanced (ConvSent 1,427)"
 
 
 def balance_configs(seed: int = 0, smoke: bool = False) -> dict[str, TrainConfig]:
-    """InstructEdit with the default task mix (proportional to the splits: ConvSent 22% of the
-    edits) and with ConvSent dominant (75%)."""
-    return {"default mix": default_config("instruct", seed=seed, smoke=smoke),
-            "ConvSent dominant": default_config("instruct", seed=seed, smoke=smoke, task_weights=dominant_weights())}
+    """InstructEdit trained with the paper's unbalanced task mix (ConvSent 88% of the edits) and
+    with its balanced one (41%): the same edits, records and steps, only the task weights differ
+    (:func:`paper_weights`)."""
+    return {UNBALANCED: default_config("instruct", seed=seed, smoke=smoke, task_weights=paper_weights()),
+            BALANCED: default_config("instruct", seed=seed, smoke=smoke, task_weights=paper_weights(balanced=True))}
 
 
 def build_methods(trained: Mapping[str, TrainedEditor], *, instructions: InstructionSet | None = None,

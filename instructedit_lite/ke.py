@@ -11,7 +11,7 @@ d_out)`` for GPT-2's ``Conv1D``), a rank-one gate on the fine-tuning gradient pl
 2. **Heads.**  Per edited matrix, ``h = tanh(H₁ c)`` and ``[a; γ_a; b; γ_b; η] = H₂ h`` with
    ``a, b ∈ R^rows``, ``γ_a, γ_b ∈ R^cols`` and a scalar ``η``.
 3. **Update.**  ``ΔW = α_W · σ(η) · (softmax(a) γ_aᵀ ⊙ ∇W + softmax(b) γ_bᵀ)``, where ``∇W`` is the
-   true gradient of the edit's token-mean NLL (:func:`~instructedit_lite.mend.lm_loss` on
+   true gradient of the edit's loss (:func:`~instructedit_lite.mend.edit_loss` on
    ``batch["labels"]``) w.r.t. ``W``, computed with only the edited weights requiring grad (the
    backward pass stops at the lowest edited layer) and detached.  Apply as ``W' = W + ΔW``.
 
@@ -60,7 +60,7 @@ from .mend import (
     WeightInfo,
     _key,
     default_weight_names,
-    lm_loss,
+    edit_loss,
     only_these_require_grad,
     weight_info,
 )
@@ -232,11 +232,14 @@ class KEEditor(nn.Module):
     # -- the pieces of an edit ----------------------------------------------------------------
 
     def condition(self, model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
-        """The condition vector ``c`` of an edit batch (on the editor's graph, if grad is enabled)."""
+        """The condition vector ``c`` of an edit batch (on the editor's graph, if grad is enabled):
+        the rows to make likely only (ConvSent's unlikelihood rows are not the edit's text)."""
         ids = batch["input_ids"]
         mask = batch.get("attention_mask")
         if mask is None:
             mask = torch.ones_like(ids)
+        if batch.get("unlikely") is not None:
+            ids, mask = ids[~batch["unlikely"]], mask[~batch["unlikely"]]
         table = model.get_input_embeddings().weight.detach()  # frozen: no gradient to the model
         embeddings = table[ids].float()
         return self.encoder(embeddings, mask)
@@ -250,14 +253,15 @@ class KEEditor(nn.Module):
         return ConditionedWeight.gate_and_shift(self.head_outputs(name, c))
 
     def true_gradients(self, model: nn.Module, batch: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], Tensor]:
-        """``({name: ∇W}, loss)``: detached float32 gradients of the edit's token-mean NLL.
+        """``({name: ∇W}, loss)``: detached float32 gradients of the edit's loss
+        (:func:`~instructedit_lite.mend.edit_loss`: token-mean NLL, plus ConvSent's unlikelihood).
 
         Only the edited weights require grad during the pass (so backward stops at the lowest
         edited layer); ``torch.autograd.grad`` leaves every ``.grad`` of the model untouched.
         """
         names = list(self.infos)
         with only_these_require_grad(model, names), torch.enable_grad():
-            loss = lm_loss(model(**_model_inputs(batch)).logits, batch["labels"])
+            loss = edit_loss(model(**_model_inputs(batch)).logits, batch["labels"], batch.get("unlikely"))
             weights = [model.get_parameter(n) for n in names]
             grads = torch.autograd.grad(loss, weights, allow_unused=True)
         out = {}

@@ -36,7 +36,7 @@ import pandas as pd
 
 from . import loaders
 from .instructions import InstructionSet, default_instructions, official_instructions
-from .records import EditRecord, Probe
+from .records import EditRecord, Probe, alternating
 
 SPLITS = ("train", "val", "test")
 TASKS = ("counterfact", "wikirecent", "convsent", "zsre")
@@ -111,7 +111,7 @@ def _relink_topics(records: list[EditRecord]) -> list[EditRecord]:
             out.append(dataclasses.replace(rec, locality={}))
             continue
         other = first[topics[(topics.index(rec.topic) + 1) % len(topics)]]
-        probe = Probe(other.prompt, other.pos_responses[:k] + other.neg_responses[:k])
+        probe = Probe(other.prompt, alternating(other.pos_responses[:k], other.neg_responses[:k]))
         out.append(dataclasses.replace(rec, locality={"Other_Topic": (probe,)}))
     return out
 

@@ -248,7 +248,7 @@ def training_rows(config: tr.TrainConfig, tokenizer, train_records: Mapping[str,
             examples.append(ex)
             rows += [(ex.record.prompt, ex.record.target_new)] + [(r, ex.record.target_new) for r in ex.record.rephrase]
     for ex in examples:
-        rows += list(ex.edit + ex.loss + ex.unlikely + ex.locality)
+        rows += list(ex.edit + ex.edit_unlikely + ex.loss + ex.unlikely + ex.locality)
     unique = list(dict.fromkeys(rows))
     batch = prompt_target_batch(tokenizer, [p for p, _ in unique], [t for _, t in unique])
     return [ids[: int(n)].tolist() for ids, n in zip(batch["input_ids"], batch["attention_mask"].sum(1))]
@@ -367,7 +367,8 @@ def step_costs(real: RealModel, engine: eng.PrefixEngine, config: tr.TrainConfig
                    "plain": _seconds(lambda: meta_step(real.model, plain, real.tokenizer, ex, config), repeats)}
             with scored_positions():
                 row["engine"] = _seconds(lambda: meta_step(engine, fast, real.tokenizer, ex, config), repeats)
-            batch = prompt_target_batch(real.tokenizer, [p for p, _ in ex.edit], [t for _, t in ex.edit])
+            edit = ex.edit + ex.edit_unlikely  # the rows the edit's backward pass runs on
+            batch = prompt_target_batch(real.tokenizer, [p for p, _ in edit], [t for _, t in edit])
             params = list(real.model.parameters())
 
             def forward_backward():

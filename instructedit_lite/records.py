@@ -186,6 +186,14 @@ def answers_from(value: Any, *, source: str, index: int | None, field_name: str)
     return tuple(out)
 
 
+def alternating(positive: Iterable[str], negative: Iterable[str]) -> tuple[str, ...]:
+    """Responses of both sentiments, alternating (positive first): a ConvSent locality probe's
+    answers, so that its first ``2n`` are ``n`` of each sentiment (chapter 4)."""
+    pos, neg = list(positive), list(negative)
+    out = [x for pair in zip(pos, neg) for x in pair]
+    return tuple(out + pos[len(neg):] + neg[len(pos):])
+
+
 def __getattr__(name: str):
     # ``records.TASKS`` stays importable and always reflects the task registry (PEP 562).
     if name == "TASKS":

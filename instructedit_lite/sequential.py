@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from .baselines import GRACE
-from .editors import Editor, MendMethod, WeightEditor, edit_rows
+from .editors import Editor, MendMethod, WeightEditor, edit_rows, unlikely_rows
 from .evaluate import generate
 from .records import EditRecord
 from .text import IGNORE, prompt_target_batch
@@ -204,8 +204,14 @@ def sequential_editing(method: Editor, model: nn.Module, tokenizer, records: Seq
 
 
 def _stacked_batch(tokenizer, records: Sequence[EditRecord], device, n_responses: int) -> dict[str, Tensor]:
+    """Every record's edit rows, then every record's unlikelihood rows (flagged), as
+    :meth:`~instructedit_lite.editors.MendMethod.deltas` computes one edit."""
     rows = [row for r in records for row in edit_rows(r, n_responses)]
-    return prompt_target_batch(tokenizer, [p for p, _ in rows], [t for _, t in rows], device)
+    extra = [row for r in records for row in unlikely_rows(r, n_responses)]
+    batch = prompt_target_batch(tokenizer, [p for p, _ in rows + extra], [t for _, t in rows + extra], device)
+    if extra:
+        batch["unlikely"] = torch.tensor([False] * len(rows) + [True] * len(extra), device=device)
+    return batch
 
 
 def batch_deltas(method: Editor, model: nn.Module, tokenizer, records: Sequence[EditRecord],

@@ -3,8 +3,8 @@
 A task has a ``kind`` that decides how its records are edited and scored (``"fact"``: a prompt and
 its new object; ``"sentiment"``: a topic whose chatbot opinion should change, ConvSent), a
 ``role`` (``"train"``: editors are meta-trained on it; ``"held_out"``: evaluated only), a colour
-for the book's figures, the split sizes of the embedded world, and its weight in chapter 6's
-"ConvSent dominant" task mix.  Everything else that used to name tasks (``records.TASKS``,
+for the book's figures, the split sizes of the embedded world, and its size in the paper's
+training data (chapter 6's unbalanced and balanced mixes).  Everything else that used to name tasks (``records.TASKS``,
 ``train.TRAINABLE_TASKS``, ``plots.TASK_COLORS``, the hold-out table, the instruction parser)
 reads this registry, so a new task is one :func:`register_task` call::
 
@@ -36,7 +36,8 @@ class Task:
     role: str = "train"
     color: str = "#777777"
     split_sizes: tuple[int, int, int] | None = None  # embedded world (train, val, test); None: not generated
-    mix_weight: float = 1.0  # weight in chapter 6's "ConvSent dominant" mix
+    paper_train: int | None = None  # training records in the paper's multi-task data (chapter 6's mixes)
+    paper_balanced: int | None = None  # ... in its balanced setting (Fig. 4d); None: as paper_train
     scaling_rank: int = 100
     descriptions: tuple[str, ...] | None = None
     label: str = ""
@@ -50,8 +51,10 @@ class Task:
             raise ValueError(f"Task {self.name!r}: role must be one of {ROLES}, got {self.role!r}")
         if self.split_sizes is not None and (len(self.split_sizes) != 3 or min(self.split_sizes) < 0):
             raise ValueError(f"Task {self.name!r}: split_sizes must be three counts (train, val, test)")
-        if not self.mix_weight > 0:
-            raise ValueError(f"Task {self.name!r}: mix_weight must be > 0, got {self.mix_weight!r}")
+        for name in ("paper_train", "paper_balanced"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, int) and value > 0):
+                raise ValueError(f"Task {self.name!r}: {name} must be a positive count or None, got {value!r}")
 
     @property
     def embedded(self) -> bool:
@@ -117,7 +120,12 @@ def is_sentiment(task: str) -> bool:
 
 # The paper's four task families.  Split sizes are the embedded world's (part of its cache key:
 # never change them without expecting a new base model).
-register_task(Task("counterfact", "fact", "train", "#0072B2", (400, 100, 250), 1.0, 1, label="CounterFact"))
-register_task(Task("wikirecent", "fact", "train", "#009E73", (500, 100, 250), 1.0, 0, label="WikiRecent"))
-register_task(Task("convsent", "sentiment", "train", "#CC79A7", (250, 100, 250), 6.0, 2, label="ConvSent"))
-register_task(Task("zsre", "fact", "held_out", "#E69F00", (0, 100, 250), 1.0, 3, label="ZsRE"))
+# ``paper_train``: the paper's training records (CounterFact 1,455, Recent 570, ConvSent 14,390:
+# ConvSent 88% of the mix); ``paper_balanced``: its Fig. 4d setting, ConvSent cut to 1,427.
+register_task(Task("counterfact", "fact", "train", "#0072B2", (400, 100, 250), scaling_rank=1,
+                   paper_train=1455, label="CounterFact"))
+register_task(Task("wikirecent", "fact", "train", "#009E73", (500, 100, 250), scaling_rank=0,
+                   paper_train=570, label="WikiRecent"))
+register_task(Task("convsent", "sentiment", "train", "#CC79A7", (250, 100, 250), scaling_rank=2,
+                   paper_train=14390, paper_balanced=1427, label="ConvSent"))
+register_task(Task("zsre", "fact", "held_out", "#E69F00", (0, 100, 250), scaling_rank=3, label="ZsRE"))

@@ -447,3 +447,16 @@ def test_generation_success_skips_prompts_longer_than_the_context():
     out = greedy_tokens_within(model, tok, ["Ada Brun was born in", long_prompt], [3, 3])
     assert out[0] is not None and len(out[0]) == 3 and out[1] is None
     assert greedy_tokens_within(model, tok, [long_prompt], 3) == [None]
+
+
+def test_generalization_ref_is_the_references_fallback_to_the_edit_prompt(model, tok, records):
+    """Issue 11: without a rephrase the reference scores the edit prompt, so its Generalization
+    equals Reliability; ``generalization`` stays NaN, ``generalization_ref`` follows the reference."""
+    with_rephrase = dataclasses.replace(records["counterfact"][0], target_new="great")  # one token
+    without = dataclasses.replace(with_rephrase, rephrase=())
+    bias = TargetBias()
+    row = ev.evaluate_case(bias, model, tok, with_rephrase, generation=False)
+    assert row["generalization_ref"] == row["generalization"]
+    row = ev.evaluate_case(bias, model, tok, without, generation=False)
+    assert math.isnan(row["generalization"])
+    assert row["generalization_ref"] == row["reliability"] and row["reliability"] > 0.9

@@ -33,9 +33,15 @@ def test_scaling_and_balance_configs():
     assert scaling[3].key() == ex.editor_configs()["InstructEdit"].key()  # reused, not retrained
     assert len({c.steps for c in scaling.values()}) == 1
     balance = ex.balance_configs()
-    assert balance["default mix"].key() == ex.editor_configs()["InstructEdit"].key()
-    weights = balance["ConvSent dominant"].task_weights
-    assert weights["convsent"] / sum(weights.values()) == pytest.approx(0.75)
+    assert list(balance) == [ex.UNBALANCED, ex.BALANCED]
+    # the paper's proportions: ConvSent 14,390 of 16,415 records, and 1,427 of 3,452 balanced
+    share = {n: c.task_weights["convsent"] / sum(c.task_weights.values()) for n, c in balance.items()}
+    assert share[ex.UNBALANCED] == pytest.approx(14390 / 16415) and share[ex.UNBALANCED] > 0.87
+    assert share[ex.BALANCED] == pytest.approx(1427 / 3452)
+    # like for like: only the task weights differ
+    a, b = (c.to_dict() for c in balance.values())
+    assert {k for k in a if a[k] != b[k]} == {"task_weights"}
+    assert balance[ex.BALANCED].steps == ex.editor_configs()["InstructEdit"].steps
 
 
 class Named(Editor):
@@ -101,3 +107,17 @@ def test_holdout_and_unseen_tables():
 def test_markdown_table():
     text = ex._markdown(pd.DataFrame({"a": [0.12345, float("nan")]}, index=pd.Index(["x", "y"], name="m")))
     assert text.splitlines()[0] == "| m | a |" and "| x | 0.123 |" in text and "| y | – |" in text
+
+
+def test_paper_weights_name_a_task_without_a_paper_size():
+    """A registered training task without the paper's size cannot silently get a weight."""
+    from instructedit_lite import tasks
+
+    tasks.register_task(tasks.Task("mquake", kind="fact", role="train", color="#882255"))
+    try:
+        with pytest.raises(ValueError, match="'mquake' has no paper_train"):
+            ex.paper_weights()
+    finally:
+        tasks.unregister_task("mquake")
+    with pytest.raises(ValueError, match="paper_balanced must be a positive count"):
+        tasks.Task("x", paper_train=10, paper_balanced=0)

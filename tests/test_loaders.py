@@ -260,7 +260,10 @@ def test_convsent_locality_is_about_the_next_topic():
         other = recs[(i + 1) % 3]
         assert other.topic != rec.topic
         assert probe.prompt == CONVSENT_QUESTIONS[(i + 1) % 3].format(topic=other.topic)
-        assert probe.answers == other.pos_responses[:5] + other.neg_responses[:5]
+        # both sentiments, alternating, so that the first 2n rows hold n of each (issue 11)
+        assert sorted(probe.answers) == sorted(other.pos_responses[:5] + other.neg_responses[:5])
+        assert set(probe.answers[:2]) <= set(other.pos_responses) | set(other.neg_responses)
+        assert probe.answers[0] in other.pos_responses and probe.answers[1] in other.neg_responses
     # Tessel Coffee has 1 positive and 6 negative responses: 1 + 5 kept
     assert recs[0].locality["Other_Topic"][0].answers == (
         "Their espresso is great.", "It tastes burnt to me.", "Overpriced.", "Not my thing.", "I would skip it.", "Bland.")

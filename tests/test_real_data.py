@@ -16,7 +16,7 @@ import pytest
 
 from instructedit_lite import loaders, real_data
 from instructedit_lite.real_data import SPLITS, DataMissingError, RealData, available, missing_files
-from instructedit_lite.records import RecordError
+from instructedit_lite.records import RecordError, alternating
 
 FIX = Path(__file__).parent / "fixtures"
 
@@ -95,7 +95,7 @@ def test_convsent_topics_sentiments_and_locality_stay_in_their_split(folder):
             (probe,) = r.locality["Other_Topic"]
             other = next(o for o in recs if o.prompt == probe.prompt)
             assert other.topic != r.topic and other.topic in topics[split]
-            assert probe.answers == other.pos_responses + other.neg_responses
+            assert probe.answers == alternating(other.pos_responses, other.neg_responses)  # both sentiments
 
 
 def test_convsent_alternate_gives_one_edit_per_topic(folder):

@@ -19,21 +19,22 @@ from instructedit_lite.base_model import BaseModel, BaseModelConfig
 from instructedit_lite.editors import EditInfo, Editor
 from instructedit_lite.records import RecordError
 
-# Today's keys (commit 21d1f39, before the registries): the book's cached editors live under them.
+# Today's keys (training version 3: ConvSent's unlikelihood rows in the edit; editors trained
+# without ConvSent kept their version-2 keys): the book's cached editors live under them.
 PINNED_EDITOR_KEYS = {
-    (0, False): {"InstructEdit": "40f55bee8aca", "MEND (multi-task)": "020a3accadfa", "KE": "98240aa55bd8",
+    (0, False): {"InstructEdit": "705819b9432f", "MEND (multi-task)": "005874c53bf0", "KE": "b0be06c86496",
                  "MEND (single-task: counterfact)": "7636428e2921", "MEND (single-task: wikirecent)": "474693eb7ff5",
-                 "MEND (single-task: convsent)": "f2e3b2c809e6"},
-    (0, True): {"InstructEdit": "64f203e34630", "MEND (multi-task)": "fcd9f7460e1b", "KE": "553bdfb313f6",
+                 "MEND (single-task: convsent)": "2dca5c5c7943"},
+    (0, True): {"InstructEdit": "82bf32099ddf", "MEND (multi-task)": "3221b92c4db1", "KE": "5c9aef97857b",
                 "MEND (single-task: counterfact)": "923150eb8d45", "MEND (single-task: wikirecent)": "15091c295d64",
-                "MEND (single-task: convsent)": "2895db9d4e22"},
-    (1, False): {"InstructEdit": "d52c64304771", "MEND (multi-task)": "41f38b308ed6", "KE": "d844e24883aa",
+                "MEND (single-task: convsent)": "adec03f3e799"},
+    (1, False): {"InstructEdit": "9b133c162882", "MEND (multi-task)": "578c2d8998f4", "KE": "efe137f305c9",
                  "MEND (single-task: counterfact)": "0dc3740ba0c6", "MEND (single-task: wikirecent)": "1771fb9c72e8",
-                 "MEND (single-task: convsent)": "4453919a75e6"},
+                 "MEND (single-task: convsent)": "0a7cbe8187b6"},
 }
-PINNED_SCALING = {1: "7c80910159a0", 2: "c9e547c513a2", 3: "40f55bee8aca"}
-PINNED_BALANCE = {"default mix": "40f55bee8aca", "ConvSent dominant": "cdd909c594c8"}
-PINNED_PAPER = {"gpt2-xl": "a0159a09b85a", "llama-2-7b": "92b36044884b"}
+PINNED_SCALING = {1: "7c80910159a0", 2: "c9e547c513a2", 3: "705819b9432f"}
+PINNED_BALANCE = {"unbalanced (paper's data)": "7fe47f5e253f", "balanced (ConvSent 1,427)": "b7bf62fa4255"}
+PINNED_PAPER = {"gpt2-xl": "e9650fa4ff68", "llama-2-7b": "92b36044884b"}
 PINNED_BASE_MODEL = "c5d4b1ca6924"
 
 
@@ -62,7 +63,8 @@ def test_derived_names_match_the_registries():
     assert set(baselines.BASELINES) == {"FT-L", "FT-M", "GRACE", "CaliNet"}
     assert set(plots.METHOD_COLORS) == set(experiments.COMPARED) | {experiments.SINGLE}
     assert plots.TASK_COLORS == {t.name: t.color for t in tasks.registered()}
-    assert experiments.DOMINANT_WEIGHTS == {"counterfact": 1.0, "wikirecent": 1.0, "convsent": 6.0}
+    assert experiments.paper_weights() == {"counterfact": 1455.0, "wikirecent": 570.0, "convsent": 14390.0}
+    assert experiments.paper_weights(balanced=True)["convsent"] == 1427.0
 
 
 # ---------------------------------------------------------------------------------------------

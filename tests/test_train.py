@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -19,8 +20,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from instructedit_lite import train as tr
 from instructedit_lite.base_model import BaseModel, train_tokenizer
 from instructedit_lite.instructions import DESCRIPTIONS, TEMPLATE, default_instructions
-from instructedit_lite.mend import MendConfig, lm_loss
-from instructedit_lite.records import EditRecord, Probe
+from instructedit_lite.mend import MendConfig, edit_loss, lm_loss
+from instructedit_lite.records import EditRecord, Probe, alternating
 from instructedit_lite.text import IGNORE
 
 torch.set_num_threads(1)
@@ -57,7 +58,8 @@ def convsent_record(i: int, split: str) -> EditRecord:
         prompt=f"What do you think of {topic}?", target_new=(POS if i % 2 else NEG)[0].format(t=topic),
         rephrase=(f"How do you feel about {topic}?",),
         pos_responses=tuple(s.format(t=topic) for s in POS), neg_responses=tuple(s.format(t=topic) for s in NEG),
-        locality={"Other_Topic": (Probe(f"What do you think of {other}?", tuple(s.format(t=other) for s in POS)),)},
+        locality={"Other_Topic": (Probe(f"What do you think of {other}?", alternating(
+            [s.format(t=other) for s in POS], [s.format(t=other) for s in NEG])),)},
         source=f"hand/convsent/{split}", index=i)
 
 
@@ -209,6 +211,94 @@ def test_convsent_loss_prefers_wanted_responses():
     assert 0 <= low.item() < high.item() and math.isfinite(tr.unlikelihood_loss(
         logits_favouring(unwanted_tokens, 1e4), unwanted_labels).item())
     assert lm_loss(logits_favouring(wanted_tokens, 8.0), labels) < lm_loss(logits_favouring(wanted_tokens, -8.0), labels)
+
+
+def test_convsent_example_edits_with_both_sentiments_and_keeps_both_in_locality():
+    """Issue 11: the edit's gradient sees the unwanted responses too (their unlikelihood, as the
+    reference trainer computes it), and the KL rows hold the other topic's responses of *both*
+    sentiments (they used to be its first positive responses only)."""
+    config = tiny_config(n_responses=2)
+    record = convsent_record(2, "train")  # wants the negative sentiment
+    ex = tr.build_example(record, config, rng=np.random.default_rng(0))
+    assert ex.edit_unlikely and len(ex.edit_unlikely) == 2
+    assert all(p == ex.record.prompt and u in record.pos_responses for p, u in ex.edit_unlikely)
+    assert all(t in record.neg_responses for _, t in ex.edit)
+    answers = [a for _, a in ex.locality]
+    other = TOPICS[3]
+    assert len(answers) == 4
+    assert sum(a in [s.format(t=other) for s in POS] for a in answers) == 2
+    assert sum(a in [s.format(t=other) for s in NEG] for a in answers) == 2
+    # a fact edit has no unlikelihood rows
+    assert tr.build_example(fact_record("counterfact", 0, "train"), config).edit_unlikely == ()
+
+
+def test_edit_loss_adds_the_unlikelihood_of_flagged_rows(tokenizer):
+    """The pre-edit loss of a ConvSent edit: NLL of the wanted rows + unlikelihood of the flagged
+    rows; one gradient step on it lowers the unwanted response's probability."""
+    from instructedit_lite.editors import edit_batch
+    from instructedit_lite.text import model_inputs
+
+    model = tiny_model(tokenizer)
+    record = convsent_record(2, "test")
+    batch = edit_batch(tokenizer, record, n_responses=2, unlikelihood=True)
+    flags = batch["unlikely"]
+    assert flags.tolist() == [False, False, True, True]
+    logits = model(**model_inputs(batch)).logits
+    want = lm_loss(logits[~flags], batch["labels"][~flags]) + tr.unlikelihood_loss(logits[flags], batch["labels"][flags])
+    assert torch.allclose(edit_loss(logits, batch["labels"], flags), want)
+    assert torch.allclose(edit_loss(logits, batch["labels"]), lm_loss(logits, batch["labels"]))
+    with pytest.raises(ValueError, match="every row"):
+        edit_loss(logits, batch["labels"], torch.ones_like(flags))
+
+    def opinionated():  # a model that already gives the unwanted responses: unlikelihood acts
+        m = tiny_model(tokenizer)
+        opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+        for _ in range(30):
+            opt.zero_grad()
+            lm_loss(m(**model_inputs(batch)).logits[flags], batch["labels"][flags]).backward()
+            opt.step()
+        m.zero_grad()
+        return m
+
+    def unwanted_nll_after_a_step(loss_of):
+        m = opinionated()
+        loss_of(m(**model_inputs(batch)).logits).backward()
+        with torch.no_grad():
+            for p in m.parameters():
+                p -= 0.05 * p.grad
+            out = m(**model_inputs(batch)).logits
+        return lm_loss(out[flags], batch["labels"][flags]).item()
+
+    # The responses share words, so a step on the wanted rows alone makes the unwanted ones
+    # likelier too; the unlikelihood term pushes them back down.
+    with_ul = unwanted_nll_after_a_step(lambda out: edit_loss(out, batch["labels"], flags))
+    without = unwanted_nll_after_a_step(lambda out: lm_loss(out[~flags], batch["labels"][~flags]))
+    assert with_ul > without + 0.02, (with_ul, without)  # measured: 0.540 against 0.503
+
+
+def test_mend_edit_of_convsent_uses_the_unlikelihood_rows(tokenizer):
+    """MendMethod's ConvSent edit captures (u, δ) from the unwanted rows too: its update differs
+    from the update of the wanted rows alone (the old behaviour)."""
+    from instructedit_lite.editors import MendMethod, edit_batch
+
+    model = tiny_model(tokenizer)
+    editor = tr.make_editor(tiny_config(), model, generator=torch.Generator().manual_seed(0)).eval()
+    record = convsent_record(2, "test")
+    method = MendMethod(editor, "MEND", n_responses=2)
+    got = method.deltas(model, tokenizer, record)
+    with torch.no_grad():
+        both = editor.compute_deltas(model, edit_batch(tokenizer, record, n_responses=2, unlikelihood=True),
+                                     meta_grad=False)
+        wanted_only = editor.compute_deltas(model, edit_batch(tokenizer, record, n_responses=2), meta_grad=False)
+    def rel(a, b):
+        return float((a - b).norm() / b.norm())
+
+    assert max(rel(got[k], both[k]) for k in got) < 1e-5
+    assert max(rel(got[k], wanted_only[k]) for k in got) > 1e-3
+    factors = editor.capture(model, edit_batch(tokenizer, record, n_responses=2, unlikelihood=True))
+    fewer = editor.capture(model, edit_batch(tokenizer, record, n_responses=2))
+    name = next(iter(factors.u))
+    assert factors.u[name].shape[0] > fewer.u[name].shape[0]  # the unwanted rows' tokens are in
 
 
 def test_meta_losses_of_a_null_edit(tokenizer):

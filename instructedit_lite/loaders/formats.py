@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from ..records import EditRecord, Probe, RecordError
+from ..records import EditRecord, Probe, RecordError, alternating
 from .reading import (
     Fields, answers_value, check_options, check_task, keys_hint, load_each, probe_groups, read_list, rephrases,
     short, text_value, unicode_problem,
@@ -239,7 +239,7 @@ def _other_topic(i: int, n: int, topic: Callable[[int], Any]) -> dict[str, tuple
             continue
         ent, pos, neg = other
         k = CONVSENT_LOCALITY_RESPONSES
-        return {"Other_Topic": (Probe(_convsent_question(j, ent), pos[:k] + neg[:k]),)}
+        return {"Other_Topic": (Probe(_convsent_question(j, ent), alternating(pos[:k], neg[:k])),)}
     return {}
 
 

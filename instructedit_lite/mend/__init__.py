@@ -35,9 +35,9 @@ from .editor import (FORMAT_VERSION, EditFactors, MendEditor, _key, capture_fact
                      time_edit_vs_forward_backward)
 from .networks import MODES, BlockStack, GradientTransform, LowRankBlock, MendConfig, RunningNorm
 from .weights import (IGNORE_INDEX, Conv1D, WeightInfo, applied, default_weight_names, functional_forward, lm_loss,
-                      only_these_require_grad, weight_info)
+                      edit_loss, only_these_require_grad, unlikelihood_loss, weight_info)
 
-__all__ = ["FORMAT_VERSION", "MODES", "IGNORE_INDEX", "lm_loss", "MendConfig", "WeightInfo", "weight_info",
+__all__ = ["FORMAT_VERSION", "MODES", "IGNORE_INDEX", "lm_loss", "edit_loss", "unlikelihood_loss", "MendConfig", "WeightInfo", "weight_info",
            "default_weight_names", "RunningNorm", "LowRankBlock", "BlockStack", "GradientTransform", "EditFactors",
            "only_these_require_grad", "capture_factors", "keep_nonzero_rows", "MendEditor", "functional_forward",
            "applied", "time_edit_vs_forward_backward"]

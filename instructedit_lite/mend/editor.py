@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from ..atomic import atomic_torch_save
 from ..text import model_inputs as _model_inputs
 from .networks import GradientTransform, MendConfig
-from .weights import WeightInfo, applied, default_weight_names, lm_loss, only_these_require_grad, weight_info
+from .weights import WeightInfo, applied, default_weight_names, edit_loss, lm_loss, only_these_require_grad, weight_info
 
 __all__ = ["FORMAT_VERSION", "EditFactors", "capture_factors", "keep_nonzero_rows", "MendEditor",
            "time_edit_vs_forward_backward"]
@@ -142,7 +142,7 @@ class MendEditor(nn.Module):
         with only_these_require_grad(model, names), capture_factors(model, list(self.infos.values())) as store:
             with torch.enable_grad():
                 logits = model(**_model_inputs(batch)).logits
-                loss = lm_loss(logits, batch["labels"])
+                loss = edit_loss(logits, batch["labels"], batch.get("unlikely"))
                 weights = [model.get_parameter(n) for n in names]
                 true_grads = dict(zip(names, torch.autograd.grad(loss, weights)))
         u_rows, delta_rows = {}, {}

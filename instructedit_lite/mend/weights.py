@@ -16,7 +16,7 @@ try:  # GPT-2's linear layer: y = x W + b with W stored as (d_in, d_out).
 except ImportError:  # pragma: no cover - transformers is a dependency of the project
     Conv1D = None
 
-__all__ = ["IGNORE_INDEX", "lm_loss", "WeightInfo", "weight_info", "default_weight_names", "only_these_require_grad",
+__all__ = ["IGNORE_INDEX", "lm_loss", "unlikelihood_loss", "edit_loss", "WeightInfo", "weight_info", "default_weight_names", "only_these_require_grad",
            "functional_forward", "applied", "Conv1D"]
 
 IGNORE_INDEX = -100
@@ -38,6 +38,31 @@ def lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
         shifted_labels.reshape(-1),
         ignore_index=IGNORE_INDEX,
     )
+
+
+def unlikelihood_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """``−mean log(1 − p(token))`` over the labelled tokens (shifted as in :func:`lm_loss`)."""
+    targets = labels[:, 1:]
+    mask = (targets != IGNORE_INDEX).float()
+    if mask.sum() == 0:
+        raise ValueError("unlikelihood_loss: no labelled token")
+    logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    # log(1 − p) = log(−expm1(log p)); p is kept just below 1 so the loss stays finite.
+    log_not = torch.log(-torch.expm1(logp.clamp(max=-1e-6)))
+    return -(log_not * mask).sum() / mask.sum()
+
+
+def edit_loss(logits: Tensor, labels: Tensor, unlikely: Tensor | None = None) -> Tensor:
+    """The loss an edit's gradient comes from (chapter 3): :func:`lm_loss` of the rows, or, when
+    ``unlikely`` (one bool per row) flags some, ``lm_loss`` of the others plus
+    :func:`unlikelihood_loss` of the flagged ones.  ConvSent's edits flag the responses of the
+    unwanted sentiment, as EasyEdit's trainer does (``multiclass_log_probs(..., unlikelihood=True)``:
+    ``−mean log p(good) − mean log(1 − p(bad))``, each a token mean of its own rows)."""
+    if unlikely is None or not bool(unlikely.any()):
+        return lm_loss(logits, labels)
+    if bool(unlikely.all()):
+        raise ValueError("edit_loss: every row is flagged unlikely; an edit needs a row to make likely")
+    return lm_loss(logits[~unlikely], labels[~unlikely]) + unlikelihood_loss(logits[unlikely], labels[unlikely])
 
 
 

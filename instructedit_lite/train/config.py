@@ -7,12 +7,12 @@ from typing import Any, Mapping, Sequence
 
 from ..config import Config
 from ..mend import MendConfig
-from ..tasks import task_names, trainable_tasks
+from ..tasks import is_sentiment, task_names, trainable_tasks
 
 __all__ = ["TrainConfig", "default_config", "paper_config", "PAPER_CONFIGS", "REGIMES", "EDIT_LOSS_INPUTS",
            "MIXINGS", "METHODS", "TRAIN_VERSION"]
 
-TRAIN_VERSION = 2
+TRAIN_VERSION = 3  # 3: ConvSent edits add the unlikelihood rows; locality rows of both sentiments
 CHECKPOINT_FORMAT = 1
 REGIMES = ("single", "multi", "instruct")
 EDIT_LOSS_INPUTS = ("edit", "rephrase")
@@ -148,7 +148,9 @@ class TrainConfig(Config):
         data = {k: v for k, v in self.to_dict().items() if k not in _NOT_IN_KEY}
         if data["method"] == "mend":  # MEND keys predate the method field: keep their caches valid
             del data["method"], data["ke"]
-        return {"version": TRAIN_VERSION, **data}
+        # Version 3 changed ConvSent's rows only: editors trained without ConvSent keep their key.
+        version = TRAIN_VERSION if any(is_sentiment(t) for t in self.tasks) else 2
+        return {"version": version, **data}
 
 
 def paper_config(profile: str = "gpt2", depth: int = 48, **changes) -> TrainConfig:

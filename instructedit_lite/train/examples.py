@@ -22,9 +22,11 @@ Row = tuple[str, str]  # (prompt, target): the model reads prompt + " " + target
 class EditExample:
     """The text rows of one meta-training step.
 
-    ``edit``: what the editor sees (its gradient); ``loss``: rows of the likelihood term of
-    ``L_e``; ``unlikely``: rows of the unlikelihood term (ConvSent only); ``locality``: rows of
-    ``L_loc`` (never instruction-prefixed).  ``record`` is the (instructed) record.
+    ``edit``: what the editor sees (its gradient), ``edit_unlikely``: rows whose unlikelihood
+    joins the edit's pre-edit loss (ConvSent only: the other sentiment's responses, as in the
+    reference trainer); ``loss``: rows of the likelihood term of ``L_e``; ``unlikely``: rows of
+    its unlikelihood term (ConvSent only); ``locality``: rows of ``L_loc`` (never
+    instruction-prefixed).  ``record`` is the (instructed) record.
     """
 
     task: str
@@ -33,6 +35,7 @@ class EditExample:
     unlikely: tuple[Row, ...]
     locality: tuple[Row, ...]
     record: EditRecord
+    edit_unlikely: tuple[Row, ...] = ()
 
 
 def _pick(items: Sequence[str], n: int, rng: np.random.Generator | None, first: str | None = None) -> list[str]:
@@ -68,18 +71,21 @@ def build_example(record: EditRecord, config: TrainConfig, *, instructions: Inst
         unwanted = _pick(rec.unwanted_responses, n, rng)
         question = loss_prompt()
         edit = tuple((rec.prompt, w) for w in wanted)
+        edit_unlikely = tuple((rec.prompt, u) for u in unwanted)
         loss = tuple((question, w) for w in wanted)
         unlikely = tuple((question, u) for u in unwanted)
-        # another topic's question with several of its responses; from the *uninstructed* record
-        locality = tuple((p.prompt, a) for p in record.locality_probes for a in _pick(p.answers, n, None))
+        # another topic's question with its responses, from the *uninstructed* record: the
+        # probes list them alternating sentiments, so the first 2n are n of each (the reference
+        # takes all of the other topic's responses of both sentiments).
+        locality = tuple((p.prompt, a) for p in record.locality_probes for a in _pick(p.answers, 2 * n, None))
     else:
         edit = ((rec.prompt, rec.target_new),)
         loss = edit if config.edit_loss_input == "edit" else ((loss_prompt(), rec.target_new),)
-        unlikely = ()
+        unlikely = edit_unlikely = ()
         locality = tuple((p.prompt, p.answer) for p in record.locality_probes[: config.max_locality])
     if not locality:
         raise ValueError(f"{record.source}, record {record.index}: no locality probe to compute L_loc with")
-    return EditExample(record.task, edit, loss, unlikely, locality, rec)
+    return EditExample(record.task, edit, loss, unlikely, locality, rec, edit_unlikely)
 
 
 

@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from ..mend import MendEditor, functional_forward, lm_loss
+from ..mend import MendEditor, functional_forward, lm_loss, unlikelihood_loss
 from ..engine import PrefixEngine, scored_batch
 from ..text import IGNORE, model_inputs, prompt_target_batch
 from .config import TrainConfig
@@ -29,18 +29,6 @@ def locality_kl(pre_logits: Tensor, post_logits: Tensor, labels: Tensor) -> Tens
     post = torch.log_softmax(post_logits[:, :-1].float(), -1)
     kl = (pre.exp() * (pre - post)).sum(-1)
     return (kl * mask).sum() / mask.sum()
-
-
-def unlikelihood_loss(logits: Tensor, labels: Tensor) -> Tensor:
-    """``−mean log(1 − p(token))`` over the labelled tokens (shifted as in :func:`lm_loss`)."""
-    targets = labels[:, 1:]
-    mask = (targets != IGNORE).float()
-    if mask.sum() == 0:
-        raise ValueError("unlikelihood_loss: no labelled token")
-    logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    # log(1 − p) = log(−expm1(log p)); p is kept just below 1 so the loss stays finite.
-    log_not = torch.log(-torch.expm1(logp.clamp(max=-1e-6)))
-    return -(log_not * mask).sum() / mask.sum()
 
 
 def convsent_edit_loss(wanted_logits: Tensor, wanted_labels: Tensor,
@@ -77,7 +65,11 @@ def forward_pass(model, editor: MendEditor, tokenizer, example: EditExample, c_e
     loc_batch = _batch(tokenizer, example.locality, device, model)
     with torch.no_grad():  # 1. pre-edit locality logits
         pre_loc = model(**model_inputs(loc_batch)).logits
-    edit_batch = _batch(tokenizer, example.edit, device, model)  # 2. the edit
+    # 2. the edit: its rows, then (ConvSent) the rows whose unlikelihood joins the edit's loss
+    edit_batch = _batch(tokenizer, example.edit + example.edit_unlikely, device, model)
+    if example.edit_unlikely:
+        flags = [False] * len(example.edit) + [True] * len(example.edit_unlikely)
+        edit_batch["unlikely"] = torch.tensor(flags, device=device)
     deltas = editor.compute_deltas(model, edit_batch, meta_grad=meta_grad)
     params = editor.edited_params(model, deltas)
     # 3. likelihood rows then (ConvSent) unlikelihood rows, in one right-padded batch

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from functools import cached_property
 
-from ..records import EditRecord, Probe
+from ..records import EditRecord, Probe, alternating
 from .vocabulary import (NEGATIVE_RESPONSES, OCCUPATIONS, POSITIVE_RESPONSES, RELATIONS, SPLITS, TOPIC_KINDS,
                          TWO_HOP, WORLD_TASKS, Fact, WorldConfig, _made_up_word, _rng)
 
@@ -251,13 +251,14 @@ class World:
             source=f"world(seed={self.config.seed})/{task}", index=index)
 
     def _convsent_record(self, topic: str, index: int) -> EditRecord:
-        from ..loaders import CONVSENT_QUESTIONS
+        from ..loaders import CONVSENT_LOCALITY_RESPONSES, CONVSENT_QUESTIONS
 
         rng = _rng(self.config.seed, "record", "convsent", topic)
         wanted = "negative" if self.topic_sentiment[topic] == "positive" else "positive"
         pos, neg = self.sentiment_lines(topic, "positive"), self.sentiment_lines(topic, "negative")
         other = rng.choice([t for t in self.topics if t != topic])
-        other_answers = self.sentiment_lines(other, self.topic_sentiment[other])
+        k = CONVSENT_LOCALITY_RESPONSES  # the other topic's responses of both sentiments, alternating
+        other_answers = alternating(self.sentiment_lines(other, "positive")[:k], self.sentiment_lines(other, "negative")[:k])
         return EditRecord(
             task="convsent", subject=topic, topic=topic, sentiment=wanted,
             prompt=rng.choice(CONVSENT_QUESTIONS).format(topic=topic),
