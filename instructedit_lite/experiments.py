@@ -79,8 +79,10 @@ def paper_weights(balanced: bool = False) -> dict[str, float]:
     return out
 
 
-#: Chapter 6's two mixes, named by the paper's settings.
-UNBALANCED, BALANCED = "unbalanced (paper's data)", "balanced (ConvSent 1,427)"
+#: Chapter 6's mix with the proportions of the paper's full training data (ConvSent 88%).
+UNBALANCED = "unbalanced (paper's data)"
+#: Chapter 6's mix with the paper's balanced ConvSent of 1,427 records (41%).
+BALANCED = "balanced (ConvSent 1,427)"
 
 
 def balance_configs(seed: int = 0, smoke: bool = False) -> dict[str, TrainConfig]:
