@@ -23,6 +23,8 @@ export HF_HUB_OFFLINE := 1
 # INSTRUCTEDIT_SEED. Another seed builds elsewhere: jupyter-book's execution cache does not
 # see the variable and would serve seed 0's outputs.
 SEED ?= 0
+# Notebooks (make book) and test workers (make test) at a time: the machine's cores.
+JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 BOOK_OUT := $(if $(filter 0,$(SEED)),.,_build/seed$(SEED))
 # Empty: no repository link, no Binder/Colab buttons (a link that leads nowhere is worse).
 REPO_URL ?=
@@ -43,14 +45,17 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 test: install
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(JOBS)
 
 unit: install
 	$(BIN)/python -m pytest -m "not notebooks"
 
 # Progress bars stay on the command line and in interactive use, not in the built pages.
+# book/execute.py first runs the chapters JOBS at a time into jupyter-book's execution cache
+# (most chapters use one core); jupyter-book then renders them (and re-runs any that failed).
 book: install
 	$(if $(REPO_URL),$(BIN)/python book/with_repository.py $(REPO_URL) _build/_config.repo.yml,)
+	INSTRUCTEDIT_SEED=$(SEED) TQDM_DISABLE=1 $(BIN)/python book/execute.py --out $(BOOK_OUT) --jobs $(JOBS)
 	INSTRUCTEDIT_SEED=$(SEED) TQDM_DISABLE=1 $(BIN)/jupyter-book build . --builder html -W --keep-going \
 		--path-output $(BOOK_OUT) $(BOOK_CONFIG)
 

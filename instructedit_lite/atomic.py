@@ -2,6 +2,8 @@
 
 Everything is first written to a temporary sibling and then moved into place with ``os.replace``,
 which is atomic on one file system; on any error, an interrupt included, the temporary is removed.
+:func:`building` is the other half: an inter-process lock, so that two processes that need the same
+cache entry (chapters executed side by side, test workers) build it once.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Iterator
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
@@ -55,3 +57,16 @@ def atomic_save_dir(target: Path, write: Callable[[Path], None]) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def building(path: str | os.PathLike) -> Iterator[None]:
+    """Hold the lock for building the cache entry ``path`` (a hidden ``.<name>.lock`` file beside
+    it).  Check whether the entry exists *inside* the block: a process that waited for the lock
+    then finds what the other one built and loads it instead of building it again."""
+    from filelock import FileLock
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path.parent / f".{path.name}.lock")):
+        yield

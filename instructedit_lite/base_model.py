@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .atomic import atomic_save_dir
+from .atomic import atomic_save_dir, building
 from .world import World, WorldConfig
 
 EOS = "<|endoftext|>"
@@ -269,6 +269,24 @@ def from_spec(spec: tuple) -> BaseModel:
     raise ValueError(f"unknown base-model spec {kind!r}; expected 'embedded' or 'hf'")
 
 
+def _pretrain_into(path: Path, config: BaseModelConfig, world: World, progress: bool) -> None:
+    """Pretrain the base model, measure its recall and write it to ``path`` atomically."""
+    model, tokenizer, log = pretrain(config, progress=progress)
+    recall = {which: fact_recall(model, tokenizer, world, which) for which in ("trained", "held_out")}
+    info = {"config": asdict(config), **{k: v for k, v in log.items()},
+            "recall_trained": float(recall["trained"]["exact"].mean()),
+            "recall_held_out": float(recall["held_out"]["exact"].mean()),
+            "facts_known": facts_known(recall["trained"]), "facts_total": len(world.known_facts),
+            "torch": torch.__version__}
+
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        (folder / "pretraining.json").write_text(json.dumps(info, indent=1))
+
+    atomic_save_dir(path, write)
+
+
 def load_base_model(config: BaseModelConfig | None = None, *, progress: bool = True,
                     retrain: bool = False) -> BaseModel:
     """The cached base model for ``config``, pretraining (and measuring recall) on a cache miss."""
@@ -279,21 +297,9 @@ def load_base_model(config: BaseModelConfig | None = None, *, progress: bool = T
     if retrain and path.exists():
         shutil.rmtree(path)
     world = World(config.world)
-    if not path.exists():
-        model, tokenizer, log = pretrain(config, progress=progress)
-        recall = {which: fact_recall(model, tokenizer, world, which) for which in ("trained", "held_out")}
-        info = {"config": asdict(config), **{k: v for k, v in log.items()},
-                "recall_trained": float(recall["trained"]["exact"].mean()),
-                "recall_held_out": float(recall["held_out"]["exact"].mean()),
-                "facts_known": facts_known(recall["trained"]), "facts_total": len(world.known_facts),
-                "torch": torch.__version__}
-
-        def write(folder: Path) -> None:
-            model.save_pretrained(folder)
-            tokenizer.save_pretrained(folder)
-            (folder / "pretraining.json").write_text(json.dumps(info, indent=1))
-
-        atomic_save_dir(path, write)
+    with building(path):  # chapters executed side by side pretrain it once
+        if not path.exists():
+            _pretrain_into(path, config, world, progress)
     model = _quiet(GPT2LMHeadModel.from_pretrained(path).eval())
     tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
     info = json.loads((path / "pretraining.json").read_text())

@@ -11,7 +11,7 @@ from typing import Any, Mapping
 
 import torch
 
-from ..atomic import atomic_write_text
+from ..atomic import atomic_write_text, building
 from ..config import jsonable
 from ..mend import MendEditor
 from . import loop
@@ -64,11 +64,12 @@ def train_editor(config: TrainConfig, base, *, cache: bool = True, progress: boo
     train_records, val_records = records_for(config, base.source)
     if cache:
         folder = editor_dir(config, base)
-        if (folder / "summary.json").exists():
-            return load_trained_editor(folder, base.model)
-        atomic_write_text(folder / "config.json", json.dumps(config.to_dict(), indent=1))
-        result = loop.train(config, base.model, base.tokenizer, train_records=train_records, val_records=val_records,
-                       out_dir=folder, progress=progress)
+        with building(folder):  # another process training the same editor: wait, then load it
+            if (folder / "summary.json").exists():
+                return load_trained_editor(folder, base.model)
+            atomic_write_text(folder / "config.json", json.dumps(config.to_dict(), indent=1))
+            result = loop.train(config, base.model, base.tokenizer, train_records=train_records,
+                                val_records=val_records, out_dir=folder, progress=progress)
         return TrainedEditor(result.editor, config, pd.DataFrame(result.curves), pd.DataFrame(result.validation),
                              jsonable(result.summary), folder)
     with tempfile.TemporaryDirectory(prefix="instructedit-train-") as tmp:
