@@ -23,8 +23,9 @@ export HF_HUB_OFFLINE := 1
 # INSTRUCTEDIT_SEED. Another seed builds elsewhere: jupyter-book's execution cache does not
 # see the variable and would serve seed 0's outputs.
 SEED ?= 0
-# Notebooks (make book) and test workers (make test) at a time: the machine's cores.
+# Test workers (make test): the machine's cores.  Chapters executed at a time (make book): one.
 JOBS ?= $(shell nproc 2>/dev/null || echo 2)
+BOOK_JOBS ?= 1
 BOOK_OUT := $(if $(filter 0,$(SEED)),.,_build/seed$(SEED))
 # Empty: no repository link, no Binder/Colab buttons (a link that leads nowhere is worse).
 REPO_URL ?=
@@ -51,11 +52,12 @@ unit: install
 	$(BIN)/python -m pytest -m "not notebooks"
 
 # Progress bars stay on the command line and in interactive use, not in the built pages.
-# book/execute.py first runs the chapters JOBS at a time into jupyter-book's execution cache
-# (most chapters use one core); jupyter-book then renders them (and re-runs any that failed).
+# BOOK_JOBS > 1: book/execute.py first runs the chapters that many at a time into jupyter-book's
+# execution cache, one core's share of threads each; jupyter-book then renders them (and re-runs
+# any that failed).  Off by default until measured cold: see the README.
 book: install
 	$(if $(REPO_URL),$(BIN)/python book/with_repository.py $(REPO_URL) _build/_config.repo.yml,)
-	INSTRUCTEDIT_SEED=$(SEED) TQDM_DISABLE=1 $(BIN)/python book/execute.py --out $(BOOK_OUT) --jobs $(JOBS)
+	$(if $(filter-out 1,$(BOOK_JOBS)),INSTRUCTEDIT_SEED=$(SEED) TQDM_DISABLE=1 $(BIN)/python book/execute.py --out $(BOOK_OUT) --jobs $(BOOK_JOBS),)
 	INSTRUCTEDIT_SEED=$(SEED) TQDM_DISABLE=1 $(BIN)/jupyter-book build . --builder html -W --keep-going \
 		--path-output $(BOOK_OUT) $(BOOK_CONFIG)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import os
 import sqlite3
 import time
 from pathlib import Path
@@ -84,6 +85,11 @@ def main() -> int:
     todo.sort(key=lambda r: (-seconds.get(Path(r.uri).stem, 0.0), rank.get(Path(r.uri).stem, len(FIRST))))
     print(f"execute: {len(todo)} chapter(s), {args.jobs} at a time: " + ", ".join(Path(r.uri).stem for r in todo),
           flush=True)
+    # One core's share each: a kernel's BLAS threads and the editor-training processes of
+    # train_editors, which would otherwise each take every core and spin-wait on each other (a
+    # first cold try with the defaults ran chapter 7 beside chapter 4's training and timed out).
+    share = str(max(1, (os.cpu_count() or 1) // args.jobs))
+    os.environ.update(OMP_NUM_THREADS=share, MKL_NUM_THREADS=share, INSTRUCTEDIT_WORKERS=share)
     jobs = [ProcessData(r.pk, r.uri, cache, TIMEOUT, False) for r in todo]
     start = time.perf_counter()
     failed = []

@@ -97,9 +97,10 @@ def train_editors(configs: Mapping[str, TrainConfig], base, *, processes: int | 
 
     Each run is single-threaded (the embedded model's matrices are too small to gain from more
     threads), so on a machine with ``n`` cores ``n`` runs go side by side in separate processes
-    (default: ``min(cores, runs still to train)``).  Every run goes through :func:`train_editor`,
-    with its cache, checkpoints and resume, so the result is the same as training them one by one:
-    each editor depends only on its own configuration and seed.  Returns name → TrainedEditor.
+    (default: ``min(cores, runs still to train)``, cores from ``INSTRUCTEDIT_WORKERS`` when set).
+    Every run goes through :func:`train_editor`, with its cache, checkpoints and resume, so the
+    result is the same as training them one by one: each editor depends only on its own
+    configuration and seed.  Returns name → TrainedEditor.
     """
     import concurrent.futures as cf
     import multiprocessing
@@ -109,7 +110,9 @@ def train_editors(configs: Mapping[str, TrainConfig], base, *, processes: int | 
     from ..base_model import cache_dir
 
     todo = {name: c for name, c in configs.items() if not (editor_dir(c, base) / "summary.json").exists()}
-    processes = processes or min(os.cpu_count() or 1, len(todo) or 1)
+    # INSTRUCTEDIT_WORKERS: this process's share of the cores when chapters run side by side
+    cores = int(os.environ.get("INSTRUCTEDIT_WORKERS") or os.cpu_count() or 1)
+    processes = processes or min(cores, len(todo) or 1)
     # A model built in memory (no spec) cannot be rebuilt in another process: train it here.
     if len(todo) > 1 and processes > 1 and getattr(base, "spec", None) is not None:
         # spawn, not fork: a forked child of a process that already ran torch's thread pool can hang.
