@@ -39,8 +39,8 @@ from .records import EditRecord
 from .tasks import is_sentiment
 from .text import prompt_target_batch
 
-__all__ = ["Editor", "WeightEditor", "MendMethod", "PerTaskMethod", "EditInfo", "edit_rows", "unlikely_rows", "edit_batch",
-           "Unedited"]
+__all__ = ["Editor", "WeightEditor", "MendMethod", "PerTaskMethod", "EditInfo", "edit_rows", "unlikely_rows",
+           "edit_batch", "flagged_batch", "Unedited"]
 
 Row = tuple[str, str]
 
@@ -65,12 +65,17 @@ def edit_batch(tokenizer, record: EditRecord, device=None, n_responses: int = 2,
                unlikelihood: bool = False) -> dict[str, Tensor]:
     """:func:`edit_rows` as one right-padded batch with labels on the targets only; with
     ``unlikelihood``, :func:`unlikely_rows` follow and ``batch["unlikely"]`` flags them."""
-    rows = edit_rows(record, n_responses)
     extra = unlikely_rows(record, n_responses) if unlikelihood else []
-    prompts, targets = zip(*(rows + extra))
+    return flagged_batch(tokenizer, edit_rows(record, n_responses), extra, device)
+
+
+def flagged_batch(tokenizer, rows: list[Row], unlikely: list[Row], device=None) -> dict[str, Tensor]:
+    """``rows`` then ``unlikely`` as one right-padded batch; ``batch["unlikely"]`` flags the
+    latter when there are any (:func:`~instructedit_lite.mend.edit_loss` reads it)."""
+    prompts, targets = zip(*(rows + unlikely))
     batch = prompt_target_batch(tokenizer, list(prompts), list(targets), device)
-    if extra:
-        batch["unlikely"] = torch.tensor([False] * len(rows) + [True] * len(extra), device=device)
+    if unlikely:
+        batch["unlikely"] = torch.tensor([False] * len(rows) + [True] * len(unlikely), device=device)
     return batch
 
 

@@ -249,7 +249,8 @@ def reproduce(out_dir, *, smoke: bool = False, seed: int = 0, n_cases: int | Non
 
     from .atomic import atomic_write_text
     from .base_model import BaseModelConfig, load_base_model
-    from .evaluate import _jsonable, nested
+    from .config import jsonable as _jsonable
+    from .tables import nested
     from .train import train_editors
     from .world import WorldConfig
 

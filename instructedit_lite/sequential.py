@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from .baselines import GRACE
-from .editors import Editor, MendMethod, WeightEditor, edit_rows, unlikely_rows
+from .editors import Editor, MendMethod, WeightEditor, edit_rows, flagged_batch, unlikely_rows
 from .evaluate import generate
 from .records import EditRecord
 from .text import IGNORE, prompt_target_batch
@@ -208,10 +208,7 @@ def _stacked_batch(tokenizer, records: Sequence[EditRecord], device, n_responses
     :meth:`~instructedit_lite.editors.MendMethod.deltas` computes one edit."""
     rows = [row for r in records for row in edit_rows(r, n_responses)]
     extra = [row for r in records for row in unlikely_rows(r, n_responses)]
-    batch = prompt_target_batch(tokenizer, [p for p, _ in rows + extra], [t for _, t in rows + extra], device)
-    if extra:
-        batch["unlikely"] = torch.tensor([False] * len(rows) + [True] * len(extra), device=device)
-    return batch
+    return flagged_batch(tokenizer, rows, extra, device)
 
 
 def batch_deltas(method: Editor, model: nn.Module, tokenizer, records: Sequence[EditRecord],

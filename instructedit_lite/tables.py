@@ -1,0 +1,84 @@
+"""The per-case table of :mod:`~instructedit_lite.evaluate` made into summaries, result files and
+paired bootstrap intervals (chapter 5)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from .atomic import atomic_write_text
+from .config import jsonable
+
+__all__ = ["summarize", "average_over_tasks", "nested", "write_results", "timed", "paired_difference"]
+
+
+def summarize(cases: pd.DataFrame, by: Sequence[str] = ("method", "task"),
+              columns: Iterable[str] | None = None) -> pd.DataFrame:
+    """Mean of every metric per group (NaN where a metric does not apply), with the case count;
+    ``columns`` default to :data:`~instructedit_lite.evaluate.METRICS` and ``edit_seconds``."""
+    if columns is None:
+        from .evaluate import METRICS
+
+        columns = METRICS + ("edit_seconds",)
+    columns = [c for c in columns if c in cases]
+    grouped = cases.groupby(list(by), sort=False)
+    out = grouped[columns].mean()
+    out.insert(0, "n", grouped.size())
+    return out
+
+
+def average_over_tasks(summary: pd.DataFrame) -> pd.DataFrame:
+    """The per-method mean of the per-task means (each task weighs the same, as in the paper)."""
+    return summary.drop(columns="n").groupby(level="method", sort=False).mean()
+
+
+def nested(summary: pd.DataFrame) -> dict[str, dict[str, dict[str, float]]]:
+    """A ``(method, task)`` summary as ``{method: {task: {metric: value}}}`` (NaN → None)."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for (method, task), row in summary.iterrows():
+        out.setdefault(method, {})[task] = jsonable(row.to_dict())
+    return out
+
+
+def write_results(cases: pd.DataFrame, out_dir: str | Path, name: str = "evaluation") -> dict[str, Path]:
+    """``<name>-cases.csv`` (one row per case) and ``<name>.json`` (method → task → metric means),
+    each written atomically.  Returns the paths."""
+    out = Path(out_dir)
+    summary = summarize(cases)
+    paths = {"cases": out / f"{name}-cases.csv", "summary": out / f"{name}.json"}
+    atomic_write_text(paths["cases"], cases.to_csv(index=False))
+    atomic_write_text(paths["summary"], json.dumps(nested(summary), indent=1))
+    return paths
+
+
+def timed(fn, *args, **kwargs):
+    """``(fn(*args, **kwargs), seconds)``."""
+    start = time.perf_counter()
+    value = fn(*args, **kwargs)
+    return value, time.perf_counter() - start
+
+
+def paired_difference(cases: pd.DataFrame, a: str, b: str, metric: str = "reliability",
+                      tasks: Sequence[str] | None = None, *, n_boot: int = 2000, seed: int = 0) -> dict[str, float]:
+    """Method ``a`` minus method ``b`` on ``metric``, averaged over ``tasks`` (each task weighs the
+    same), with a 95% paired bootstrap interval: the cases of each task are resampled together for
+    both methods, since both edited the same records."""
+    tasks = list(tasks) if tasks is not None else sorted(cases.task.unique())
+    rng = np.random.default_rng(seed)
+    diffs, boots = [], []
+    for task in tasks:
+        pa = cases[(cases.method == a) & (cases.task == task)].set_index("case")[metric]
+        pb = cases[(cases.method == b) & (cases.task == task)].set_index("case")[metric]
+        if len(pa) == 0 or len(pb) == 0 or set(pa.index) != set(pb.index):
+            raise ValueError(f"paired_difference: {a!r} and {b!r} were not evaluated on the same {task} cases")
+        d = (pa - pb.loc[pa.index]).to_numpy()
+        diffs.append(d.mean())
+        boots.append(d[rng.integers(0, len(d), size=(n_boot, len(d)))].mean(1))
+    boot = np.mean(boots, axis=0)
+    return {"difference": float(np.mean(diffs)), "low": float(np.quantile(boot, 0.025)),
+            "high": float(np.quantile(boot, 0.975))}
