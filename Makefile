@@ -45,8 +45,11 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+# One thread per test worker: JOBS workers that each start a core's worth of BLAS threads (a
+# notebook kernel, a pretraining run) oversubscribe the cores and spin-wait on each other.
+# (Pretraining pins its own thread count, so the base model is the same either way.)
 test: install
-	$(BIN)/python -m pytest -n $(JOBS)
+	$(if $(filter 1,$(JOBS)),,OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 )$(BIN)/python -m pytest -n $(JOBS)
 
 unit: install
 	$(BIN)/python -m pytest -m "not notebooks"

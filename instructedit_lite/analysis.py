@@ -39,6 +39,7 @@ from .tasks import task_colors
 __all__ = [
     "KINDS",
     "edit_vectors",
+    "edit_vector_sets",
     "unit_rows",
     "embed_2d",
     "silhouette",
@@ -79,15 +80,30 @@ def edit_vectors(method, model: torch.nn.Module, tokenizer, records: Iterable, *
 
     The sums run over the kept token rows (those with non-zero u and δ).  The editor runs in eval
     mode without gradient, so its running statistics are not touched; its train/eval mode is
-    restored afterwards.  ``progress`` shows a tqdm bar.
+    restored afterwards.  ``progress`` shows a tqdm bar.  Several matrices or kinds at once:
+    :func:`edit_vector_sets` (one backward pass per edit serves them all).
     """
-    if kind not in KINDS:
-        raise ValueError(f"edit_vectors: kind must be one of {KINDS}, got {kind!r}")
+    names = list(method.editor.infos)
+    weight = names[-1] if weight is None else weight
+    sets = edit_vector_sets(method, model, tokenizer, records, weights=(weight,), kinds=(kind,),
+                            n_responses=n_responses, progress=progress)
+    return sets[weight, kind]
+
+
+def edit_vector_sets(method, model: torch.nn.Module, tokenizer, records: Iterable, *,
+                     weights: Sequence[str] | None = None, kinds: Sequence[str] = ("u_tilde",),
+                     n_responses: int = 2, progress: bool = False) -> dict[tuple[str, str], np.ndarray]:
+    """:func:`edit_vectors` for several edited matrices and kinds from one pass per edit:
+    ``(weight, kind) → (n_records, dim)`` array; ``weights`` defaults to every edited matrix."""
+    for kind in kinds:
+        if kind not in KINDS:
+            raise ValueError(f"edit_vectors: kind must be one of {KINDS}, got {kind!r}")
     editor = method.editor
     names = list(editor.infos)
-    weight = names[-1] if weight is None else weight
-    if weight not in editor.infos:
-        raise ValueError(f"edit_vectors: {weight!r} is not edited by this editor; edited weights: {names}")
+    weights = names if weights is None else list(weights)
+    for weight in weights:
+        if weight not in editor.infos:
+            raise ValueError(f"edit_vectors: {weight!r} is not edited by this editor; edited weights: {names}")
     records = list(records)
     if not records:
         raise ValueError("edit_vectors: no records")
@@ -97,29 +113,31 @@ def edit_vectors(method, model: torch.nn.Module, tokenizer, records: Iterable, *
     device = next(model.parameters()).device
     was_training = editor.training
     editor.eval()  # running statistics frozen, as in evaluation
-    vectors = []
+    vectors: dict[tuple[str, str], list[np.ndarray]] = {(w, k): [] for w in weights for k in kinds}
     try:
-        for record in tqdm(records, desc=f"edit vectors ({kind})", disable=not progress):
+        for record in tqdm(records, desc="edit vectors", disable=not progress):
             batch = edit_batch(tokenizer, method.prepare(record), device, n_responses, unlikelihood=True)
             factors = editor.capture(model, batch)  # its own enable_grad for the pre-edit backward
-            u, delta = factors.u[weight], factors.delta[weight]
-            with torch.no_grad():
-                if kind == "u":
-                    vec = u.float().sum(0)
-                else:
-                    u_tilde, delta_tilde = editor.transform(weight, u, delta)
-                    if kind == "u_tilde":
-                        vec = u_tilde.sum(0)
-                    elif kind == "delta_tilde":
-                        vec = delta_tilde.sum(0)
-                    else:  # "update": exactly what compute_deltas gives for this weight
-                        dtype = model.get_parameter(weight).dtype
-                        step = editor.alpha(weight) * editor.pseudo_gradient(weight, u_tilde, delta_tilde)
-                        vec = step.to(dtype).reshape(-1)
-            vectors.append(vec.detach().float().cpu().numpy())
+            for weight in weights:
+                u, delta = factors.u[weight], factors.delta[weight]
+                with torch.no_grad():
+                    if kinds != ("u",):
+                        u_tilde, delta_tilde = editor.transform(weight, u, delta)
+                    for kind in kinds:
+                        if kind == "u":
+                            vec = u.float().sum(0)
+                        elif kind == "u_tilde":
+                            vec = u_tilde.sum(0)
+                        elif kind == "delta_tilde":
+                            vec = delta_tilde.sum(0)
+                        else:  # "update": exactly what compute_deltas gives for this weight
+                            dtype = model.get_parameter(weight).dtype
+                            step = editor.alpha(weight) * editor.pseudo_gradient(weight, u_tilde, delta_tilde)
+                            vec = step.to(dtype).reshape(-1)
+                        vectors[weight, kind].append(vec.detach().float().cpu().numpy())
     finally:
         editor.train(was_training)
-    return np.stack(vectors)
+    return {key: np.stack(v) for key, v in vectors.items()}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -80,6 +80,7 @@ from . import metrics
 from .editors import Editor
 from .generation import (begins_with, case_generator, decided, greedy_text, greedy_tokens_within,
                          sample_text)
+from .parallel import map_in_processes
 from .records import EditRecord
 from .tasks import is_sentiment
 from .text import prompt_target_batch
@@ -300,7 +301,8 @@ def evaluate_case(method: Editor, model, tokenizer, record: EditRecord, *, pre_l
 
 def evaluate_methods(methods: Sequence[Editor], model, tokenizer, records: Mapping[str, Sequence[EditRecord]] | Sequence[EditRecord],
                      *, fluency_cases: int = 0, fluency_tokens: int = 100, fluency: str = "easyedit",
-                     generation: bool = True, seed: int = 0, progress: bool = True) -> pd.DataFrame:
+                     generation: bool = True, seed: int = 0, progress: bool = True,
+                     processes: int = 1) -> pd.DataFrame:
     """Every method on every record (task → records, or a flat list), one row per method × case.
 
     Records are the outer loop so that the unedited model's locality logits and greedy answers
@@ -308,6 +310,9 @@ def evaluate_methods(methods: Sequence[Editor], model, tokenizer, records: Mappi
     be the original ones after every case (a leaked edit would corrupt every later number).
     ``generation`` (generation success, on by default), ``fluency`` and ``seed``: as in
     :func:`evaluate_case`; fluency is scored on the first ``fluency_cases`` records of each task.
+    ``processes > 1``: the records are shared out over that many worker processes of one thread
+    each (:func:`~instructedit_lite.parallel.map_in_processes`); every case depends only on the
+    record, the method and the seed, so the table is the same, row for row.
     """
     from tqdm.auto import tqdm
 
@@ -318,24 +323,52 @@ def evaluate_methods(methods: Sequence[Editor], model, tokenizer, records: Mappi
         raise ValueError(f"evaluate_methods: method names must be distinct, got {names}")
     if fluency not in FLUENCY_MODES:
         raise ValueError(f"fluency must be one of {FLUENCY_MODES}, got {fluency!r}")
-    fingerprint = _fingerprint(model)
     seen_per_task: dict[str, int] = {}
-    rows = []
-    bar = tqdm(total=len(records) * len(methods), desc="evaluating", disable=not progress)
-    for record in records:
+    items = []  # (position, record, with fluency)
+    for position, record in enumerate(records):
         n_task = seen_per_task.get(record.task, 0)
         seen_per_task[record.task] = n_task + 1
+        items.append((position, record, n_task < fluency_cases))
+    options = dict(fluency_tokens=fluency_tokens, fluency=fluency, generation=generation, seed=seed)
+    if processes > 1 and len(items) > 1:
+        # interleaved slices, several per process: each task's records spread over the workers
+        n_chunks = min(len(items), 4 * processes)
+        chunks = [items[i::n_chunks] for i in range(n_chunks)]
+        parts = map_in_processes(_evaluate_records, [(methods, model, tokenizer, c, options, True) for c in chunks],
+                                 processes, desc="evaluating", weights=[len(c) * len(methods) for c in chunks],
+                                 progress=progress)
+        rows = sorted((row for part in parts for row in part), key=lambda r: (r[0], r[1]))
+    else:
+        with tqdm(total=len(items) * len(methods), desc="evaluating", disable=not progress) as bar:
+            rows = _evaluate_records(methods, model, tokenizer, items, options, bar=bar)
+    return pd.DataFrame([row for _, _, row in rows])
+
+
+def _evaluate_records(methods: Sequence[Editor], model, tokenizer, items, options: dict, in_worker: bool = False,
+                      bar=None) -> list[tuple[int, int, dict[str, Any]]]:
+    """The cases of ``items`` (position, record, with fluency): ``(position, method index, row)``."""
+    if in_worker:  # a fresh process knows the built-in tasks only
+        from .tasks import task_names
+
+        unknown = sorted({r.task for _, r, _ in items} - set(task_names()))
+        if unknown:
+            raise ValueError(f"evaluate_methods: tasks {unknown} were registered at run time and are unknown "
+                             "to worker processes; evaluate them with processes=1")
+    fingerprint = _fingerprint(model)
+    fluency_tokens = options["fluency_tokens"]
+    rows = []
+    for position, record, with_fluency in items:
         pre = _forward(model, tokenizer, locality_rows(record))[0]
-        pre_greedy = locality_greedy(model, tokenizer, record) if generation else None
-        for method in methods:
-            rows.append(evaluate_case(method, model, tokenizer, record, pre_locality=pre, pre_greedy=pre_greedy,
-                                      fluency_tokens=fluency_tokens if n_task < fluency_cases else 0,
-                                      fluency=fluency, generation=generation, seed=seed))
-            bar.update(1)
+        pre_greedy = locality_greedy(model, tokenizer, record) if options["generation"] else None
+        for i, method in enumerate(methods):
+            row = evaluate_case(method, model, tokenizer, record, pre_locality=pre, pre_greedy=pre_greedy,
+                                **{**options, "fluency_tokens": fluency_tokens if with_fluency else 0})
+            rows.append((position, i, row))
+            if bar is not None:
+                bar.update(1)
         if _fingerprint(model) != fingerprint:
             raise RuntimeError(f"the model was not restored after editing {record.source}, record {record.index}")
-    bar.close()
-    return pd.DataFrame(rows)
+    return rows
 
 
 def _fingerprint(model) -> float:

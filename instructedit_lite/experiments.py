@@ -30,7 +30,7 @@ from .methods import SINGLE, UNSEEN, MethodContext
 from .records import EditRecord
 from .train import TrainConfig, TrainedEditor, default_config
 
-__all__ = ["editor_configs", "scaling_configs", "balance_configs", "paper_weights", "UNBALANCED", "BALANCED",
+__all__ = ["editor_configs", "scaling_configs", "balance_configs", "ANALYSIS_STEPS", "paper_weights", "UNBALANCED", "BALANCED",
            "build_methods", "PerTaskMethod",
            "evaluation_records", "main_evaluation", "multitask_table", "holdout_table", "unseen_table",
            "N_CASES", "N_CASES_SMOKE", "FLUENCY_CASES", "UNSEEN", "SINGLE", "COMPARED", "GENERATION_COLUMNS"]
@@ -55,14 +55,21 @@ def editor_configs(seed: int = 0, smoke: bool = False) -> dict[str, TrainConfig]
     return _methods.editor_configs(seed, smoke)
 
 
-def scaling_configs(seed: int = 0, smoke: bool = False) -> dict[int, TrainConfig]:
+#: Edits of chapter 6's scaling and balance editors in its default build: half the book's
+#: default, so that the chapter fits its time budget (its ``full`` parameter trains the default).
+ANALYSIS_STEPS = 1000
+
+
+def scaling_configs(seed: int = 0, smoke: bool = False, steps: int | None = None) -> dict[int, TrainConfig]:
     """InstructEdit trained on 1, 2, ... tasks, adding them in the tasks' ``scaling_rank`` order
-    (the paper's: Recent, + CounterFact, + ConvSent), with the same number of edits each."""
+    (the paper's: Recent, + CounterFact, + ConvSent), with the same number of edits each
+    (``steps``; default: the book's, so the last one is chapter 4's InstructEdit)."""
     trainable = _tasks.trainable_tasks()
     order = sorted(trainable, key=lambda t: _tasks.get_task(t).scaling_rank)
     n_all = len(order)
-    return {n: default_config("instruct", tuple(order[:n]), seed=seed, smoke=smoke) if n < n_all
-            else default_config("instruct", seed=seed, smoke=smoke) for n in range(1, n_all + 1)}
+    changes = {} if steps is None else {"steps": steps}
+    return {n: default_config("instruct", tuple(order[:n]), seed=seed, smoke=smoke, **changes) if n < n_all
+            else default_config("instruct", seed=seed, smoke=smoke, **changes) for n in range(1, n_all + 1)}
 
 
 def paper_weights(balanced: bool = False) -> dict[str, float]:
@@ -85,12 +92,14 @@ UNBALANCED = "unbalanced (paper's data)"
 BALANCED = "balanced (ConvSent 1,427)"
 
 
-def balance_configs(seed: int = 0, smoke: bool = False) -> dict[str, TrainConfig]:
+def balance_configs(seed: int = 0, smoke: bool = False, steps: int | None = None) -> dict[str, TrainConfig]:
     """InstructEdit trained with the paper's unbalanced task mix (ConvSent 88% of the edits) and
-    with its balanced one (41%): the same edits, records and steps, only the task weights differ
-    (:func:`paper_weights`)."""
-    return {UNBALANCED: default_config("instruct", seed=seed, smoke=smoke, task_weights=paper_weights()),
-            BALANCED: default_config("instruct", seed=seed, smoke=smoke, task_weights=paper_weights(balanced=True))}
+    with its balanced one (41%): the same edits, records and ``steps`` (default: the book's), only
+    the task weights differ (:func:`paper_weights`)."""
+    changes = {} if steps is None else {"steps": steps}
+    return {UNBALANCED: default_config("instruct", seed=seed, smoke=smoke, task_weights=paper_weights(), **changes),
+            BALANCED: default_config("instruct", seed=seed, smoke=smoke, task_weights=paper_weights(balanced=True),
+                                     **changes)}
 
 
 def build_methods(trained: Mapping[str, TrainedEditor], *, instructions: InstructionSet | None = None,

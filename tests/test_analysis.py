@@ -280,6 +280,17 @@ def test_edit_vectors_match_captured_factors_and_deltas(world):
     assert not np.allclose(one, two)
 
 
+def test_edit_vector_sets_equal_one_call_per_matrix_and_kind(world):
+    tok, model, records, editor = world
+    method = MendMethod(editor, "InstructEdit", instructions=default_instructions())
+    sets = an.edit_vector_sets(method, model, tok, records, kinds=("u_tilde", "u", "update"))
+    assert set(sets) == {(w, k) for w in editor.infos for k in ("u_tilde", "u", "update")}
+    for (weight, kind), vecs in sets.items():  # one pass per edit gives exactly the separate calls
+        np.testing.assert_array_equal(vecs, an.edit_vectors(method, model, tok, records, weight=weight, kind=kind))
+    with pytest.raises(ValueError, match="not edited by this editor"):
+        an.edit_vector_sets(method, model, tok, records, weights=["transformer.h.0.attn.c_attn.weight"])
+
+
 def test_instruction_changes_the_edit_vectors(world):
     tok, model, records, editor = world
     plain = MendMethod(editor, "MEND (multi-task)")

@@ -460,3 +460,15 @@ def test_generalization_ref_is_the_references_fallback_to_the_edit_prompt(model,
     row = ev.evaluate_case(bias, model, tok, without, generation=False)
     assert math.isnan(row["generalization"])
     assert row["generalization_ref"] == row["reliability"] and row["reliability"] > 0.9
+
+
+def test_worker_processes_give_the_same_table_row_for_row(model, tok, records):
+    from instructedit_lite.baselines import FTL, GRACE
+
+    editor = MendEditor(model, MendConfig(rank=8, alpha_init=1.0), generator=torch.Generator().manual_seed(0))
+    methods = [Unedited(), MendMethod(editor, "MEND"), FTL(steps=3), GRACE(n_iter=5)]
+    kwargs = dict(fluency_cases=1, fluency_tokens=12, progress=False)
+    one = ev.evaluate_methods(methods, model, tok, records, **kwargs)
+    two = ev.evaluate_methods(methods, model, tok, records, processes=2, **kwargs)
+    assert len(one) == sum(len(r) for r in records.values()) * len(methods)
+    pd.testing.assert_frame_equal(one.drop(columns="edit_seconds"), two.drop(columns="edit_seconds"))

@@ -42,6 +42,12 @@ def test_scaling_and_balance_configs():
     a, b = (c.to_dict() for c in balance.values())
     assert {k for k in a if a[k] != b[k]} == {"task_weights"}
     assert balance[ex.BALANCED].steps == ex.editor_configs()["InstructEdit"].steps
+    # chapter 6's shorter default: every scaling and balance editor with the same, fewer edits
+    short = [*ex.scaling_configs(steps=ex.ANALYSIS_STEPS).values(), *ex.balance_configs(steps=ex.ANALYSIS_STEPS).values()]
+    assert {c.steps for c in short} == {ex.ANALYSIS_STEPS}
+    assert ex.ANALYSIS_STEPS < ex.editor_configs()["InstructEdit"].steps
+    assert ex.scaling_configs(steps=ex.ANALYSIS_STEPS)[3].key() != scaling[3].key()
+    assert ex.balance_configs(smoke=True, steps=None)[ex.BALANCED].steps < ex.ANALYSIS_STEPS
 
 
 class Named(Editor):

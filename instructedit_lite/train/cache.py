@@ -13,6 +13,7 @@ import torch
 
 from ..atomic import atomic_write_text, building
 from ..config import jsonable
+from ..parallel import cores
 from ..mend import MendEditor
 from . import loop
 from .config import TrainConfig
@@ -110,9 +111,7 @@ def train_editors(configs: Mapping[str, TrainConfig], base, *, processes: int | 
     from ..base_model import cache_dir
 
     todo = {name: c for name, c in configs.items() if not (editor_dir(c, base) / "summary.json").exists()}
-    # INSTRUCTEDIT_WORKERS: this process's share of the cores when chapters run side by side
-    cores = int(os.environ.get("INSTRUCTEDIT_WORKERS") or os.cpu_count() or 1)
-    processes = processes or min(cores, len(todo) or 1)
+    processes = processes or min(cores(), len(todo) or 1)
     # A model built in memory (no spec) cannot be rebuilt in another process: train it here.
     if len(todo) > 1 and processes > 1 and getattr(base, "spec", None) is not None:
         # spawn, not fork: a forked child of a process that already ran torch's thread pool can hang.
