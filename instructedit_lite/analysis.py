@@ -121,7 +121,7 @@ def edit_vector_sets(method, model: torch.nn.Module, tokenizer, records: Iterabl
             for weight in weights:
                 u, delta = factors.u[weight], factors.delta[weight]
                 with torch.no_grad():
-                    if kinds != ("u",):
+                    if any(kind != "u" for kind in kinds):
                         u_tilde, delta_tilde = editor.transform(weight, u, delta)
                     for kind in kinds:
                         if kind == "u":

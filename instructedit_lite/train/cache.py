@@ -9,11 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-import torch
 
 from ..atomic import atomic_write_text, building
 from ..config import jsonable
-from ..parallel import cores
+from ..parallel import cores, map_in_processes
 from ..mend import MendEditor
 from . import loop
 from .config import TrainConfig
@@ -83,8 +82,7 @@ def train_editor(config: TrainConfig, base, *, cache: bool = True, progress: boo
 def _train_in_worker(config_dict: dict[str, Any], spec: tuple, cache: str) -> str:
     """Body of one worker process of :func:`train_editors`: rebuild the base model from its
     picklable ``spec`` and train (or load) one cached editor."""
-    os.environ["INSTRUCTEDIT_CACHE"] = cache
-    torch.set_num_threads(1)
+    os.environ["INSTRUCTEDIT_CACHE"] = cache  # one torch thread: map_in_processes sets it
     from ..base_model import from_spec
 
     base = from_spec(spec)
@@ -103,22 +101,12 @@ def train_editors(configs: Mapping[str, TrainConfig], base, *, processes: int | 
     result is the same as training them one by one: each editor depends only on its own
     configuration and seed.  Returns name → TrainedEditor.
     """
-    import concurrent.futures as cf
-    import multiprocessing
-
-    from tqdm.auto import tqdm
-
     from ..base_model import cache_dir
 
     todo = {name: c for name, c in configs.items() if not (editor_dir(c, base) / "summary.json").exists()}
     processes = processes or min(cores(), len(todo) or 1)
     # A model built in memory (no spec) cannot be rebuilt in another process: train it here.
     if len(todo) > 1 and processes > 1 and getattr(base, "spec", None) is not None:
-        # spawn, not fork: a forked child of a process that already ran torch's thread pool can hang.
-        context = multiprocessing.get_context("spawn")
-        with cf.ProcessPoolExecutor(max_workers=processes, mp_context=context) as pool:
-            futures = {pool.submit(_train_in_worker, c.to_dict(), base.spec, str(cache_dir())): name
-                       for name, c in todo.items()}
-            for future in tqdm(cf.as_completed(futures), total=len(futures), desc="editors", disable=not progress):
-                future.result()  # re-raises a worker's error here
+        map_in_processes(_train_in_worker, [(c.to_dict(), base.spec, str(cache_dir())) for c in todo.values()],
+                         processes, desc="editors", progress=progress)  # a worker's error is raised here
     return {name: train_editor(c, base, progress=progress) for name, c in configs.items()}
