@@ -37,6 +37,7 @@ from .instructions import InstructionSet, maybe_instruct
 from .mend import MendEditor, applied
 from .records import EditRecord
 from .tasks import is_sentiment
+from .engine import PrefixEngine, scored_batch
 from .text import prompt_target_batch
 
 __all__ = ["Editor", "WeightEditor", "MendMethod", "PerTaskMethod", "EditInfo", "edit_rows", "unlikely_rows",
@@ -164,6 +165,8 @@ class MendMethod(WeightEditor):
         device = next(model.parameters()).device
         with torch.no_grad():
             batch = edit_batch(tokenizer, record, device, self.n_responses, unlikelihood=True)
+            if isinstance(model, PrefixEngine):  # vocabulary logits only where a label is scored
+                batch = scored_batch(batch)
             deltas = self.editor.compute_deltas(model, batch, meta_grad=False)
         return {k: v.detach() for k, v in deltas.items()}
 

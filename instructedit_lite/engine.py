@@ -221,6 +221,10 @@ class PrefixEngine(nn.Module):
         self.prefix_batch_size, self.min_shared = prefix_batch_size, min_shared
         self.cache = PrefixCache(f"{key}|{type(model).__name__}|block{self.lowest}", cache_dtype)
 
+    def get_input_embeddings(self) -> nn.Module:
+        """The model's input embedding (KE reads an edit's tokens through it)."""
+        return self.full_model.get_input_embeddings()
+
     def cache_path(self) -> "os.PathLike":
         """Where :meth:`PrefixCache.save` should put this engine's states: the project cache, by key."""
         import hashlib

@@ -83,7 +83,8 @@ from .generation import (begins_with, case_generator, decided, greedy_text, gree
 from .parallel import map_in_processes
 from .records import EditRecord
 from .tasks import is_sentiment
-from .text import prompt_target_batch
+from .engine import PrefixEngine, scored_batch
+from .text import model_inputs, prompt_target_batch
 # The tables, files and intervals made from the per-case table live in :mod:`.tables`; the names stay
 # importable from here, where the chapters import them.
 from .tables import average_over_tasks, nested, paired_difference, summarize, timed, write_results
@@ -114,11 +115,15 @@ def locality_rows(record: EditRecord) -> list[tuple[str, str]]:
 
 @torch.no_grad()
 def _forward(model, tokenizer, rows: Sequence[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logits, labels)`` of the rows; through a :class:`~instructedit_lite.engine.PrefixEngine`
+    only at the scored positions (compact logits and labels, which every metric here reads the
+    same way: the vocabulary head on a ConvSent record's 21 response rows is most of its cost)."""
     device = next(model.parameters()).device
     prompts, answers = zip(*rows)
     batch = prompt_target_batch(tokenizer, list(prompts), list(answers), device)
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return logits, batch["labels"]
+    if isinstance(model, PrefixEngine):
+        batch = scored_batch(batch)
+    return model(**model_inputs(batch)).logits, batch["labels"]
 
 
 @torch.no_grad()
@@ -256,7 +261,7 @@ def _fluency(model, tokenizer, rec: EditRecord, record: EditRecord, tokens: int,
 
 def evaluate_case(method: Editor, model, tokenizer, record: EditRecord, *, pre_locality=None,
                   pre_greedy=None, fluency_tokens: int = 0, fluency: str = "easyedit", generation: bool = True,
-                  seed: int = 0) -> dict[str, Any]:
+                  seed: int = 0, pre_cache: dict | None = None) -> dict[str, Any]:
     """One test case: edit, score, undo.
 
     ``pre_locality`` / ``pre_greedy``: the unedited model's logits on :func:`locality_rows` and its
@@ -264,7 +269,8 @@ def evaluate_case(method: Editor, model, tokenizer, record: EditRecord, *, pre_l
     generation success (``gen_*``).  ``fluency_tokens > 0`` also scores fluency on text generated
     after the edit prompt: ``fluency="easyedit"`` samples until prompt and text hold that many
     tokens, from a generator seeded by ``seed`` and the case; ``"greedy"`` adds that many greedy
-    tokens.
+    tokens.  ``pre_cache``: a dict shared by the methods of one record, where the unedited
+    model's logits on ConvSent's score rows are kept (keyed by the rows).
     """
     if fluency not in FLUENCY_MODES:
         raise ValueError(f"fluency must be one of {FLUENCY_MODES}, got {fluency!r}")
@@ -278,7 +284,15 @@ def evaluate_case(method: Editor, model, tokenizer, record: EditRecord, *, pre_l
     score_rows = _convsent_rows(rec) if sentiment else _fact_rows(rec)
     kinds = [k for k, _, _ in score_rows]
     score_pairs = [(p, a) for _, p, a in score_rows]
-    pre_scores = _forward(model, tokenizer, score_pairs)[0] if sentiment else None  # ES's topic factor
+    pre_scores = None
+    if sentiment:  # ES's topic factor; methods that score the same rows share the unedited logits
+        key = tuple(score_pairs)
+        if pre_cache is None or key not in pre_cache:
+            logits = _forward(model, tokenizer, score_pairs)[0]
+            if pre_cache is None:
+                pre_cache = {}
+            pre_cache[key] = logits
+        pre_scores = pre_cache[key]
     with method.edited(model, tokenizer, rec) as info:
         logits, labels = _forward(model, tokenizer, score_pairs)
         post_locality, loc_labels = _forward(model, tokenizer, loc_rows)
@@ -331,8 +345,9 @@ def evaluate_methods(methods: Sequence[Editor], model, tokenizer, records: Mappi
         items.append((position, record, n_task < fluency_cases))
     options = dict(fluency_tokens=fluency_tokens, fluency=fluency, generation=generation, seed=seed)
     if processes > 1 and len(items) > 1:
-        # interleaved slices, several per process: each task's records spread over the workers
-        n_chunks = min(len(items), 4 * processes)
+        # one interleaved slice per process: each task's records spread evenly over the workers,
+        # and the model (540 MB for SmolLM2) is copied to each worker once
+        n_chunks = min(len(items), processes)
         chunks = [items[i::n_chunks] for i in range(n_chunks)]
         parts = map_in_processes(_evaluate_records, [(methods, model, tokenizer, c, options, True) for c in chunks],
                                  processes, desc="evaluating", weights=[len(c) * len(methods) for c in chunks],
@@ -360,8 +375,10 @@ def _evaluate_records(methods: Sequence[Editor], model, tokenizer, items, option
     for position, record, with_fluency in items:
         pre = _forward(model, tokenizer, locality_rows(record))[0]
         pre_greedy = locality_greedy(model, tokenizer, record) if options["generation"] else None
+        pre_cache: dict = {}
         for i, method in enumerate(methods):
             row = evaluate_case(method, model, tokenizer, record, pre_locality=pre, pre_greedy=pre_greedy,
+                                pre_cache=pre_cache,
                                 **{**options, "fluency_tokens": fluency_tokens if with_fluency else 0})
             rows.append((position, i, row))
             if bar is not None:
@@ -372,5 +389,5 @@ def _evaluate_records(methods: Sequence[Editor], model, tokenizer, items, option
 
 
 def _fingerprint(model) -> float:
-    """A cheap checksum of all weights (float64 sum of |w|), to catch edits that leak."""
-    return float(sum(p.detach().double().abs().sum() for p in model.parameters()))
+    """A cheap checksum of all weights (the float64 sum of every |w|), to catch edits that leak."""
+    return float(sum(torch.linalg.vector_norm(p.detach(), 1, dtype=torch.float64) for p in model.parameters()))

@@ -204,3 +204,26 @@ def test_shared_prefix_states_equal_the_plain_ones(arch, tokenizer):
 
     groups = shared_groups(sorted(tuple(r) for r in rows), 4)
     assert sorted(len(m) for _, m in groups) == [1, 3]
+
+
+def test_evaluation_through_the_engine_scores_like_the_plain_model(setup, tokenizer):
+    """Compact logits (the engine's) give every teacher-forced score of the full ones, for MEND and
+    for KE (which reads the edit's tokens through the engine's input embedding)."""
+    from tiny import convsent_record, fact_record
+
+    from instructedit_lite.editors import MendMethod, Unedited
+    from instructedit_lite.evaluate import evaluate_methods
+    from instructedit_lite.ke import KEConfig, KEEditor
+
+    model, engine, names = setup
+    ke = KEEditor(model, KEConfig(weight_names=names, lstm_hidden=8, condition_dim=16, head_hidden=8),
+                  generator=torch.Generator().manual_seed(0))
+    methods = [Unedited(), MendMethod(random_editor(model, names), "MEND"), MendMethod(ke.eval(), "KE")]
+    records = [fact_record("counterfact", 0), fact_record("wikirecent", 1), convsent_record(0)]
+    plain = evaluate_methods(methods, model, tokenizer, records, generation=False, progress=False)
+    compact = evaluate_methods(methods, engine, tokenizer, records, generation=False, progress=False)
+    columns = ["reliability", "token_accuracy", "portability", "locality", "drawdown"]
+    assert (plain[["method", "task", "case"]].values == compact[["method", "task", "case"]].values).all()
+    assert (plain.loc[plain.method != "base model", "locality"] < 1).any()  # the edits move something
+    torch.testing.assert_close(torch.tensor(compact[columns].values), torch.tensor(plain[columns].values),
+                               rtol=1e-4, atol=1e-5, equal_nan=True)

@@ -129,3 +129,18 @@ def test_real_config_and_keys(folder, tmp_path):  # noqa: F811
     assert rm.data_key(RealData(folder)) != key  # another file, another key
     lacking = rm.missing(tmp_path / "nowhere")
     assert any("lacks" in m and "fetch-data" in m for m in lacking)
+
+
+def test_every_registered_editor_has_its_real_model_twin():
+    """real_editor_configs carries each declared editor over: same name, regime, tasks and method;
+    SmolLM2's edited weights and sizes."""
+    from instructedit_lite.methods import editor_configs
+    from instructedit_lite.real_editors import real_editor_configs
+
+    declared, real = editor_configs(0), real_editor_configs(0)
+    assert list(real) == list(declared) and {"InstructEdit", "KE", "MEND (multi-task)"} <= set(real)
+    for name, c in real.items():
+        d = declared[name]
+        assert (c.regime, c.tasks, c.method) == (d.regime, d.tasks, d.method), name
+        assert c.mend.weight_names == rm.edited_weights() and c.steps == rm.real_config("instruct").steps
+    assert real_editor_configs(1, "smoke")["KE"] == rm.real_config("multi", size="smoke", seed=1, method="ke")
