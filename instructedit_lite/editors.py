@@ -33,11 +33,11 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import Tensor, nn
 
+from .engine import PrefixEngine, scored_batch
 from .instructions import InstructionSet, maybe_instruct
 from .mend import MendEditor, applied
 from .records import EditRecord
 from .tasks import is_sentiment
-from .engine import PrefixEngine, scored_batch
 from .text import prompt_target_batch
 
 __all__ = ["Editor", "WeightEditor", "MendMethod", "PerTaskMethod", "EditInfo", "edit_rows", "unlikely_rows",

@@ -78,12 +78,12 @@ import torch
 
 from . import metrics
 from .editors import Editor
+from .engine import PrefixEngine, scored_batch
 from .generation import (begins_with, case_generator, decided, greedy_text, greedy_tokens_within,
                          sample_text)
 from .parallel import map_in_processes
 from .records import EditRecord
 from .tasks import is_sentiment
-from .engine import PrefixEngine, scored_batch
 from .text import model_inputs, prompt_target_batch
 # The tables, files and intervals made from the per-case table live in :mod:`.tables`; the names stay
 # importable from here, where the chapters import them.
@@ -286,12 +286,10 @@ def evaluate_case(method: Editor, model, tokenizer, record: EditRecord, *, pre_l
     score_pairs = [(p, a) for _, p, a in score_rows]
     pre_scores = None
     if sentiment:  # ES's topic factor; methods that score the same rows share the unedited logits
+        pre_cache = {} if pre_cache is None else pre_cache
         key = tuple(score_pairs)
-        if pre_cache is None or key not in pre_cache:
-            logits = _forward(model, tokenizer, score_pairs)[0]
-            if pre_cache is None:
-                pre_cache = {}
-            pre_cache[key] = logits
+        if key not in pre_cache:
+            pre_cache[key] = _forward(model, tokenizer, score_pairs)[0]
         pre_scores = pre_cache[key]
     with method.edited(model, tokenizer, rec) as info:
         logits, labels = _forward(model, tokenizer, score_pairs)

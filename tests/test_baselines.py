@@ -16,6 +16,7 @@ from tiny import hand_records, snapshot, tiny_model, tiny_tokenizer
 from instructedit_lite.baselines import (BASELINES, FTL, FTM, GRACE, CaliNet, Codebook, FTLConfig, FTMConfig,
                                          last_prompt_position_nll, make_baseline, target_nll)
 from instructedit_lite.editors import check_restored, edit_batch
+from instructedit_lite.generation import kv_cache_argument
 from instructedit_lite.mend import lm_loss
 from instructedit_lite.text import target_logprob, teacher_forced
 
@@ -314,7 +315,7 @@ def test_grace_generation_is_the_same_with_and_without_the_kv_cache(world):
         step = model(input_ids=ids[:, :len(prompt)], use_cache=True)
         logits, past = [step.logits], step.past_key_values
         for t in range(len(prompt), ids.shape[1]):
-            step = model(input_ids=ids[:, t:t + 1], past_key_values=past, use_cache=True)
+            step = model(input_ids=ids[:, t:t + 1], use_cache=True, **{kv_cache_argument(model): past})
             logits.append(step.logits)
             past = step.past_key_values
     torch.testing.assert_close(torch.cat(logits, 1), whole, atol=1e-4, rtol=1e-4)
