@@ -5,8 +5,8 @@ InstructEdit, multi-task MEND, one single-task MEND per training task, KE).  :fu
 carries each declaration over to SmolLM2 (its regime, tasks and method, with the real model's
 settings of :func:`~instructedit_lite.real_model.real_config`), so that a method registered once has
 its real-model editor too.  :func:`train_real_editors` trains the ones not yet cached in worker
-processes of one thread each: a meta-training step through the engine gains about 1.2× from a
-second thread, two runs side by side about 1.7×.
+processes of one thread each, which uses two cores better than one run on two threads does
+(measured: ``docs/measurements.md``).
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ def real_editor_configs(seed: int = 0, size: str = "default") -> dict[str, tr.Tr
 
 
 def _cost(config: tr.TrainConfig) -> float:
-    """A run's expected cost in fact steps (uniform mixing): a ConvSent step costs about three
-    (chapter 7's step costs)."""
+    """A run's expected cost in fact steps (uniform mixing), for the order and the progress bar:
+    a ConvSent step costs about three (chapter 7's table of step costs)."""
     from .tasks import is_sentiment
 
     return config.steps * (1 + 2 * sum(map(is_sentiment, config.tasks)) / len(config.tasks))

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-
 from ..atomic import atomic_write_text, building
 from ..config import jsonable
 from ..parallel import cores, map_in_processes
