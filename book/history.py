@@ -63,7 +63,9 @@ def main() -> None:
     values = {ch: {n: found[ch][n] for n in names if n in found.get(ch, {})} for ch, names in RECORDED.items()}
     record = {"about": args.about, "commit": args.commit, "values": values}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n")
+    tmp = args.out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n")
+    tmp.replace(args.out)  # atomic: a reader never sees half a file
     print(f"{args.out}: {sum(map(len, values.values()))} values from {len(found)} chapters")
 
 

@@ -202,8 +202,9 @@ def test_convsent_loss_prefers_wanted_responses():
     unwanted_tokens = [0, 5, 6, 1, 0]
     losses = {}
     for name, (w, u) in {"wanted likely": (8.0, -8.0), "neutral": (0.0, 0.0), "unwanted likely": (-8.0, 8.0)}.items():
-        losses[name] = tr.convsent_edit_loss(logits_favouring(wanted_tokens, w), labels,
-                                             logits_favouring(unwanted_tokens, u), unwanted_labels).item()
+        logits = torch.cat([logits_favouring(wanted_tokens, w), logits_favouring(unwanted_tokens, u)])
+        losses[name] = tr.edit_loss(logits, torch.cat([labels, unwanted_labels]),
+                                    torch.tensor([False, True])).item()
     assert losses["wanted likely"] < losses["neutral"] < losses["unwanted likely"]
     # each term alone has the right sign
     low = tr.unlikelihood_loss(logits_favouring(unwanted_tokens, -8.0), unwanted_labels)
@@ -319,7 +320,7 @@ def test_meta_losses_of_a_null_edit(tokenizer):
         batch = tr.losses._batch(tokenizer, example.loss + example.unlikely, None)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         n = len(example.loss)
-        expected = (tr.convsent_edit_loss(logits[:n], batch["labels"][:n], logits[n:], batch["labels"][n:])
+        expected = (lm_loss(logits[:n], batch["labels"][:n]) + tr.unlikelihood_loss(logits[n:], batch["labels"][n:])
                     if example.unlikely else lm_loss(logits, batch["labels"]))
         assert losses["edit"].item() == pytest.approx(expected.item(), rel=1e-5)
         assert losses["total"].item() == pytest.approx(0.1 * losses["edit"].item() + losses["loc"].item(), rel=1e-6)

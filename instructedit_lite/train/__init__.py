@@ -39,13 +39,13 @@ from .cache import TrainedEditor, editor_dir, load_trained_editor, train_editor,
 from .config import (EDIT_LOSS_INPUTS, METHODS, MIXINGS, PAPER_CONFIGS, REGIMES, TRAIN_VERSION, TrainConfig,
                      default_config, paper_config)
 from .examples import EditExample, build_example, records_for, schedule, task_probabilities
-from .losses import convsent_edit_loss, locality_kl, meta_losses, unlikelihood_loss
+from .losses import edit_loss, locality_kl, meta_losses, unlikelihood_loss
 from .loop import CHECKPOINT, CHECKPOINT_FORMAT, TrainResult, load_editor, make_editor, train
 from .validation import validate
 
 __all__ = [
     "REGIMES", "EDIT_LOSS_INPUTS", "MIXINGS", "TRAINABLE_TASKS", "TrainConfig", "PAPER_CONFIGS", "default_config",
-    "paper_config", "EditExample", "build_example", "locality_kl", "unlikelihood_loss", "convsent_edit_loss",
+    "paper_config", "EditExample", "build_example", "locality_kl", "unlikelihood_loss", "edit_loss",
     "meta_losses", "schedule", "task_probabilities", "records_for", "validate", "TrainResult", "train", "TrainedEditor",
     "train_editor", "editor_dir", "load_trained_editor", "make_editor", "load_editor", "METHODS", "train_editors",
 ]

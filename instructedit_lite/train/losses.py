@@ -8,13 +8,13 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from ..mend import MendEditor, functional_forward, lm_loss, unlikelihood_loss
+from ..mend import MendEditor, edit_loss, functional_forward, unlikelihood_loss
 from ..engine import PrefixEngine, scored_batch
 from ..text import IGNORE, model_inputs, prompt_target_batch
 from .config import TrainConfig
 from .examples import EditExample, Row
 
-__all__ = ["locality_kl", "unlikelihood_loss", "convsent_edit_loss", "meta_losses", "forward_pass"]
+__all__ = ["locality_kl", "unlikelihood_loss", "edit_loss", "meta_losses", "forward_pass"]
 
 def locality_kl(pre_logits: Tensor, post_logits: Tensor, labels: Tensor) -> Tensor:
     """Token-mean ``KL(pre ‖ post)`` over the answer positions of ``labels`` only.
@@ -29,12 +29,6 @@ def locality_kl(pre_logits: Tensor, post_logits: Tensor, labels: Tensor) -> Tens
     post = torch.log_softmax(post_logits[:, :-1].float(), -1)
     kl = (pre.exp() * (pre - post)).sum(-1)
     return (kl * mask).sum() / mask.sum()
-
-
-def convsent_edit_loss(wanted_logits: Tensor, wanted_labels: Tensor,
-                       unwanted_logits: Tensor, unwanted_labels: Tensor) -> Tensor:
-    """ConvSent ``L_e``: NLL of wanted-sentiment responses + unlikelihood of unwanted ones."""
-    return lm_loss(wanted_logits, wanted_labels) + unlikelihood_loss(unwanted_logits, unwanted_labels)
 
 
 def _batch(tokenizer, rows: Sequence[Row], device, model=None) -> dict[str, Tensor]:
@@ -76,10 +70,9 @@ def forward_pass(model, editor: MendEditor, tokenizer, example: EditExample, c_e
     loss_batch = _batch(tokenizer, example.loss + example.unlikely, device, model)
     post = functional_forward(model, params, loss_batch)
     labels = loss_batch["labels"]
-    if example.unlikely:
-        l_edit = convsent_edit_loss(post[:n_loss], labels[:n_loss], post[n_loss:], labels[n_loss:])
-    else:
-        l_edit = lm_loss(post, labels)
+    # ConvSent's L_e: NLL of the wanted-sentiment rows + unlikelihood of the unwanted ones
+    unlikely = torch.arange(len(labels), device=labels.device) >= n_loss
+    l_edit = edit_loss(post, labels, unlikely)
     # 4. KL(pre || post) on the locality answer positions
     l_loc = locality_kl(pre_loc, functional_forward(model, params, loc_batch), loc_batch["labels"])
     total = c_edit * l_edit + c_loc * l_loc
