@@ -111,3 +111,30 @@ def test_seed_spread_collects_glued_numbers_and_failed_asserts(tmp_path):
     assert abs(by_name["recall"]["spread"] - 1.8) < 1e-9 and by_name["n"]["spread"] == 1
     assert by_name["verdict"]["values"] == {"0": "partly", "1": "reproduces"} and "spread" not in by_name["verdict"]
     assert list(result["failed_asserts"]["01_x"]) == [1]  # seed 1's assert cell failed, seed 0's held
+
+
+def test_history_records_the_glued_values_of_an_execution_cache(tmp_path, monkeypatch):
+    """book/history.py: glued values read from a jupyter-cache folder, only the recorded names kept."""
+    import importlib.util
+    import json
+    import sqlite3
+    import sys
+    spec = importlib.util.spec_from_file_location("history", ROOT / "book" / "history.py")
+    history = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(history)
+    cache = tmp_path / "cache"
+    (cache / "executed" / "k1").mkdir(parents=True)
+    nbformat.write(_executed({"ie_reliability": "0.58", "rel_verdict": "InstructEdit is better", "other": 1}, False),
+                   cache / "executed" / "k1" / "base.ipynb")
+    db = sqlite3.connect(cache / "global.db")
+    db.execute("create table nbcache (hashkey text, uri text)")
+    db.execute("insert into nbcache values ('k1', '/book/notebooks/07_real_model.ipynb')")
+    db.commit()
+    db.close()
+    assert history.glued_values(cache)["07_real_model"]["rel_verdict"] == "InstructEdit is better"
+    out = tmp_path / "seed1.json"
+    monkeypatch.setattr(sys, "argv", ["history.py", "record", str(cache), str(out), "--commit", "abc", "--about", "t"])
+    history.main()
+    record = json.loads(out.read_text())
+    assert record["values"]["07_real_model"] == {"ie_reliability": "0.58", "rel_verdict": "InstructEdit is better"}
+    assert record["values"]["05_evaluation"] == {} and not out.with_suffix(".tmp").exists()
