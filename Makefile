@@ -54,14 +54,16 @@ test: install
 unit: install
 	$(BIN)/python -m pytest -m "not notebooks"
 
-# Progress bars stay on the command line and in interactive use, not in the built pages.
+# Progress bars stay on the command line and in interactive use, not in the built pages
+# (TQDM_DISABLE: the library's bars, see instructedit_lite/progress.py; HF_HUB_DISABLE_PROGRESS_BARS:
+# transformers' own, e.g. "Loading weights").
 # BOOK_JOBS > 1: book/execute.py first runs the chapters that many at a time into jupyter-book's
 # execution cache, one core's share of threads each; jupyter-book then renders them (and re-runs
 # any that failed).  Off by default until measured cold: see the README.
 book: install
 	$(if $(REPO_URL),$(BIN)/python book/with_repository.py $(REPO_URL) _build/_config.repo.yml,)
-	$(if $(filter-out 1,$(BOOK_JOBS)),INSTRUCTEDIT_SEED=$(SEED) TQDM_DISABLE=1 $(BIN)/python book/execute.py --out $(BOOK_OUT) --jobs $(BOOK_JOBS),)
-	INSTRUCTEDIT_SEED=$(SEED) TQDM_DISABLE=1 $(BIN)/jupyter-book build . --builder html -W --keep-going \
+	$(if $(filter-out 1,$(BOOK_JOBS)),INSTRUCTEDIT_SEED=$(SEED) TQDM_DISABLE=1 HF_HUB_DISABLE_PROGRESS_BARS=1 $(BIN)/python book/execute.py --out $(BOOK_OUT) --jobs $(BOOK_JOBS),)
+	INSTRUCTEDIT_SEED=$(SEED) TQDM_DISABLE=1 HF_HUB_DISABLE_PROGRESS_BARS=1 $(BIN)/jupyter-book build . --builder html -W --keep-going \
 		--path-output $(BOOK_OUT) $(BOOK_CONFIG)
 
 lab: install

@@ -110,12 +110,13 @@ def edit_vector_sets(method, model: torch.nn.Module, tokenizer, records: Iterabl
 
     from tqdm.auto import tqdm
 
+    from .progress import bar_disabled
     device = next(model.parameters()).device
     was_training = editor.training
     editor.eval()  # running statistics frozen, as in evaluation
     vectors: dict[tuple[str, str], list[np.ndarray]] = {(w, k): [] for w in weights for k in kinds}
     try:
-        for record in tqdm(records, desc="edit vectors", disable=not progress):
+        for record in tqdm(records, desc="edit vectors", disable=bar_disabled(progress)):
             batch = edit_batch(tokenizer, method.prepare(record), device, n_responses, unlikelihood=True)
             factors = editor.capture(model, batch)  # its own enable_grad for the pre-edit backward
             for weight in weights:

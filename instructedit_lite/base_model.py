@@ -143,6 +143,7 @@ def pretrain(config: BaseModelConfig, *, progress: bool = True):
 
 def _pretrain(config: BaseModelConfig, *, progress: bool):
     from tqdm.auto import tqdm
+    from .progress import bar_disabled
 
     seed_everything(config.seed)
     world = World(config.world)
@@ -163,7 +164,7 @@ def _pretrain(config: BaseModelConfig, *, progress: bool):
     cursor, epochs, losses = 0, 1, []
     start = time.perf_counter()
     model.train()
-    bar = tqdm(range(config.steps), desc="pretraining", disable=not progress)
+    bar = tqdm(range(config.steps), desc="pretraining", disable=bar_disabled(progress))
     for step in bar:
         if cursor + config.batch_size > len(rows):
             rows, cursor, epochs = packed_rows(token_lines, tokenizer.eos_token_id, config.seq_len, rng), 0, epochs + 1

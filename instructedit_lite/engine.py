@@ -272,6 +272,7 @@ class PrefixEngine(nn.Module):
         kept and every row of the group runs only its own remaining tokens on top of them.
         """
         from tqdm.auto import tqdm
+        from .progress import bar_disabled
 
         todo = sorted({tuple(int(t) for t in r) for r in rows} - self.cache.rows.keys())
         groups, alone = [], []
@@ -281,7 +282,7 @@ class PrefixEngine(nn.Module):
                 groups.append((shared, members))
             else:
                 alone += members
-        bar = tqdm(total=len(todo), desc="prefix states", disable=not progress, leave=False)
+        bar = tqdm(total=len(todo), desc="prefix states", disable=bar_disabled(progress), leave=False)
         for shared, members in [(0, alone)] + groups:
             past = self._shared_past(members[0][:shared]) if shared else None
             by_length = sorted(members, key=len)

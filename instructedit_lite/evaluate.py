@@ -327,6 +327,7 @@ def evaluate_methods(methods: Sequence[Editor], model, tokenizer, records: Mappi
     record, the method and the seed, so the table is the same, row for row.
     """
     from tqdm.auto import tqdm
+    from .progress import bar_disabled
 
     if isinstance(records, Mapping):
         records = [r for recs in records.values() for r in recs]
@@ -352,7 +353,7 @@ def evaluate_methods(methods: Sequence[Editor], model, tokenizer, records: Mappi
                                  progress=progress)
         rows = sorted((row for part in parts for row in part), key=lambda r: (r[0], r[1]))
     else:
-        with tqdm(total=len(items) * len(methods), desc="evaluating", disable=not progress) as bar:
+        with tqdm(total=len(items) * len(methods), desc="evaluating", disable=bar_disabled(progress)) as bar:
             rows = _evaluate_records(methods, model, tokenizer, items, options, bar=bar)
     return pd.DataFrame([row for _, _, row in rows])
 

@@ -281,11 +281,12 @@ def evaluate_in_context(methods: Sequence[Editor], model, tokenizer, records: Se
     exact outside the edit block, since IKE changes no weight), the plain-probe value kept as
     ``locality_plain``. Weight editors keep the standard locality (their probes carry no context)."""
     from tqdm.auto import tqdm
+    from .progress import bar_disabled
 
     from .evaluate import evaluate_case
 
     rows = []
-    for record in tqdm(records, desc="in-context evaluation", disable=not progress):
+    for record in tqdm(records, desc="in-context evaluation", disable=bar_disabled(progress)):
         for method in methods:
             row = evaluate_case(method, model, tokenizer, record)
             row["locality_plain"] = row["locality"]

@@ -223,6 +223,7 @@ def optimize_instructions(trial: TrialEditor, proposer: Proposer, config: Search
                           proposal_cache: str | Path | None = None, progress: bool = True) -> SearchResult:
     """Run the loop (module docstring) from ``trial.start``; returns the optimised set and the log."""
     from tqdm.auto import tqdm
+    from .progress import bar_disabled
 
     start = trial.start
     rng = np.random.default_rng(config.seed)
@@ -247,7 +248,7 @@ def optimize_instructions(trial: TrialEditor, proposer: Proposer, config: Search
         log.append(row)
 
     n_work = len(config.tasks) * (len(start.seen(config.tasks[0])) + config.rounds * config.candidates)
-    bar = tqdm(total=n_work, desc="instruction search", disable=not progress)
+    bar = tqdm(total=n_work, desc="instruction search", disable=bar_disabled(progress))
     for task in config.tasks:  # round 0: the starting seen descriptions
         for text in start.seen(task):
             pool[task][text] = trial.score(task, text)

@@ -47,12 +47,13 @@ def map_in_processes(fn: Callable, jobs: Sequence[tuple], processes: int, *, thr
 
     from tqdm.auto import tqdm
 
+    from .progress import bar_disabled
     weights = list(weights) if weights is not None else [1] * len(jobs)
     results: list[Any] = [None] * len(jobs)
     # spawn, not fork: a forked child of a process that already ran torch's thread pool can hang.
     context = multiprocessing.get_context("spawn")
     with cf.ProcessPoolExecutor(max_workers=processes, mp_context=context) as pool, \
-            tqdm(total=sum(weights), desc=desc, disable=not progress) as bar:
+            tqdm(total=sum(weights), desc=desc, disable=bar_disabled(progress)) as bar:
         # Plain pickle, so that every worker gets its own copy: multiprocessing's pickler would
         # pass torch tensors through shared memory, and one worker's in-place edit of the model's
         # weights would then show in the others'.

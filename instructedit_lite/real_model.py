@@ -160,12 +160,13 @@ def recall(model, tokenizer, records: Sequence[EditRecord], *, extra_tokens: int
     accepts "the French language" for "French".
     """
     from tqdm.auto import tqdm
+    from .progress import bar_disabled
 
     rows = []
     by_task: dict[str, list[EditRecord]] = {}
     for rec in records:
         by_task.setdefault(rec.task, []).append(rec)
-    for task, recs in tqdm(by_task.items(), desc="recall", disable=not progress, leave=False):
+    for task, recs in tqdm(by_task.items(), desc="recall", disable=bar_disabled(progress), leave=False):
         prompts, truths = [r.prompt for r in recs], [truth(r) for r in recs]
         scored = teacher_forced(model, tokenizer, prompts, truths, batch_size=batch_size)
         longest = max(len(tokenizer(" " + t, add_special_tokens=False)["input_ids"]) for t in truths)

@@ -155,6 +155,7 @@ def sequential_editing(method: Editor, model: nn.Module, tokenizer, records: Seq
     the call, also on errors, and GRACE's codebook is empty.
     """
     from tqdm.auto import tqdm
+    from .progress import bar_disabled
 
     from .metrics import fluency
 
@@ -168,7 +169,7 @@ def sequential_editing(method: Editor, model: nn.Module, tokenizer, records: Seq
         method.reset()
     restorer, rows, spent = Restorer(model), [], 0.0
     checkpoints = sorted({0, len(records), *range(every, len(records) + 1, every)})
-    bar = tqdm(total=len(records), desc=f"sequential {method.name}", disable=not progress)
+    bar = tqdm(total=len(records), desc=f"sequential {method.name}", disable=bar_disabled(progress))
     try:
         for n in range(len(records) + 1):
             if n > 0:

@@ -74,12 +74,13 @@ def teacher_forced(model, tokenizer, prompts: list[str], targets: list[str], *, 
                    progress: bool = False) -> TeacherForced:
     """Feed ``prompt + " " + target``; score the argmax at each target position."""
     from tqdm.auto import tqdm
+    from .progress import bar_disabled
 
     device = next(model.parameters()).device
     accuracy: list[float] = []
     exact: list[bool] = []
     starts = range(0, len(prompts), batch_size)
-    for start in tqdm(starts, desc="scoring", disable=not progress, leave=False):
+    for start in tqdm(starts, desc="scoring", disable=bar_disabled(progress), leave=False):
         batch = prompt_target_batch(tokenizer, prompts[start:start + batch_size],
                                     targets[start:start + batch_size], device)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits

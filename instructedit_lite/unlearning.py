@@ -148,12 +148,13 @@ def evaluate_unlearning(methods: Sequence[Editor], model, tokenizer, records: Se
     ``locality`` and ``drawdown`` (after only) and ``edit_seconds``.
     """
     from tqdm.auto import tqdm
+    from .progress import bar_disabled
 
     from .evaluate import locality_rows
     from .ike import answer_logits, locality_scores
 
     rows = []
-    for record in tqdm(records, desc="unlearning", disable=not progress):
+    for record in tqdm(records, desc="unlearning", disable=bar_disabled(progress)):
         forget = forget_record(record, target)
         old = record.ground_truth[0]
         pre_loc = answer_logits(model, tokenizer, locality_rows(record))

@@ -109,6 +109,7 @@ def train(config: TrainConfig, model, tokenizer, *, train_records: Mapping[str, 
     The base model's weights are never changed.
     """
     from tqdm.auto import tqdm
+    from ..progress import bar_disabled
 
     missing = [t for t in config.tasks if t not in train_records]
     if missing:
@@ -182,7 +183,8 @@ def train(config: TrainConfig, model, tokenizer, *, train_records: Mapping[str, 
         return float(norm)
 
     stop_at = config.steps if max_steps_this_call is None else min(config.steps, step + max_steps_this_call)
-    bar = tqdm(total=config.steps, initial=step, desc=f"meta-training ({config.regime})", disable=not progress)
+    bar = tqdm(total=config.steps, initial=step, desc=f"meta-training ({config.regime})",
+               disable=bar_disabled(progress))
     running = None
     with _frozen(model):
         if not validation:  # the untrained editor: the baseline of the curves
