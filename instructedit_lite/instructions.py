@@ -25,7 +25,6 @@ same code with ``instructions=None`` through :func:`maybe_instruct`.
 from __future__ import annotations
 
 import hashlib
-import json
 import string
 from dataclasses import dataclass, replace
 from pathlib import Path

@@ -10,7 +10,6 @@ from transformers import PreTrainedTokenizerFast
 
 from instructedit_lite import base_model as bm
 from instructedit_lite.atomic import atomic_save_dir
-from instructedit_lite.world import World
 
 
 @pytest.fixture(scope="session")

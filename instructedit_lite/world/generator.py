@@ -148,8 +148,6 @@ class World:
     @cached_property
     def corpus(self) -> list[str]:
         """Pretraining lines, in a fixed order (the trainer shuffles them with its own seed)."""
-        from ..loaders import CONVSENT_QUESTIONS
-
         lines: list[str] = []
         zsre_subjects = self._task_subjects["zsre"]
         for fact in self.known_facts:
