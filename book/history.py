@@ -16,6 +16,8 @@ import json
 import sqlite3
 from pathlib import Path
 
+from instructedit_lite.atomic import atomic_write_text
+
 #: Chapter (notebook stem) → glued names worth comparing across versions.
 RECORDED = {
     "04_multitask_training": ["mean_instruct", "mean_multi", "convsent_instruct", "convsent_multi"],
@@ -63,9 +65,7 @@ def main() -> None:
     values = {ch: {n: found[ch][n] for n in names if n in found.get(ch, {})} for ch, names in RECORDED.items()}
     record = {"about": args.about, "commit": args.commit, "values": values}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n")
-    tmp.replace(args.out)  # atomic: a reader never sees half a file
+    atomic_write_text(args.out, json.dumps(record, indent=1, ensure_ascii=False) + "\n")
     print(f"{args.out}: {sum(map(len, values.values()))} values from {len(found)} chapters")
 
 

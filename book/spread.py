@@ -23,6 +23,8 @@ from pathlib import Path
 
 import nbformat
 
+from instructedit_lite.atomic import atomic_write_text
+
 ROOT = Path(__file__).resolve().parents[1]
 CHAPTERS = ["01_datasets", "02_instructions", "03_mend_hypernetwork", "04_multitask_training",
             "05_evaluation", "06_gradient_analysis"]
@@ -61,6 +63,16 @@ def run(seeds: list[int], chapters: list[str], work: Path) -> None:
             print(f"seed {seed} {chapter}: exit {code} in {time.perf_counter() - start:.0f} s", flush=True)
 
 
+def as_number(value):
+    """A glued value as a number where it reads as one ("1,309" → 1309.0, "76.5%" → 76.5)."""
+    if isinstance(value, str):
+        try:
+            return float(value.replace(",", "").rstrip("%"))
+        except ValueError:
+            pass
+    return value
+
+
 def glued(path: Path) -> tuple[dict[str, object], list[str]]:
     """The glued values of an executed notebook (numbers parsed) and the sources of failed asserts."""
     nb = nbformat.read(path, as_version=4)
@@ -69,13 +81,7 @@ def glued(path: Path) -> tuple[dict[str, object], list[str]]:
         for output in cell.get("outputs", []):
             name = output.get("metadata", {}).get("scrapbook", {}).get("name")
             if name and GLUE_MIME in output.get("data", {}):
-                value = ast.literal_eval(output["data"][GLUE_MIME])
-                if isinstance(value, str):
-                    try:
-                        value = float(value.replace(",", "").rstrip("%"))
-                    except ValueError:
-                        pass
-                values[name] = value
+                values[name] = as_number(ast.literal_eval(output["data"][GLUE_MIME]))
             if output.get("output_type") == "error" and is_assert_cell(cell):
                 failed.append(cell.source.strip().splitlines()[-1][:120])
     return values, failed
@@ -125,9 +131,7 @@ def main() -> None:
             command += " --chapters " + " ".join(args.chapters)
         result = collect(args.seeds, args.chapters, args.work, command)
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=1) + "\n")
-        tmp.replace(args.out)  # atomic
+        atomic_write_text(args.out, json.dumps(result, indent=1) + "\n")
         print(f"wrote {args.out}: {len(result['quantities'])} quantities, failed asserts: {result['failed_asserts']}")
 
 
