@@ -84,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("reproduce", help="the book's editors and experiments end to end: results.json + results.md")
     r.add_argument("--out", type=Path, required=True, help="output folder")
     r.add_argument("--smoke", action="store_true", help="smoke editors and a few cases per task (a few minutes)")
-    r.add_argument("--n", type=int, default=None, help="test cases per task (default 50; smoke 4)")
+    r.add_argument("--n", type=int, default=None,
+                   help="test cases per task (default 50, smoke 4; --model smollm2: 20, smoke 2)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--processes", type=int, default=None, help="editors trained side by side (default: cores)")
     r.add_argument("--fluency", choices=("easyedit", "greedy"), default="easyedit",
@@ -225,6 +226,15 @@ def cmd_evaluate(args, stream) -> int:
 def cmd_reproduce(args, stream) -> int:
     from .experiments import reproduce
 
+    if args.model == "smollm2":  # chapter 7's editors through the frozen-prefix engine (chapter 8)
+        from .real_experiments import reproduce_real
+
+        results = reproduce_real(args.out, folder=args.data, smoke=args.smoke, seed=args.seed, n_cases=args.n,
+                                 processes=args.processes, progress=not args.quiet, fluency=args.fluency,
+                                 generation=not args.no_generation)
+        _print_json({"out": str(args.out), "headline": results["headline"], "claims": results["claims"],
+                     "timings": results["timings"]}, stream)
+        return 0
     base = None if args.model in (None, "embedded") else load_base(args)
     results = reproduce(args.out, smoke=args.smoke, seed=args.seed, n_cases=args.n, processes=args.processes,
                         progress=not args.quiet, base=base, fluency=args.fluency,

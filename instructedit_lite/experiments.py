@@ -60,16 +60,18 @@ def editor_configs(seed: int = 0, smoke: bool = False) -> dict[str, TrainConfig]
 ANALYSIS_STEPS = 1000
 
 
-def scaling_configs(seed: int = 0, smoke: bool = False, steps: int | None = None) -> dict[int, TrainConfig]:
+def scaling_configs(seed: int = 0, smoke: bool = False, steps: int | None = None, *,
+                    make=default_config) -> dict[int, TrainConfig]:
     """InstructEdit trained on 1, 2, ... tasks, adding them in the tasks' ``scaling_rank`` order
     (the paper's: Recent, + CounterFact, + ConvSent), with the same number of edits each
-    (``steps``; default: the book's, so the last one is chapter 4's InstructEdit)."""
+    (``steps``; default: the book's, so the last one is chapter 4's InstructEdit).  ``make``: the
+    configuration maker (the real model's: :func:`~instructedit_lite.real_experiments.scaling_configs`)."""
     trainable = _tasks.trainable_tasks()
     order = sorted(trainable, key=lambda t: _tasks.get_task(t).scaling_rank)
     n_all = len(order)
     changes = {} if steps is None else {"steps": steps}
-    return {n: default_config("instruct", tuple(order[:n]), seed=seed, smoke=smoke, **changes) if n < n_all
-            else default_config("instruct", seed=seed, smoke=smoke, **changes) for n in range(1, n_all + 1)}
+    return {n: make("instruct", tuple(order[:n]), seed=seed, smoke=smoke, **changes) if n < n_all
+            else make("instruct", seed=seed, smoke=smoke, **changes) for n in range(1, n_all + 1)}
 
 
 def paper_weights(balanced: bool = False) -> dict[str, float]:
@@ -92,14 +94,14 @@ UNBALANCED = "unbalanced (paper's data)"
 BALANCED = "balanced (ConvSent 1,427)"
 
 
-def balance_configs(seed: int = 0, smoke: bool = False, steps: int | None = None) -> dict[str, TrainConfig]:
+def balance_configs(seed: int = 0, smoke: bool = False, steps: int | None = None, *,
+                    make=default_config) -> dict[str, TrainConfig]:
     """InstructEdit trained with the paper's unbalanced task mix (ConvSent 88% of the edits) and
     with its balanced one (41%): the same edits, records and ``steps`` (default: the book's), only
     the task weights differ (:func:`paper_weights`)."""
     changes = {} if steps is None else {"steps": steps}
-    return {UNBALANCED: default_config("instruct", seed=seed, smoke=smoke, task_weights=paper_weights(), **changes),
-            BALANCED: default_config("instruct", seed=seed, smoke=smoke, task_weights=paper_weights(balanced=True),
-                                     **changes)}
+    return {UNBALANCED: make("instruct", seed=seed, smoke=smoke, task_weights=paper_weights(), **changes),
+            BALANCED: make("instruct", seed=seed, smoke=smoke, task_weights=paper_weights(balanced=True), **changes)}
 
 
 def build_methods(trained: Mapping[str, TrainedEditor], *, instructions: InstructionSet | None = None,
@@ -233,6 +235,20 @@ def _held_out_label() -> str:
     return (_tasks.get_task(held[0]).label or held[0]) if held else "none"
 
 
+def _claims_markdown(claims: Mapping[str, Any]) -> str:
+    def ci(d: Mapping[str, float]) -> str:
+        return f"{100 * d['difference']:+.1f} points [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]"
+
+    m, h, u = claims["multitask"], claims["holdout"], claims["unseen"]
+    rows = [("1: multi-task reliability, InstructEdit − multi-task MEND", ci(m["vs_mend"]), m["verdict"]),
+            (f"2: hold-out ({h['task']}) reliability, InstructEdit − multi-task MEND; worst drop of KE / MEND",
+             f"{ci(h['vs_mend'])}; {100 * h['worst_drop']:+.1f} points", h["verdict"]),
+            ("3: largest change with the unseen instruction", f"{100 * u['max_abs_delta']:.1f} points ({u['worst']})",
+             u["verdict"])]
+    return "\n".join(["| experiment | measured | verdict |", "|---|---|---|",
+                      *(f"| {a} | {b} | {c} |" for a, b, c in rows)])
+
+
 RESULT_COLUMNS = ["reliability", "generalization", "locality", "portability", "fluency"]
 #: Teacher-forced columns beside their generation-success counterparts (results.md).
 GENERATION_COLUMNS = ["reliability", "reliability_em", "gen_reliability", "generalization", "gen_generalization",
@@ -241,14 +257,21 @@ GENERATION_COLUMNS = ["reliability", "reliability_em", "gen_reliability", "gener
 
 def reproduce(out_dir, *, smoke: bool = False, seed: int = 0, n_cases: int | None = None,
               processes: int | None = None, progress: bool = True, base=None,
-              fluency_cases: int | None = None, fluency: str = "easyedit", generation: bool = True) -> dict[str, Any]:
+              fluency_cases: int | None = None, fluency: str = "easyedit", generation: bool = True,
+              trained: Mapping[str, TrainedEditor] | None = None, methods: Mapping[str, Editor] | None = None,
+              records: Mapping[str, list[EditRecord]] | None = None, base_key: str | None = None,
+              timings: Mapping[str, float] | None = None) -> dict[str, Any]:
     """The book's editors and experiments end to end for ``base`` (a
     :class:`~instructedit_lite.base_model.BaseModel`; default: the embedded model of world ``seed``):
     train (or load) the editors, evaluate every registered method, and write ``out_dir/results.json``,
     ``out_dir/results.md`` and the per-case table ``out_dir/cases.csv`` (each written atomically), with
-    the teacher-forced and the generation-success columns (``generation``) and fluency by the
-    ``fluency`` convention (:data:`~instructedit_lite.evaluate.FLUENCY_MODES`).  Returns the results
-    dictionary."""
+    the teacher-forced and the generation-success columns (``generation``), fluency by the
+    ``fluency`` convention (:data:`~instructedit_lite.evaluate.FLUENCY_MODES`) and the verdicts of
+    experiments 1-3 (:func:`~instructedit_lite.claims.experiment_claims`).  ``trained``,
+    ``methods``, ``records`` (and ``base_key``, ``timings`` already spent): given by a caller that
+    prepared them (the real model: :func:`~instructedit_lite.real_experiments.reproduce_real`).
+    ``processes``: editors trained, and with ``methods`` given cases evaluated, that many at a time.
+    Returns the results dictionary."""
     import json
     import platform
     import time
@@ -258,6 +281,7 @@ def reproduce(out_dir, *, smoke: bool = False, seed: int = 0, n_cases: int | Non
 
     from .atomic import atomic_write_text
     from .base_model import BaseModelConfig, load_base_model
+    from .claims import experiment_claims
     from .config import jsonable as _jsonable
     from .tables import nested
     from .train import train_editors
@@ -265,32 +289,38 @@ def reproduce(out_dir, *, smoke: bool = False, seed: int = 0, n_cases: int | Non
 
     out = Path(out_dir)
     n_cases = n_cases or (N_CASES_SMOKE if smoke else N_CASES)
-    timings: dict[str, float] = {}
+    timings = dict(timings or {})
     start = time.perf_counter()
     if base is None:
         base = load_base_model(BaseModelConfig(world=WorldConfig(seed=seed)), progress=progress)
-    timings["base_model_s"] = time.perf_counter() - start
+        timings["base_model_s"] = time.perf_counter() - start
 
-    start = time.perf_counter()
-    trained = train_editors(editor_configs(seed, smoke), base, processes=processes, progress=progress)
-    timings["editors_s"] = time.perf_counter() - start
+    if trained is None:
+        start = time.perf_counter()
+        trained = train_editors(editor_configs(seed, smoke), base, processes=processes, progress=progress)
+        timings["editors_s"] = time.perf_counter() - start
     torch.set_num_threads(1)  # evaluation edits one case at a time: small matrices, one thread is fastest
 
     start = time.perf_counter()
-    methods = build_methods(trained, base=base)
-    records = evaluation_records(base.source, n_cases)
+    parallel = {}
+    if methods is None:
+        methods = build_methods(trained, base=base)
+    elif processes and processes > 1:
+        parallel = {"processes": processes}
+    records = records if records is not None else evaluation_records(base.source, n_cases)
     if fluency_cases is None:  # generation is the slow part: one case per task in smoke mode
         fluency_cases = 1 if smoke else min(FLUENCY_CASES, n_cases)
     cases = main_evaluation(methods, base, records, fluency_cases=fluency_cases, progress=progress,
-                            fluency=fluency, generation=generation, seed=seed)
+                            fluency=fluency, generation=generation, seed=seed, **parallel)
     timings["evaluation_s"] = time.perf_counter() - start
     per_method_seconds = cases.groupby("method")["edit_seconds"].mean()
 
     multi = multitask_table(cases)
     hold = holdout_table(cases)
     unseen = unseen_table(cases)
+    claims = experiment_claims(cases, seed=seed)
     results = {
-        "settings": {"smoke": smoke, "seed": seed, "cases_per_task": n_cases, "base_model": base.key,
+        "settings": {"smoke": smoke, "seed": seed, "cases_per_task": n_cases, "base_model": base_key or base.key,
                      "fluency": fluency, "fluency_cases": fluency_cases, "generation_success": generation,
                      "editors": {name: {"config_key": t.config.key(), "train_seconds": t.summary["train_seconds"],
                                         "loaded_from_cache": t.loaded} for name, t in trained.items()},
@@ -299,6 +329,7 @@ def reproduce(out_dir, *, smoke: bool = False, seed: int = 0, n_cases: int | Non
         "holdout": _jsonable({m: row.to_dict() for m, row in hold.iterrows()}),
         "unseen_instructions": nested(unseen),
         "headline": _jsonable(headline(cases)),
+        "claims": _jsonable(claims),
         "timings": _jsonable({**timings, "mean_edit_seconds": per_method_seconds.to_dict()}),
     }
     markdown = "\n\n".join([
@@ -313,6 +344,7 @@ def reproduce(out_dir, *, smoke: bool = False, seed: int = 0, n_cases: int | Non
         _markdown(multi[GENERATION_COLUMNS + ["token_accuracy"]]),
         f"## Hold-out editing, generation success ({_held_out_label()})", _markdown(hold[GENERATION_COLUMNS]),
         "## Unseen instructions", _markdown(unseen[["reliability", "generalization", "locality"]]),
+        "## The paper's claims (rules: instructedit_lite.claims)", _claims_markdown(claims),
         "## Timings (seconds)", _markdown(pd.Series(timings, name="seconds").to_frame()),
     ]) + "\n"
     atomic_write_text(out / "cases.csv", cases.to_csv(index=False))

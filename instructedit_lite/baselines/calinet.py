@@ -15,7 +15,8 @@ from ..editors import EditInfo, Editor, edit_batch
 from ..mend import lm_loss, only_these_require_grad
 from ..records import EditRecord
 from ..text import model_inputs
-from .common import _all_targets_argmax, _check, _check_common, _Configured, _resolve_module, module_template
+from .common import (_all_targets_argmax, _check, _check_common, _Configured, _resolve_module, module_template,
+                     scored_for)
 
 __all__ = ["CaliNetConfig", "CaliNet"]
 
@@ -150,7 +151,7 @@ class CaliNet(Editor, _Configured):
         keys, values = self.memory(model.config.hidden_size, param.device, gated=gated)
         keys.requires_grad_(True)
         values.requires_grad_(True)
-        batch = edit_batch(tokenizer, record, param.device, cfg.n_responses)
+        batch = scored_for(model, edit_batch(tokenizer, record, param.device, cfg.n_responses))
         inputs, labels = model_inputs(batch), batch["labels"]
         optimizer = torch.optim.Adam([keys, values], lr=cfg.lr)
         with self.hooked(model, keys, values), only_these_require_grad(model, []):

@@ -69,6 +69,15 @@ def _get(model: nn.Module, name: str) -> nn.Module | None:
         return None
 
 
+def scored_for(model: nn.Module, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``batch`` with its scored positions when ``model`` is a frozen-prefix engine: the LM head
+    then runs only where a label is predicted (on SmolLM2 most of an optimisation step's cost,
+    chapter 8), and every loss here gives the same values on the compact logits and labels."""
+    from ..engine import PrefixEngine, scored_batch
+
+    return scored_batch(batch) if isinstance(model, PrefixEngine) else batch
+
+
 def _all_targets_argmax(logits: Tensor, labels: Tensor) -> bool:
     """Teacher forced: is every target token the argmax at the position before it?"""
     mask = labels[:, 1:] != IGNORE_INDEX

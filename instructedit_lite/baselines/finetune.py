@@ -13,7 +13,7 @@ from ..editors import FittedWeightEditor, edit_batch
 from ..mend import IGNORE_INDEX, only_these_require_grad, weight_info
 from ..records import EditRecord
 from ..text import model_inputs
-from .common import _check, _check_common, _Configured, _last_prompt_index, _resolve_module, module_template
+from .common import _check, _check_common, _Configured, _last_prompt_index, _resolve_module, module_template, scored_for
 
 __all__ = ["last_prompt_position_nll", "target_nll", "FTLConfig", "FTMConfig", "FTL", "FTM"]
 
@@ -130,7 +130,7 @@ class _FineTune(FittedWeightEditor, _Configured):
         # The optimised copies; functional_call substitutes them for the model's parameters.
         tuned = {n: p.clone().requires_grad_(True) for n, p in originals.items()}
         device = originals[names[0]].device
-        batch = edit_batch(tokenizer, record, device, cfg.n_responses)
+        batch = scored_for(model, edit_batch(tokenizer, record, device, cfg.n_responses))
         inputs, labels = model_inputs(batch), batch["labels"]
         optimizer = torch.optim.Adam(list(tuned.values()), lr=cfg.lr)
         # Freeze the model's own parameters: autograd then builds no graph below the tuned layer.

@@ -18,7 +18,7 @@ from ..mend import lm_loss, only_these_require_grad, weight_info
 from ..records import EditRecord
 from ..text import model_inputs
 from .common import (_all_targets_argmax, _check, _check_common, _Configured, _last_prompt_index, _resolve_module,
-                     count_blocks, module_template)
+                     count_blocks, module_template, scored_for)
 
 __all__ = ["GRACEConfig", "Codebook", "GRACE", "REFERENCE_DEPTH"]
 
@@ -239,8 +239,9 @@ class GRACE(Editor, _Configured):
         """
         cfg, book = self.config, self.codebook
         batch = edit_batch(tokenizer, record, next(model.parameters()).device, cfg.n_responses)
+        last = int(_last_prompt_index(batch["labels"])[0])  # every row shares the edit prompt
+        batch = scored_for(model, batch)  # after ``last``: the codebook's hook sees every position
         inputs, labels = model_inputs(batch), batch["labels"]
-        last = int(_last_prompt_index(labels)[0])  # every row shares the edit prompt
         key, output = self.key(model, tokenizer, record)
         label = record.target_new
 
