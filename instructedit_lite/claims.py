@@ -103,7 +103,7 @@ def experiment_claims(cases: pd.DataFrame, *, seed: int = 0, fact_tasks: Sequenc
     """Experiments 1-3 from one evaluation: the measured quantities, their paired intervals and the
     verdicts of the rules above (what chapter 8 and ``reproduce`` state)."""
     from . import tasks as _tasks
-    from .experiments import UNSEEN, holdout_table, multitask_table, unseen_table
+    from .experiments import SINGLE, UNSEEN, holdout_table, multitask_table, unseen_table
 
     trainable = list(_tasks.trainable_tasks())
     if fact_tasks is None:
@@ -112,7 +112,7 @@ def experiment_claims(cases: pd.DataFrame, *, seed: int = 0, fact_tasks: Sequenc
     table3 = multitask_table(cases)
     rel = table3.xs("average", level="task")["reliability"]
     vs_mend = paired_difference(cases, "InstructEdit", "MEND (multi-task)", "reliability", trainable, seed=seed)
-    baselines = [m for m in rel.index if m not in ("InstructEdit", "base model") and not m.startswith("MEND (single")]
+    baselines = [m for m in rel.index if m not in ("InstructEdit", "base model", SINGLE)]
     best_other = max(baselines, key=lambda m: rel[m])
     vs_best = paired_difference(cases, "InstructEdit", best_other, "reliability", trainable, seed=seed)
 

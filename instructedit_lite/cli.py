@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", type=Path, required=True, help="output folder")
     r.add_argument("--smoke", action="store_true", help="smoke editors and a few cases per task (a few minutes)")
     r.add_argument("--n", type=int, default=None,
-                   help="test cases per task (default 50, smoke 4; --model smollm2: 20, smoke 2)")
+                   help="test cases per task (default 50, smoke 4; --model smollm2: 10, smoke 1)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--processes", type=int, default=None, help="editors trained side by side (default: cores)")
     r.add_argument("--fluency", choices=("easyedit", "greedy"), default="easyedit",
