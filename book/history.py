@@ -26,7 +26,7 @@ RECORDED = {
                       "verdict_holdout", "unseen_max_abs_delta", "verdict_unseen"],
     "06_gradient_analysis": ["bal_zsre_default", "bal_zsre_dominant", "bal_zsre_balanced", "bal_zsre_unbalanced",
                              "verdict_balance", "verdict_4a", "verdict_scaling"],
-    "07_real_model": ["ie_reliability", "mend_reliability", "rel_difference", "rel_verdict"],
+    "07_real_model": ["ie_val_reliability", "mend_val_reliability", "ie_best_step", "mend_best_step"],
 }
 
 

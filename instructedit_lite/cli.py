@@ -85,11 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", type=Path, required=True, help="output folder")
     r.add_argument("--smoke", action="store_true", help="smoke editors and a few cases per task (a few minutes)")
     r.add_argument("--n", type=int, default=None,
-                   help="test cases per task (default 50, smoke 4; --model smollm2: 10, smoke 1)")
+                   help="test cases per task (default 50, smoke 4; --model smollm2: 5, smoke 1)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--processes", type=int, default=None, help="editors trained side by side (default: cores)")
     r.add_argument("--fluency", choices=("easyedit", "greedy"), default="easyedit",
                    help="fluency text: EasyEdit's top-5 sampling, seeded (default), or greedy")
+    r.add_argument("--fluency-cases", type=int, default=None,
+                   help="cases per task scored for fluency (default 5, smoke 1; --model smollm2: 0)")
     r.add_argument("--no-generation", action="store_true",
                    help="skip generation success (the gen_* columns: greedy answers after each prompt)")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -231,14 +233,14 @@ def cmd_reproduce(args, stream) -> int:
 
         results = reproduce_real(args.out, folder=args.data, smoke=args.smoke, seed=args.seed, n_cases=args.n,
                                  processes=args.processes, progress=not args.quiet, fluency=args.fluency,
-                                 generation=not args.no_generation)
+                                 fluency_cases=args.fluency_cases, generation=not args.no_generation)
         _print_json({"out": str(args.out), "headline": results["headline"], "claims": results["claims"],
                      "timings": results["timings"]}, stream)
         return 0
     base = None if args.model in (None, "embedded") else load_base(args)
     results = reproduce(args.out, smoke=args.smoke, seed=args.seed, n_cases=args.n, processes=args.processes,
                         progress=not args.quiet, base=base, fluency=args.fluency,
-                        generation=not args.no_generation)
+                        fluency_cases=args.fluency_cases, generation=not args.no_generation)
     _print_json({"out": str(args.out), "headline": results["headline"], "timings": results["timings"]}, stream)
     return 0
 

@@ -24,7 +24,7 @@ from . import tasks as _tasks
 from . import train as tr
 
 __all__ = ["BASELINE_OPTIONS", "baseline_options", "scaling_configs", "balance_configs", "methods_for", "evaluator", "Evaluator",
-           "reproduce_real", "N_CASES", "N_CASES_SMOKE"]
+           "reproduce_real", "N_CASES", "N_CASES_SMOKE", "FLUENCY_CASES"]
 
 def baseline_options(weight_names: Sequence[str] | None = None, *, smoke: bool = False) -> dict[str, dict[str, Any]]:
     """Where the baselines edit, given the meta-trained editors' weights (default: SmolLM2's,
@@ -51,9 +51,14 @@ GRACE_STEPS = 50
 #: SmolLM2's: blocks 27 (FT-L, FT-M, GRACE) and 29 (CaliNet).
 BASELINE_OPTIONS = baseline_options()
 #: Test records per task in chapter 8's default build (and ``reproduce --model smollm2``), and in
-#: smoke mode: all methods take about 19 s of one core per fact record and 54 s per ConvSent record (chapter 8).
-N_CASES = 10
+#: smoke mode: all methods take about 19 s of one core per fact record and 54 s per ConvSent record
+#: (chapter 8), so five per task keep the chapter near its 10-minute budget; ``full`` takes 100.
+N_CASES = 5
 N_CASES_SMOKE = 1
+#: Cases per task scored for fluency by default and in smoke mode: none.  Fluency is not a column of
+#: the paper's Table 3, and 100 generated tokens cost about 4.6 s of one core per case and method
+#: here; chapter 8's ``full`` scores 10 per task, ``reproduce --fluency-cases N`` any number.
+FLUENCY_CASES = 0
 
 
 def _real(size: str):
@@ -118,6 +123,7 @@ def reproduce_real(out_dir, *, folder=None, smoke: bool = False, seed: int = 0, 
     return ex.reproduce(out_dir, smoke=smoke, seed=seed, n_cases=n_cases, progress=progress,
                         base=evaluator(real), trained=trained, methods=methods_for(real, trained, smoke=smoke),
                         records=records,
-                        processes=processes or cores(), fluency_cases=fluency_cases, fluency=fluency,
+                        processes=processes or cores(),
+                        fluency_cases=FLUENCY_CASES if fluency_cases is None else fluency_cases, fluency=fluency,
                         generation=generation, base_key=real.key,
                         timings={"base_model_s": load_seconds, "editors_s": train_seconds})

@@ -71,9 +71,15 @@ def paired_difference(cases: pd.DataFrame, a: str, b: str, metric: str = "reliab
     tasks = list(tasks) if tasks is not None else sorted(cases.task.unique())
     rng = np.random.default_rng(seed)
     diffs, boots = [], []
+
+    def scores(method: str, task: str) -> pd.Series:
+        # A case id can repeat within a task (a ConvSent topic edited towards each sentiment is two
+        # records of one file row): the n-th record with an id pairs with the n-th, in table order.
+        rows = cases[(cases.method == method) & (cases.task == task)]
+        return rows.set_index(["case", rows.groupby("case").cumcount()])[metric]
+
     for task in tasks:
-        pa = cases[(cases.method == a) & (cases.task == task)].set_index("case")[metric]
-        pb = cases[(cases.method == b) & (cases.task == task)].set_index("case")[metric]
+        pa, pb = scores(a, task), scores(b, task)
         if len(pa) == 0 or len(pb) == 0 or set(pa.index) != set(pb.index):
             raise ValueError(f"paired_difference: {a!r} and {b!r} were not evaluated on the same {task} cases")
         d = (pa - pb.loc[pa.index]).to_numpy()

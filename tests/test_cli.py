@@ -164,3 +164,20 @@ def test_reproduce_smoke_end_to_end(tmp_path):
     assert {"gen_reliability", "gen_generalization", "gen_portability", "gen_locality", "token_accuracy"} <= set(cases)
     facts = cases[cases.task != "convsent"]
     assert (facts.gen_reliability >= facts.reliability_em - 1e-9).mean() > 0.95  # exact match ⇒ said (ties aside)
+
+
+def test_reproduce_passes_the_fluency_cases_on(monkeypatch, tmp_path):
+    """``--fluency-cases`` reaches both reproduce paths; unset, each path keeps its own default (None)."""
+    from instructedit_lite import experiments, real_experiments
+
+    seen = []
+    fake = {"headline": {}, "claims": {}, "timings": {}}
+    monkeypatch.setattr(experiments, "reproduce", lambda out, **kw: seen.append(kw) or fake)
+    monkeypatch.setattr(real_experiments, "reproduce_real", lambda out, **kw: seen.append(kw) or fake)
+    stream = io.StringIO()
+    assert cli.main(["reproduce", "--out", str(tmp_path), "--fluency-cases", "3", "--quiet"], stream=stream) == 0
+    assert cli.main(["reproduce", "--model", "smollm2", "--out", str(tmp_path), "--quiet"], stream=stream) == 0
+    assert cli.main(["reproduce", "--model", "smollm2", "--out", str(tmp_path), "--fluency-cases", "2",
+                     "--quiet"], stream=stream) == 0
+    assert [kw["fluency_cases"] for kw in seen] == [3, None, 2]
+    assert real_experiments.FLUENCY_CASES == 0  # the real model's default: fluency is not in Table 3

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -239,6 +240,18 @@ def test_paired_difference_and_its_interval():
     assert same == {"difference": 0.0, "low": 0.0, "high": 0.0}
     with pytest.raises(ValueError, match="same a cases"):
         ev.paired_difference(cases[~((cases.method == "y") & (cases.case == 0))], "x", "y")
+
+
+def test_paired_difference_pairs_records_that_share_a_case_id():
+    """ConvSent's two records of one topic (one per sentiment) share a case id: the n-th pairs with
+    the n-th, so the difference is the plain mean difference, also when a topic has one record."""
+    ids = [0, 0, 1, 1, 2]
+    x, y = [1.0, 0.0, 1.0, 0.0, 1.0], [0.0, 0.0, 1.0, 1.0, 0.0]
+    cases = pd.DataFrame([{"method": m, "task": "convsent", "case": c, "reliability": v}
+                          for m, values in (("x", x), ("y", y)) for c, v in zip(ids, values)])
+    result = ev.paired_difference(cases, "x", "y")
+    assert result["difference"] == pytest.approx(np.mean(np.subtract(x, y)))  # 0.2, not a cross-product mean
+    assert result["low"] <= result["difference"] <= result["high"]
 
 
 # --- generation success (greedy answers) and fluency text ------------------------------------

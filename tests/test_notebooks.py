@@ -124,17 +124,17 @@ def test_history_records_the_glued_values_of_an_execution_cache(tmp_path, monkey
     spec.loader.exec_module(history)
     cache = tmp_path / "cache"
     (cache / "executed" / "k1").mkdir(parents=True)
-    nbformat.write(_executed({"ie_reliability": "0.58", "rel_verdict": "InstructEdit is better", "other": 1}, False),
+    nbformat.write(_executed({"ie_val_reliability": "0.74", "ie_best_step": 120, "other": 1}, False),
                    cache / "executed" / "k1" / "base.ipynb")
     db = sqlite3.connect(cache / "global.db")
     db.execute("create table nbcache (hashkey text, uri text)")
     db.execute("insert into nbcache values ('k1', '/book/notebooks/07_real_model.ipynb')")
     db.commit()
     db.close()
-    assert history.glued_values(cache)["07_real_model"]["rel_verdict"] == "InstructEdit is better"
+    assert history.glued_values(cache)["07_real_model"]["ie_val_reliability"] == "0.74"
     out = tmp_path / "seed1.json"
     monkeypatch.setattr(sys, "argv", ["history.py", "record", str(cache), str(out), "--commit", "abc", "--about", "t"])
     history.main()
     record = json.loads(out.read_text())
-    assert record["values"]["07_real_model"] == {"ie_reliability": "0.58", "rel_verdict": "InstructEdit is better"}
+    assert record["values"]["07_real_model"] == {"ie_val_reliability": "0.74", "ie_best_step": 120}
     assert record["values"]["05_evaluation"] == {} and not out.with_suffix(".tmp").exists()
