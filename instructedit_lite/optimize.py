@@ -345,11 +345,17 @@ def compare_on_test(editor, base, sets: Mapping[str, InstructionSet], records: M
                     progress: bool = True, n_boot: int = 2000, seed: int = 0) -> tuple[pd.DataFrame, dict[str, dict]]:
     """InstructEdit (one editor) with each instruction set, on the same test records.  Returns the
     per-case table (with ``score``) and, for the first set minus each other, the paired difference
-    of the score and of each of its metrics, averaged over tasks."""
+    of the score and of each of its metrics, averaged over the tasks where the metric is defined."""
     methods = [MendMethod(editor, name, instructions=s) for name, s in sets.items()]
     cases = evaluate_methods(methods, base.model, base.tokenizer, records, progress=progress, generation=False)
     cases["score"] = score_records(cases)
     names = list(sets)
-    diffs = {f"{names[0]} - {other}": {m: paired_difference(cases, names[0], other, m, n_boot=n_boot, seed=seed)
+
+    def defined(metric: str) -> list[str]:  # e.g. no generalization where a task's records have no rephrase
+        return [t for t, d in cases.groupby("task") if d[metric].notna().all()]
+
+    diffs = {f"{names[0]} - {other}": {m: paired_difference(cases, names[0], other, m, defined(m), n_boot=n_boot,
+                                                            seed=seed) if defined(m) else
+                                        {"difference": math.nan, "low": math.nan, "high": math.nan}
                                         for m in ("score", *SCORE_METRICS)} for other in names[1:]}
     return cases, diffs

@@ -13,6 +13,10 @@ from .instructions import InstructionSet
 from .optimize import SearchConfig, TrialEditor, optimize_instructions, search_records, write_instruction_file
 from .proposers import Proposer
 
+#: The tasks the real-model search covers by default: a ConvSent record costs about ten fact
+#: records to score on SmolLM2 (21 response rows through the vocabulary head; chapter 10 measures
+#: it), so it joins only with ``--tasks`` (and chapter 10's ``full = True``).
+REAL_TASKS = ("counterfact", "wikirecent", "zsre")
 
 
 def embedded_trial(base, trained, config: SearchConfig, start: InstructionSet | None = None, *,
@@ -26,6 +30,25 @@ def embedded_trial(base, trained, config: SearchConfig, start: InstructionSet | 
     key = f"{base.config.key()}-{trained.config.key()}"
     return TrialEditor(trained.editor, base.model, base.tokenizer, search_records(base.world, config),
                        start or default_instructions(), key=key,
+                       cache_file=cache_dir() / f"instruction-search-{key}" / "scores.json", progress=progress)
+
+
+def real_trial(real, trained, config: SearchConfig, start: InstructionSet | None = None, *,
+               progress: bool = True) -> TrialEditor:
+    """A :class:`TrialEditor` for chapter 7's InstructEdit editor on SmolLM2 (``real``: a
+    :class:`~instructedit_lite.real_model.RealModel`), editing through the frozen-prefix engine;
+    the search records are the val split of the published files after the editor's own validation
+    records (``config.skip`` must not be smaller: checked).  Start: the data's instructions."""
+    from .base_model import cache_dir
+    from .real_experiments import evaluator
+
+    if config.skip < trained.config.n_val:
+        raise ValueError(f"real_trial: config.skip={config.skip} would search on the {trained.config.n_val} val "
+                         "records that picked the editor's checkpoint; use skip >= the editor's n_val")
+    engine = evaluator(real, trained.config).model
+    key = f"{real.key}-{trained.config.key()}"
+    return TrialEditor(trained.editor, engine, real.tokenizer, search_records(real.world, config),
+                       start or real.source.instructions(), key=key,
                        cache_file=cache_dir() / f"instruction-search-{key}" / "scores.json", progress=progress)
 
 
@@ -59,6 +82,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--patience", type=int, default=SearchConfig.patience,
                    help="rounds without a significant gain before a task stops")
     p.add_argument("--n-val", type=int, default=SearchConfig.n_val, help="search (validation) records per task")
+    p.add_argument("--tasks", nargs="+", default=None,
+                   help=f"tasks to search (default: all four on embedded, {' '.join(REAL_TASKS)} on smollm2)")
+    p.add_argument("--data", type=Path, default=None, help="the published files (default: $INSTRUCTEDIT_DATA)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="the smoke-trained editor")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -74,15 +100,24 @@ def cmd_optimize_instructions(args, stream=None) -> int:
     from .train import train_editor
     from .world import WorldConfig
 
-    if args.model != "embedded":
-        raise ValueError("--model smollm2 needs an InstructEdit editor trained for SmolLM2 and its validation "
-                         "records, which this version does not provide yet; use --model embedded")
     torch.set_num_threads(1)
+    tasks = tuple(args.tasks) if args.tasks else (REAL_TASKS if args.model == "smollm2" else SearchConfig.tasks)
     config = SearchConfig(rounds=args.rounds, candidates=args.candidates, patience=args.patience,
-                          n_val=args.n_val, seed=args.seed)
-    base = load_base_model(BaseModelConfig(world=WorldConfig(seed=args.seed)), progress=not args.quiet)
-    trained = train_editor(editor_configs(args.seed, args.smoke)["InstructEdit"], base, progress=not args.quiet)
-    trial = embedded_trial(base, trained, config, progress=not args.quiet)
+                          n_val=args.n_val, seed=args.seed, tasks=tasks)
+    if args.model == "smollm2":
+        from .real_editors import real_editor_configs, train_real_editors
+        from .real_model import load_real_model, missing
+
+        if missing(args.data):
+            raise ValueError("--model smollm2 needs: " + " | ".join(missing(args.data)))
+        real = load_real_model(args.data, args.seed, progress=not args.quiet)
+        ie = real_editor_configs(args.seed, "smoke" if args.smoke else "default")["InstructEdit"]
+        trained = train_real_editors({"InstructEdit": ie}, real, progress=not args.quiet)["InstructEdit"]
+        trial = real_trial(real, trained, config, progress=not args.quiet)
+    else:
+        base = load_base_model(BaseModelConfig(world=WorldConfig(seed=args.seed)), progress=not args.quiet)
+        trained = train_editor(editor_configs(args.seed, args.smoke)["InstructEdit"], base, progress=not args.quiet)
+        trial = embedded_trial(base, trained, config, progress=not args.quiet)
     start = time.perf_counter()
     result = optimize_instructions(trial, make_proposer(args.proposer, url=args.url, model=args.api_model), config,
                                    proposal_cache=cache_dir() / f"instruction-search-{trial.key}" / "proposals.json",
