@@ -243,11 +243,15 @@ class IKE(Editor):
 
 @torch.no_grad()
 def answer_logits(model, tokenizer, rows: Sequence[tuple[str, str]]) -> list[torch.Tensor]:
-    """Per ``(prompt, answer)`` row, the logits (float32) at the positions that predict the answer."""
+    """Per ``(prompt, answer)`` row, the logits (float32) at the positions that predict the answer
+    (through a :class:`~instructedit_lite.engine.PrefixEngine` the LM head runs only there)."""
+    from .engine import PrefixEngine, model_inputs, scored_batch
     from .text import IGNORE, prompt_target_batch
 
     batch = prompt_target_batch(tokenizer, [p for p, _ in rows], [a for _, a in rows], next(model.parameters()).device)
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+    if isinstance(model, PrefixEngine):
+        batch = scored_batch(batch)
+    logits = model(**model_inputs(batch)).logits[:, :-1].float()
     mask = batch["labels"][:, 1:] != IGNORE
     return [logits[i][mask[i]] for i in range(len(rows))]
 
@@ -275,11 +279,13 @@ def locality_scores(pre: Sequence[torch.Tensor], post: Sequence[torch.Tensor]) -
 
 
 def evaluate_in_context(methods: Sequence[Editor], model, tokenizer, records: Sequence[EditRecord], *,
-                        progress: bool = True) -> pd.DataFrame:
+                        progress: bool = True, generation: bool = True) -> pd.DataFrame:
     """:func:`~.evaluate.evaluate_case` for every method and record; for IKE methods the locality and
     drawdown are then taken with the context on the locality probes (:func:`in_context_locality`;
     exact outside the edit block, since IKE changes no weight), the plain-probe value kept as
-    ``locality_plain``. Weight editors keep the standard locality (their probes carry no context)."""
+    ``locality_plain``. Weight editors keep the standard locality (their probes carry no context).
+    ``generation=False`` leaves out the generation-success columns (NaN): greedy decoding after
+    every context is most of the cost on a real model (chapter 9)."""
     from tqdm.auto import tqdm
     from .progress import bar_disabled
 
@@ -288,7 +294,7 @@ def evaluate_in_context(methods: Sequence[Editor], model, tokenizer, records: Se
     rows = []
     for record in tqdm(records, desc="in-context evaluation", disable=bar_disabled(progress)):
         for method in methods:
-            row = evaluate_case(method, model, tokenizer, record)
+            row = evaluate_case(method, model, tokenizer, record, generation=generation)
             row["locality_plain"] = row["locality"]
             if isinstance(method, IKE):
                 row["locality"], row["drawdown"] = in_context_locality(model, tokenizer, record, method.prepare(record))

@@ -77,18 +77,36 @@ class Restorer:
 @torch.no_grad()
 def answer_predictions(model: nn.Module, tokenizer, rows: Sequence[Row], batch_size: int = 64) -> list[tuple[Tensor, Tensor]]:
     """Per ``(prompt, answer)`` row: the argmax tokens at the answer positions (teacher forced) and
-    the answer tokens themselves. Accuracy and agreement are both computed from these."""
-    out: list[tuple[Tensor, Tensor]] = []
+    the answer tokens themselves. Accuracy and agreement are both computed from these.
+
+    Through a :class:`~instructedit_lite.engine.PrefixEngine` (chapter 9's SmolLM2 streams) two
+    things differ, neither changing what a row scores: the LM head runs only at the answer
+    positions (:func:`~instructedit_lite.engine.scored_batch`; on SmolLM2 it costs more than the
+    three edited blocks at every position), and the rows go in batches of similar length, at most
+    16 each (the edited blocks run on the padding too: a stream's locality rows, 7 to 55 tokens,
+    padded to one width cost three times their tokens). A plain model gets the full logits of
+    the rows in their order, as before."""
+    from .engine import PrefixEngine, model_inputs, scored_batch
+
+    engine = isinstance(model, PrefixEngine)
+    order = list(range(len(rows)))
+    if engine:
+        size = [len(tokenizer(f"{p} {a}", add_special_tokens=False)["input_ids"]) for p, a in rows]
+        order.sort(key=lambda i: size[i])
+        batch_size = min(batch_size, 16)
+    out: dict[int, tuple[Tensor, Tensor]] = {}
     device = next(model.parameters()).device
     for start in range(0, len(rows), batch_size):
-        chunk = rows[start:start + batch_size]
-        batch = prompt_target_batch(tokenizer, [p for p, _ in chunk], [a for _, a in chunk], device)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        chunk = order[start:start + batch_size]
+        batch = prompt_target_batch(tokenizer, [rows[i][0] for i in chunk], [rows[i][1] for i in chunk], device)
+        if engine:
+            batch = scored_batch(batch)
+        logits = model(**model_inputs(batch)).logits
         predicted, targets = logits[:, :-1].argmax(-1).cpu(), batch["labels"][:, 1:].cpu()
-        for i in range(len(chunk)):
-            mask = targets[i] != IGNORE
-            out.append((predicted[i][mask], targets[i][mask]))
-    return out
+        for j, i in enumerate(chunk):
+            mask = targets[j] != IGNORE
+            out[i] = (predicted[j][mask], targets[j][mask])
+    return [out[i] for i in range(len(rows))]
 
 
 def bootstrap_interval(values: Sequence[float], n_boot: int = 1000, seed: int = 0) -> tuple[float, float]:

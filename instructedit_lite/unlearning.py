@@ -6,7 +6,8 @@ Two ways to drive the true answer's probability down, for facts the model knows:
   book: FT-M, IKE (the refusal is the "new fact" in the context), InstructEdit's trained editor as
   it is (no "forget" task was trained: the record keeps its own task's instruction);
 * an **unlikelihood objective** (:class:`Unlikelihood`): FT-M-style fine-tuning of one MLP output
-  matrix on ``−mean log(1 − p(old answer token))``, teacher forced, no target at all.
+  matrix (named by the model's architecture profile) on ``−mean log(1 − p(old answer token))``,
+  teacher forced, no target at all.
 
 :func:`evaluate_unlearning` measures, before and inside each edit, the old answer's probability
 (whole answer, teacher forced) on the edit prompt and on its rephrases, whether greedy generation
@@ -46,28 +47,47 @@ def forget_record(record: EditRecord, target: str = REFUSAL) -> EditRecord:
     return replace(record, target_new=target)
 
 
-def known_facts(model, tokenizer, records: Sequence[EditRecord]) -> list[EditRecord]:
-    """The records whose old answer the model gives (teacher-forced exact match): only those can be forgotten."""
+def known_facts(model, tokenizer, records: Sequence[EditRecord], *, limit: int | None = None,
+                chunk: int = 32) -> list[EditRecord]:
+    """The records whose old answer the model gives (teacher-forced exact match): only those can be forgotten.
+
+    ``limit``: stop once that many are found, scanning ``records`` in order, ``chunk`` records at a
+    time (a small model knows few of the test facts: SmolLM2-135M a few in a hundred, so chapter 9
+    scans only as far as it needs); the result is the first ``limit`` of the full scan's (up to
+    rounding: the chunks are batched apart).
+    """
     from .text import teacher_forced
 
     with_old = [r for r in records if r.ground_truth]
-    if not with_old:
-        return []
-    em = teacher_forced(model, tokenizer, [r.prompt for r in with_old], [r.ground_truth[0] for r in with_old]).exact_match
-    return [r for r, known in zip(with_old, em) if known]
+    if limit is None:
+        if not with_old:
+            return []
+        em = teacher_forced(model, tokenizer, [r.prompt for r in with_old],
+                            [r.ground_truth[0] for r in with_old]).exact_match
+        return [r for r, known in zip(with_old, em) if known]
+    if limit < 0 or chunk < 1:
+        raise ValueError(f"known_facts: limit must be >= 0 and chunk >= 1, got {limit}, {chunk}")
+    found: list[EditRecord] = []
+    for start in range(0, len(with_old), chunk):
+        if len(found) >= limit:
+            break
+        found += known_facts(model, tokenizer, with_old[start:start + chunk])
+    return found[:limit]
 
 
 @dataclass
 class UnlikelihoodConfig:
-    """Fine-tuning with the unlikelihood of the old answer: one ``mlp.c_proj`` (the last block's),
-    ``steps`` Adam steps at ``lr``; stops once every old answer token has probability below
-    ``stop_prob``."""
+    """Fine-tuning with the unlikelihood of the old answer: the MLP output matrix of block ``layer``
+    (default the last), ``steps`` Adam steps at ``lr``; stops once every old answer token has
+    probability below ``stop_prob``.  ``module``: a module-name template with ``{layer}``, or None
+    for the model's architecture profile (GPT-2 ``transformer.h.{layer}.mlp.c_proj``, LLaMA
+    ``model.layers.{layer}.mlp.down_proj``), as FT-M takes it."""
 
     layer: int = -1
     steps: int = 20
     lr: float = 5e-3
     stop_prob: float = 0.05
-    module: str = "transformer.h.{layer}.mlp.c_proj"
+    module: str | None = None
 
     def __post_init__(self) -> None:
         if not (isinstance(self.steps, int) and self.steps >= 0):

@@ -598,3 +598,28 @@ def test_running_norm_ignores_non_finite_rows():
     norm.update(rows)
     assert norm.count.item() == 2
     assert torch.allclose(norm.mean, torch.tensor([3.0, 4.0, 5.0], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_one_call_per_shared_network_equals_one_call_per_weight(gpt2, batch, mode):
+    """compute_deltas runs each shared network once on the rows of all its weights (each row with
+    its layer's mode): the deltas, their meta-gradients and the running statistics equal those of
+    one :meth:`transform` per weight, in order, up to rounding."""
+    grouped, single = editor_for(gpt2, GPT2_NAMES), editor_for(gpt2, GPT2_NAMES)
+    randomize(grouped), randomize(single)
+    getattr(grouped, mode)(), getattr(single, mode)()
+    factors = single.capture(gpt2, batch)
+    per_weight = {n: single.alpha(n) * single.pseudo_gradient(n, *single.transform(n, factors.u[n], factors.delta[n]))
+                  for n in single.infos}
+    together = grouped.compute_deltas(gpt2, batch)
+    assert len(grouped.transforms) < len(grouped.infos)  # some network is shared
+    for n in per_weight:
+        assert torch.allclose(together[n], per_weight[n], rtol=1e-5, atol=1e-9), n
+    sum(d.square().sum() for d in together.values()).backward()
+    sum(d.square().sum() for d in per_weight.values()).backward()
+    for (name, a), b in zip(grouped.named_parameters(), single.parameters()):
+        assert (a.grad is None) == (b.grad is None), name
+        if a.grad is not None:
+            assert (a.grad - b.grad).norm() <= 1e-5 * b.grad.norm() + 1e-12, name  # rounding only
+    for k, v in grouped.state_dict().items():  # the statistics saw the weights one after another
+        assert torch.allclose(v.double(), single.state_dict()[k].double(), rtol=1e-9, atol=1e-12), k

@@ -184,8 +184,16 @@ class GradientTransform(nn.Module):
 
     def forward(self, u: Tensor, delta: Tensor, mode: Tensor) -> tuple[Tensor, Tensor]:
         """``(u, δ)`` rows (n, d_in), (n, d_out) → ``(ũ, δ̃)``; updates the statistics in training mode."""
+        return self.transform_normalized(*self.normalized(u, delta), mode)
+
+    def normalized(self, u: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
+        """``(û, δ̂)``: the running statistics updated with these rows (training mode), then applied."""
         u_hat = self.norm_u(u, self.normalize)  # û = (u − μ_u)/(σ_u + 1e-7)
         delta_hat = self.norm_delta(delta, self.normalize)  # δ̂ = (δ − μ_δ)/(σ_δ + 1e-7)
+        return u_hat, delta_hat
+
+    def transform_normalized(self, u_hat: Tensor, delta_hat: Tensor, mode: Tensor) -> tuple[Tensor, Tensor]:
+        """``(û, δ̂) → (ũ, δ̃)``; ``mode``: one layer id (a 0-d tensor), or one per row (several layers in one call)."""
         if self.combine:
             z = self.net(torch.cat([u_hat, delta_hat], dim=-1), mode)  # z = [û; δ̂] → blocks
             return z.split([self.d_in, self.d_out], dim=-1)
