@@ -119,11 +119,13 @@ def edit_vector_sets(method, model: torch.nn.Module, tokenizer, records: Iterabl
         for record in tqdm(records, desc="edit vectors", disable=bar_disabled(progress)):
             batch = edit_batch(tokenizer, method.prepare(record), device, n_responses, unlikelihood=True)
             factors = editor.capture(model, batch)  # its own enable_grad for the pre-edit backward
+            with torch.no_grad():  # the shared networks run as compute_deltas runs them
+                tilde = editor.transform_all(factors) if any(kind != "u" for kind in kinds) else {}
             for weight in weights:
-                u, delta = factors.u[weight], factors.delta[weight]
+                u = factors.u[weight]
                 with torch.no_grad():
-                    if any(kind != "u" for kind in kinds):
-                        u_tilde, delta_tilde = editor.transform(weight, u, delta)
+                    if tilde:
+                        u_tilde, delta_tilde = tilde[weight]
                     for kind in kinds:
                         if kind == "u":
                             vec = u.float().sum(0)

@@ -266,7 +266,7 @@ def test_edit_vectors_match_captured_factors_and_deltas(world):
             factors = editor.capture(model, batch)
             np.testing.assert_allclose(u_vecs[i], factors.u[name].sum(0).numpy(), rtol=1e-5, atol=1e-6)
             with torch.no_grad():
-                u_t, d_t = editor.transform(name, factors.u[name], factors.delta[name])
+                u_t, d_t = editor.transform_all(factors)[name]
                 delta_w = editor.compute_deltas(model, batch, meta_grad=False)[name]
             np.testing.assert_allclose(ut_vecs[i], u_t.sum(0).numpy(), rtol=1e-5, atol=1e-5)
             np.testing.assert_allclose(dt_vecs[i], d_t.sum(0).numpy(), rtol=1e-5, atol=1e-8)

@@ -182,7 +182,7 @@ class MendEditor(nn.Module):
         """
         factors = self.capture(model, batch)
         with torch.set_grad_enabled(meta_grad and torch.is_grad_enabled()):
-            tilde = self._transform_all(factors)
+            tilde = self.transform_all(factors)
             deltas = {}
             for name in self.infos:
                 weight = model.get_parameter(name)
@@ -190,7 +190,7 @@ class MendEditor(nn.Module):
                 deltas[name] = step.to(weight.dtype)
         return deltas
 
-    def _transform_all(self, factors: EditFactors) -> dict[str, tuple[Tensor, Tensor]]:
+    def transform_all(self, factors: EditFactors) -> dict[str, tuple[Tensor, Tensor]]:
         """:meth:`transform` of every weight, the weights of one shared network in one call.
 
         The running statistics still see the weights one after another, in the order of
