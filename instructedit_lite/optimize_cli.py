@@ -16,7 +16,13 @@ from .proposers import Proposer
 #: The tasks the real-model search covers by default: a ConvSent record costs about ten fact
 #: records to score on SmolLM2 (21 response rows through the vocabulary head; chapter 10 measures
 #: it), so it joins only with ``--tasks`` (and chapter 10's ``full = True``).
-REAL_TASKS = ("counterfact", "wikirecent", "zsre")
+def _fact_tasks() -> tuple[str, ...]:
+    from .tasks import is_sentiment, task_names
+
+    return tuple(t for t in task_names() if not is_sentiment(t))
+
+
+REAL_TASKS = _fact_tasks()  # from the task registry: counterfact, wikirecent, zsre
 
 
 def embedded_trial(base, trained, config: SearchConfig, start: InstructionSet | None = None, *,
