@@ -45,11 +45,14 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-# One thread per test worker: JOBS workers that each start a core's worth of BLAS threads (a
-# notebook kernel, a pretraining run) oversubscribe the cores and spin-wait on each other.
-# (Pretraining pins its own thread count, so the base model is the same either way.)
+# One thread and one process per test worker: JOBS workers that each start a core's worth of BLAS
+# threads or of worker processes (a notebook's training or evaluation pool) oversubscribe the cores
+# and spin-wait on each other.  (Pretraining pins its own thread count, so the base model is the
+# same either way; a pool gives the same tables as one process.)  Smoke runs use the smoke base model
+# (base_model.base_config): the book's own base model is pretrained by `make book`.  Tests are
+# handed out one at a time, longest first (tests/conftest.py), so no long test starts last.
 test: install
-	$(if $(filter 1,$(JOBS)),,OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 )$(BIN)/python -m pytest -n $(JOBS)
+	$(if $(filter 1,$(JOBS)),,OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 INSTRUCTEDIT_WORKERS=1 )$(BIN)/python -m pytest -n $(JOBS) --maxschedchunk 1
 
 unit: install
 	$(BIN)/python -m pytest -m "not notebooks"

@@ -19,7 +19,7 @@ import os
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -59,14 +59,32 @@ class BaseModelConfig:
     lr: float = 6e-3
     warmup: int = 100
     seed: int = 0
+    # BLAS threads of the pretraining: 0 = every core of the machine (the book's model; the bits
+    # depend on the thread count).  The smoke model takes 1: the same on any machine, and it does
+    # not fight a parallel test worker for the cores (spin-waiting threads made it 4x slower).
+    threads: int = 0
 
     def key(self) -> str:
         """A hash of the configuration *and* of the text the model is trained on, so a change to
         the world's generator (same config, other corpus) never reuses a stale cached model."""
         import hashlib
 
-        text = json.dumps([asdict(self), tokenizer_training_text(World(self.world))], sort_keys=True)
+        fields = asdict(self)
+        if not fields["threads"]:  # the default is left out: the book's key predates the field
+            del fields["threads"]
+        text = json.dumps([fields, tokenizer_training_text(World(self.world))], sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+SMOKE_STEPS = 300  # smoke runs' pretraining: about 100 s on one core, knows about 1 fact in 7
+
+
+def base_config(seed: int = 0, *, smoke: bool = False) -> BaseModelConfig:
+    """The embedded base model of a chapter (chapter 1) for the world of ``seed``: the book's, or
+    for a smoke run the same world, tokenizer and architecture pretrained for only
+    :data:`SMOKE_STEPS` steps (``make test`` checks that the code runs; the book checks the model)."""
+    config = BaseModelConfig(world=WorldConfig(seed=seed))
+    return replace(config, steps=SMOKE_STEPS, warmup=SMOKE_STEPS // 5, threads=1) if smoke else config
 
 
 def tokenizer_training_text(world: World) -> list[str]:
@@ -130,11 +148,11 @@ def packed_rows(token_lines: list[list[int]], eos_id: int, seq_len: int, rng: ra
 def pretrain(config: BaseModelConfig, *, progress: bool = True):
     """Train tokenizer and model from scratch; returns ``(model, tokenizer, log)``.
 
-    Uses every core for the duration (rows of 24 x 96 tokens are big enough to gain from them),
-    whatever thread count the caller set for the small matrix products of editing.
+    Uses every core for the duration (rows of 24 x 96 tokens are big enough to gain from them), or
+    ``config.threads``, whatever thread count the caller set for the small matrix products of editing.
     """
     threads = torch.get_num_threads()
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(config.threads or os.cpu_count() or 1)
     try:
         return _pretrain(config, progress=progress)
     finally:

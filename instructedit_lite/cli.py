@@ -1,6 +1,6 @@
 """The ``instructedit-lite`` command: pretrain the base model, meta-train an editor, time an edit.
 
-    instructedit-lite pretrain [--retrain]
+    instructedit-lite pretrain [--retrain] [--smoke]
     instructedit-lite train --regime instruct --tasks counterfact,wikirecent,convsent [--steps N]
                             [--seed S] [--out DIR] [--smoke] [--no-cache] [--threads T]
     instructedit-lite bench [--model smollm2 --json] [--out FILE] [--repeats N] [--threads T]
@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pretrain", help="pretrain (or load) the embedded base model; print its recall as JSON")
     p.add_argument("--retrain", action="store_true", help="discard the cached model and pretrain again")
+    p.add_argument("--smoke", action="store_true", help="the smoke runs' short pretraining (about a minute)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     t = sub.add_parser("train", help="meta-train an editor (single-task MEND, multi-task MEND or InstructEdit)")
@@ -112,12 +113,8 @@ def load_base(args, *, seed: int = 0):
     from . import base_model
 
     if getattr(args, "model", "embedded") in (None, "embedded"):
-        if seed:
-            from .world import WorldConfig
-
-            return base_model.load_base_model(base_model.BaseModelConfig(world=WorldConfig(seed=seed)),
-                                              progress=not args.quiet)
-        return base_model.load_base_model(progress=not args.quiet)
+        config = base_model.base_config(seed, smoke=getattr(args, "smoke", False))
+        return base_model.load_base_model(config, progress=not args.quiet)
     from .real_data import RealData, available
 
     data = getattr(args, "data", None)
@@ -137,9 +134,9 @@ def _print_json(data: Any, stream) -> None:
 
 
 def cmd_pretrain(args, stream) -> int:
-    from .base_model import load_base_model
+    from .base_model import base_config, load_base_model
 
-    base = load_base_model(progress=not args.quiet, retrain=args.retrain)
+    base = load_base_model(base_config(smoke=args.smoke), progress=not args.quiet, retrain=args.retrain)
     info = {k: v for k, v in base.info.items() if k not in ("losses", "config")}
     _print_json({"path": str(base.path), "key": base.key, **info}, stream)
     return 0

@@ -280,19 +280,18 @@ def reproduce(out_dir, *, smoke: bool = False, seed: int = 0, n_cases: int | Non
     import torch
 
     from .atomic import atomic_write_text
-    from .base_model import BaseModelConfig, load_base_model
+    from .base_model import base_config, load_base_model
     from .claims import experiment_claims
     from .config import jsonable as _jsonable
     from .tables import nested
     from .train import train_editors
-    from .world import WorldConfig
 
     out = Path(out_dir)
     n_cases = n_cases or (N_CASES_SMOKE if smoke else N_CASES)
     timings = dict(timings or {})
     start = time.perf_counter()
     if base is None:
-        base = load_base_model(BaseModelConfig(world=WorldConfig(seed=seed)), progress=progress)
+        base = load_base_model(base_config(seed, smoke=smoke), progress=progress)
         timings["base_model_s"] = time.perf_counter() - start
 
     if trained is None:

@@ -101,10 +101,9 @@ def cmd_optimize_instructions(args, stream=None) -> int:
     """Body of ``instructedit-lite optimize-instructions``: search, write ``--out``, print a JSON summary."""
     import torch
 
-    from .base_model import BaseModelConfig, cache_dir, load_base_model
+    from .base_model import base_config, cache_dir, load_base_model
     from .experiments import editor_configs
     from .train import train_editor
-    from .world import WorldConfig
 
     torch.set_num_threads(1)
     tasks = tuple(args.tasks) if args.tasks else (REAL_TASKS if args.model == "smollm2" else SearchConfig.tasks)
@@ -121,7 +120,7 @@ def cmd_optimize_instructions(args, stream=None) -> int:
         trained = train_real_editors({"InstructEdit": ie}, real, progress=not args.quiet)["InstructEdit"]
         trial = real_trial(real, trained, config, progress=not args.quiet)
     else:
-        base = load_base_model(BaseModelConfig(world=WorldConfig(seed=args.seed)), progress=not args.quiet)
+        base = load_base_model(base_config(args.seed, smoke=args.smoke), progress=not args.quiet)
         trained = train_editor(editor_configs(args.seed, args.smoke)["InstructEdit"], base, progress=not args.quiet)
         trial = embedded_trial(base, trained, config, progress=not args.quiet)
     start = time.perf_counter()

@@ -14,8 +14,9 @@ from instructedit_lite.atomic import atomic_save_dir
 
 @pytest.fixture(scope="session")
 def base():
-    """The book's default base model (trained once per cache, about 3 minutes)."""
-    return bm.load_base_model(progress=False)
+    """The smoke runs' base model: the book's world, tokenizer and architecture, pretrained briefly
+    (about a minute).  The book's own model is checked where it is built, by chapter 1's asserts."""
+    return bm.load_base_model(bm.base_config(smoke=True), progress=False)
 
 
 def tiny_config(**changes) -> bm.BaseModelConfig:
@@ -42,17 +43,22 @@ def test_model_has_gpt2_xl_module_names(base):
         assert f"transformer.h.{last}.{suffix}" in names
 
 
-def test_base_model_knows_its_world(base):
-    assert base.info["recall_trained"] >= 0.95
-    assert base.info["facts_known"] >= 1000
+def test_base_model_learns_part_of_its_world_in_a_short_pretraining(base):
+    # 300 steps: about one fact in seven (the book's 1,300 steps: about 98%, chapter 1)
+    assert base.config.steps == bm.SMOKE_STEPS and len(base.info["losses"]) == bm.SMOKE_STEPS
+    assert base.info["losses"][-1] < base.info["losses"][0] / 3
+    assert 0.05 < base.info["recall_trained"] < 0.5 and base.info["facts_known"] >= 50
     # recomputed now, not only read from the cache record
     recall = bm.fact_recall(base.model, base.tokenizer, base.world, "trained")
     assert recall["exact"].mean() == pytest.approx(base.info["recall_trained"], abs=1e-9)
-    assert bm.facts_known(recall) >= 1000
+    assert bm.facts_known(recall) == base.info["facts_known"]
 
 
-def test_held_out_phrasings_are_partly_known(base):
-    assert 0.5 < base.info["recall_held_out"] <= base.info["recall_trained"]
+def test_smoke_base_model_shares_the_books_world_tokenizer_and_architecture():
+    book, smoke = bm.base_config(3), bm.base_config(3, smoke=True)
+    assert book == bm.BaseModelConfig(world=bm.WorldConfig(seed=3)) and smoke.key() != book.key()
+    assert dataclasses.replace(smoke, steps=book.steps, warmup=book.warmup, threads=book.threads) == book
+    assert smoke.threads == 1  # the same smoke model on any machine
 
 
 def test_pretraining_is_seeded():

@@ -22,12 +22,15 @@ def fake_base():
 
 def test_pretrain_prints_recall_as_json(monkeypatch):
     calls = []
-    monkeypatch.setattr(base_model, "load_base_model", lambda **kw: calls.append(kw) or fake_base())
+    monkeypatch.setattr(base_model, "load_base_model", lambda *a, **kw: calls.append((a, kw)) or fake_base())
     out = io.StringIO()
     assert cli.main(["pretrain", "--quiet"], stream=out) == 0
     data = json.loads(out.getvalue())
     assert data["recall_trained"] == 0.97 and data["recall_held_out"] == 0.86
-    assert "losses" not in data and calls == [{"progress": False, "retrain": False}]
+    assert "losses" not in data and calls == [((base_model.BaseModelConfig(),), {"progress": False, "retrain": False})]
+    assert cli.main(["pretrain", "--smoke", "--quiet"], stream=io.StringIO()) == 0
+    assert calls[-1][0] == (base_model.base_config(smoke=True),)
+    assert calls[-1][0][0].steps == base_model.SMOKE_STEPS < base_model.BaseModelConfig().steps
 
 
 def test_train_parses_and_dispatches_to_the_cache(monkeypatch):
@@ -40,7 +43,7 @@ def test_train_parses_and_dispatches_to_the_cache(monkeypatch):
                    "best": {"step": 4, "val_loss": 1.0, "val_reliability": 0.9, "reliability/counterfact": 0.9}}
         return SimpleNamespace(summary=summary, path=Path("/cache/editor-x-y"))
 
-    monkeypatch.setattr(base_model, "load_base_model", lambda **kw: fake_base())
+    monkeypatch.setattr(base_model, "load_base_model", lambda *a, **kw: fake_base())
     monkeypatch.setattr(tr, "train_editor", fake_train_editor)
     out = io.StringIO()
     argv = ["train", "--regime", "single", "--tasks", "wikirecent", "--smoke", "--steps", "7", "--seed", "3",
@@ -63,7 +66,7 @@ def test_train_with_out_folder_calls_train(monkeypatch, tmp_path):
                    "initial": {"val_loss": 1.0, "val_reliability": 0.0, "val_locality": 1.0}, "best": {"val_loss": 1.0}}
         return SimpleNamespace(summary=summary)
 
-    monkeypatch.setattr(base_model, "load_base_model", lambda **kw: fake_base())
+    monkeypatch.setattr(base_model, "load_base_model", lambda *a, **kw: fake_base())
     monkeypatch.setattr(tr, "records_for", lambda config, source: ({}, {}))
     monkeypatch.setattr(tr, "train", fake_train)
     out = io.StringIO()
@@ -114,7 +117,7 @@ def tiny_base():
 
 
 def test_evaluate_a_baseline_writes_summary_and_cases(monkeypatch, tmp_path):
-    monkeypatch.setattr(base_model, "load_base_model", lambda **kw: tiny_base())
+    monkeypatch.setattr(base_model, "load_base_model", lambda *a, **kw: tiny_base())
     out = io.StringIO()
     target = tmp_path / "ftm.json"
     argv = ["evaluate", "--method", "FT-M", "--task", "counterfact", "--n", "2", "--fluency-cases", "0",
@@ -130,7 +133,7 @@ def test_evaluate_a_baseline_writes_summary_and_cases(monkeypatch, tmp_path):
 
 
 def test_evaluate_rejects_a_bad_count(monkeypatch, capsys):
-    monkeypatch.setattr(base_model, "load_base_model", lambda **kw: tiny_base())
+    monkeypatch.setattr(base_model, "load_base_model", lambda *a, **kw: tiny_base())
     assert cli.main(["evaluate", "--method", "base model", "--task", "zsre", "--n", "0", "--quiet"]) == 2
     assert "--n must be >= 1" in capsys.readouterr().err
     with pytest.raises(SystemExit):

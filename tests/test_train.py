@@ -514,11 +514,11 @@ def test_train_editor_caches(tokenizer, tmp_path, monkeypatch):
 
 
 def test_trained_editor_beats_untrained_on_held_out_records(tmp_path, monkeypatch):
-    """REAL TRAINING (about 20-30 s): a smoke-sized single-task run on the cached base model."""
-    from instructedit_lite.base_model import load_base_model
+    """REAL TRAINING (about 20-30 s): a smoke-sized single-task run on the smoke runs' base model."""
+    from instructedit_lite.base_model import base_config, load_base_model
     from instructedit_lite.mend import MendEditor
 
-    base = load_base_model(progress=False)
+    base = load_base_model(base_config(smoke=True), progress=False)
     config = tr.default_config("single", "counterfact", smoke=True)
     train_recs, val_recs = tr.records_for(config, base.world)
     result = tr.train(config, base.model, base.tokenizer, train_records=train_recs, val_records=val_recs,
