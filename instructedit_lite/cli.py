@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pretrain", help="pretrain (or load) the embedded base model; print its recall as JSON")
     p.add_argument("--retrain", action="store_true", help="discard the cached model and pretrain again")
-    p.add_argument("--smoke", action="store_true", help="the smoke runs' short pretraining (about a minute)")
+    p.add_argument("--smoke", action="store_true",
+                   help="the smoke runs' base model: 300 steps on one thread (about 100 s)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     t = sub.add_parser("train", help="meta-train an editor (single-task MEND, multi-task MEND or InstructEdit)")
@@ -56,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=None)
     t.add_argument("--out", type=Path, default=None,
                    help="output folder (resumable); default: the editor cache under $INSTRUCTEDIT_CACHE")
-    t.add_argument("--smoke", action="store_true", help="a few dozen edits only")
+    t.add_argument("--smoke", action="store_true", help="a few dozen edits only, on the smoke base model")
     t.add_argument("--no-cache", action="store_true", help="train again even if a cached editor exists")
     t.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: the embedded model's matrices are too small to gain from more)")
@@ -79,12 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--n", type=int, default=50, help="cases (the first N records of the split)")
     e.add_argument("--fluency-cases", type=int, default=5, help="cases whose generated text is scored")
     e.add_argument("--out", type=Path, default=None, help="JSON file for the summary (the per-case CSV goes beside it)")
-    e.add_argument("--smoke", action="store_true", help="use smoke-trained editors (a few dozen edits)")
+    e.add_argument("--smoke", action="store_true",
+                   help="smoke-trained editors (a few dozen edits) on the smoke base model")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
 
     r = sub.add_parser("reproduce", help="the book's editors and experiments end to end: results.json + results.md")
     r.add_argument("--out", type=Path, required=True, help="output folder")
-    r.add_argument("--smoke", action="store_true", help="smoke editors and a few cases per task (a few minutes)")
+    r.add_argument("--smoke", action="store_true", help="the smoke base model and editors, a few cases per task (a few minutes)")
     r.add_argument("--n", type=int, default=None,
                    help="test cases per task (default 50, smoke 4; --model smollm2: 5, smoke 1)")
     r.add_argument("--seed", type=int, default=0)

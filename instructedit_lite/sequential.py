@@ -83,9 +83,8 @@ def answer_predictions(model: nn.Module, tokenizer, rows: Sequence[Row], batch_s
     things differ, neither changing what a row scores: the LM head runs only at the answer
     positions (:func:`~instructedit_lite.engine.scored_batch`; on SmolLM2 it costs more than the
     three edited blocks at every position), and the rows go in batches of similar length, at most
-    16 each (the edited blocks run on the padding too: a stream's locality rows, 7 to 55 tokens,
-    padded to one width cost three times their tokens). A plain model gets the full logits of
-    the rows in their order, as before."""
+    16 each (the edited blocks run on the padding too: docs/measurements.md). A plain model gets
+    the full logits of the rows in their order, as before."""
     from .engine import PrefixEngine, model_inputs, scored_batch
 
     engine = isinstance(model, PrefixEngine)
