@@ -388,5 +388,8 @@ def _evaluate_records(methods: Sequence[Editor], model, tokenizer, items, option
 
 
 def _fingerprint(model) -> float:
-    """A cheap checksum of all weights (the float64 sum of every |w|), to catch edits that leak."""
-    return float(sum(torch.linalg.vector_norm(p.detach(), 1, dtype=torch.float64) for p in model.parameters()))
+    """A cheap checksum of all weights (the sum of every |w|), to catch edits that leak.
+
+    In float32: the same weights give the same sum bit for bit, and it takes 0.15 s for SmolLM2's
+    135 M weights against 0.37 s in float64 (one thread)."""
+    return float(sum(torch.linalg.vector_norm(p.detach(), 1) for p in model.parameters()))
