@@ -17,6 +17,7 @@ reproduces exactly what the book shows:
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Mapping, Sequence
 
 import pandas as pd
@@ -27,13 +28,13 @@ from .editors import Editor, PerTaskMethod
 from .evaluate import average_over_tasks, evaluate_methods, summarize
 from .instructions import InstructionSet, default_instructions
 from .methods import SINGLE, UNSEEN, MethodContext
-from .records import EditRecord
+from .records import EditRecord, Probe
 from .train import TrainConfig, TrainedEditor, default_config
 
 __all__ = ["editor_configs", "scaling_configs", "balance_configs", "ANALYSIS_STEPS", "paper_weights", "UNBALANCED", "BALANCED",
            "build_methods", "PerTaskMethod",
            "evaluation_records", "main_evaluation", "multitask_table", "holdout_table", "unseen_table",
-           "N_CASES", "N_CASES_SMOKE", "FLUENCY_CASES", "UNSEEN", "SINGLE", "COMPARED", "GENERATION_COLUMNS"]
+           "N_CASES", "N_CASES_SMOKE", "SMOKE_RESPONSES", "FLUENCY_CASES", "UNSEEN", "SINGLE", "COMPARED", "GENERATION_COLUMNS"]
 
 #: Test cases per task in the book (and in ``reproduce``), and in smoke mode (two: a paired
 #: difference and its interval need two cases; each more costs every method one edit per task).
@@ -125,12 +126,31 @@ def build_methods(trained: Mapping[str, TrainedEditor], *, instructions: Instruc
     return out
 
 
-def evaluation_records(source, n: int, tasks: Sequence[str] | None = None) -> dict[str, list[EditRecord]]:
-    """The first ``n`` records of each task's test split (default: every registered task ``source`` has)."""
+def evaluation_records(source, n: int, tasks: Sequence[str] | None = None, *,
+                       responses: int | None = None) -> dict[str, list[EditRecord]]:
+    """The first ``n`` records of each task's test split (default: every registered task ``source`` has).
+
+    ``responses``: a ConvSent record keeps at most that many responses of each sentiment and of its
+    locality probe (smoke runs: :data:`SMOKE_RESPONSES`; the same code on fewer rows: a real
+    ConvSent record has about 20 responses and 10 locality answers, most of an evaluation's cost)."""
     if tasks is None:
         have = set(getattr(source, "tasks", _tasks.task_names()))
         tasks = tuple(t for t in _tasks.task_names() if t in have)
-    return {t: source.records(t, "test")[:n] for t in tasks}
+    out = {t: source.records(t, "test")[:n] for t in tasks}
+    if responses is not None:
+        out = {t: [_fewer_responses(r, responses) if _tasks.is_sentiment(t) else r for r in recs]
+               for t, recs in out.items()}
+    return out
+
+
+#: Responses per sentiment that a smoke run's ConvSent records keep (:func:`evaluation_records`).
+SMOKE_RESPONSES = 2
+
+
+def _fewer_responses(record: EditRecord, k: int) -> EditRecord:
+    locality = {kind: tuple(Probe(p.prompt, p.answers[:k]) for p in probes) for kind, probes in record.locality.items()}
+    return replace(record, pos_responses=record.pos_responses[:k], neg_responses=record.neg_responses[:k],
+                   locality=locality)
 
 
 def main_evaluation(methods: Mapping[str, Editor], base, records: Mapping[str, list[EditRecord]], *,

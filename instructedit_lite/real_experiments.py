@@ -119,7 +119,8 @@ def reproduce_real(out_dir, *, folder=None, smoke: bool = False, seed: int = 0, 
     trained = train_real_editors(real_editor_configs(seed, size), real, processes=processes, progress=progress)
     train_seconds = time.perf_counter() - start
     n_cases = n_cases or (N_CASES_SMOKE if smoke else N_CASES)
-    records = ex.evaluation_records(real.world, n_cases, tasks=_tasks.task_names())
+    records = ex.evaluation_records(real.world, n_cases, tasks=_tasks.task_names(),
+                                    responses=ex.SMOKE_RESPONSES if smoke else None)
     return ex.reproduce(out_dir, smoke=smoke, seed=seed, n_cases=n_cases, progress=progress,
                         base=evaluator(real), trained=trained, methods=methods_for(real, trained, smoke=smoke),
                         records=records,

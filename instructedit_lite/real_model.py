@@ -185,7 +185,7 @@ def recall(model, tokenizer, records: Sequence[EditRecord], *, extra_tokens: int
 _REAL = dict(grad_accum=2, lr=1e-4, alpha_lr=1e-4, c_edit=0.1, c_loc=1.0, clip=100.0, edit_loss_input="edit",
              n_responses=2, max_locality=2, mixing="uniform")
 _SIZES = {  # (steps, val_every, n_val): default (fits the chapter's budget), full, smoke
-    "default": (120, 40, 6), "full": (1200, 200, 24), "smoke": (4, 4, 1)}
+    "default": (120, 40, 6), "full": (1200, 200, 24), "smoke": (2, 2, 1)}
 _RANK = 64
 
 
@@ -194,7 +194,7 @@ def real_config(regime: str = "instruct", tasks: Sequence[str] | str | None = No
     """An editor configuration for SmolLM2: the paper's edited weights, sizes that fit chapter 7.
 
     ``size``: ``"default"`` (120 edits, sized for the chapter's 12-minute budget on 2 cores),
-    ``"full"`` (1,200 edits) or ``"smoke"`` (4 edits).  What is measured and what is carried over:
+    ``"full"`` (1,200 edits) or ``"smoke"`` (2 edits: one update of the editor, for tests).  What is measured and what is carried over:
     the paper's ``c_edit = 0.1``, ``c_loc = 1``, accumulation 2 and clipping at 100; rank 64 and
     rates 1e-4, the embedded model's measured choices (:func:`~instructedit_lite.train.default_config`;
     the paper's rank 1,920 exceeds both widths here, 576 and 1,536, so it would mean full rank,
