@@ -127,3 +127,26 @@ def test_paper_weights_name_a_task_without_a_paper_size():
         tasks.unregister_task("mquake")
     with pytest.raises(ValueError, match="paper_balanced must be a positive count"):
         tasks.Task("x", paper_train=10, paper_balanced=0)
+
+
+def test_evaluation_records_can_keep_fewer_convsent_responses():
+    by_task = hand_records(n=3)
+
+    class Source:
+        tasks = tuple(by_task)
+
+        def records(self, task, split):
+            assert split == "test"
+            return by_task[task]
+
+    full = ex.evaluation_records(Source(), 2)
+    assert {t: len(r) for t, r in full.items()} == dict.fromkeys(by_task, 2)
+    assert full["convsent"][0] is by_task["convsent"][0]  # untouched without ``responses``
+    few = ex.evaluation_records(Source(), 2, responses=1)
+    for before, after in zip(full["convsent"], few["convsent"]):
+        assert len(before.pos_responses) > 1 and len(before.locality_probes[0].answers) > 1
+        assert after.pos_responses == before.pos_responses[:1] and after.neg_responses == before.neg_responses[:1]
+        assert [p.answers for p in after.locality_probes] == [p.answers[:1] for p in before.locality_probes]
+        assert (after.prompt, after.target_new, after.rephrase, after.sentiment, after.index) == (
+            before.prompt, before.target_new, before.rephrase, before.sentiment, before.index)
+    assert all(a is b for t in ("counterfact", "wikirecent", "zsre") for a, b in zip(few[t], full[t]))
