@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="pretrain (or load) the embedded base model; print its recall as JSON")
     p.add_argument("--retrain", action="store_true", help="discard the cached model and pretrain again")
     p.add_argument("--smoke", action="store_true",
-                   help="the smoke runs' base model: 300 steps on one thread (about 100 s)")
+                   help="the smoke runs' base model: base_model.SMOKE_STEPS (200) steps on one thread, about 70 s")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     t = sub.add_parser("train", help="meta-train an editor (single-task MEND, multi-task MEND or InstructEdit)")
@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", type=Path, required=True, help="output folder")
     r.add_argument("--smoke", action="store_true", help="the smoke base model and editors, a few cases per task (a few minutes)")
     r.add_argument("--n", type=int, default=None,
-                   help="test cases per task (default 50, smoke 4; --model smollm2: 5, smoke 1)")
+                   help="test cases per task (default 50, smoke 2: experiments.N_CASES[_SMOKE]; --model smollm2: 5, smoke 1: real_experiments.N_CASES[_SMOKE])")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--processes", type=int, default=None, help="editors trained side by side (default: cores)")
     r.add_argument("--fluency", choices=("easyedit", "greedy"), default="easyedit",

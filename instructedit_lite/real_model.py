@@ -194,7 +194,8 @@ def real_config(regime: str = "instruct", tasks: Sequence[str] | str | None = No
     """An editor configuration for SmolLM2: the paper's edited weights, sizes that fit chapter 7.
 
     ``size``: ``"default"`` (120 edits, sized for the chapter's 12-minute budget on 2 cores),
-    ``"full"`` (1,200 edits) or ``"smoke"`` (2 edits: one update of the editor, for tests).  What is measured and what is carried over:
+    ``"full"`` (1,200 edits) or ``"smoke"`` (2 edits: one update of the editor, for tests).  What is
+    measured and what is carried over:
     the paper's ``c_edit = 0.1``, ``c_loc = 1``, accumulation 2 and clipping at 100; rank 64 and
     rates 1e-4, the embedded model's measured choices (:func:`~instructedit_lite.train.default_config`;
     the paper's rank 1,920 exceeds both widths here, 576 and 1,536, so it would mean full rank,

@@ -11,7 +11,7 @@ torch.set_num_threads(1)
 
 #: The slow tests, in the order they start under ``make test`` (pytest-xdist, one test handed out
 #: at a time: ``--maxschedchunk 1``): longest first, so that no long test starts last and runs
-#: alone.  The first pretrains the smoke base model (about 100 s on one core); the worker that
+#: alone.  The first pretrains the smoke base model (about 70 s on one core); the worker that
 #: did not take it starts chapter 8, which needs only SmolLM2.  Then the rest, as collected.
 #: Durations that set the order (stop 25, a cold run before this ordering, seconds): 08 247, 09 114,
 #: 10 100, 06 91, 05 77, reproduce 75, 07 48, 01 45, SmolLM2 unlikelihood 44, 04 17, 03 16, 02 15.

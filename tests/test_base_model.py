@@ -15,7 +15,7 @@ from instructedit_lite.atomic import atomic_save_dir
 @pytest.fixture(scope="session")
 def base():
     """The smoke runs' base model: the book's world, tokenizer and architecture, pretrained briefly
-    (about 100 s on one core).  The book's own model is checked where it is built, by chapter 1's
+    (69-76 s on one core, measured).  The book's own model is checked where it is built, by chapter 1's
     asserts."""
     return bm.load_base_model(bm.base_config(smoke=True), progress=False)
 

@@ -184,3 +184,15 @@ def test_reproduce_passes_the_fluency_cases_on(monkeypatch, tmp_path):
                      "--quiet"], stream=stream) == 0
     assert [kw["fluency_cases"] for kw in seen] == [3, None, 2]
     assert real_experiments.FLUENCY_CASES == 0  # the real model's default: fluency is not in Table 3
+
+
+def test_help_texts_state_the_declared_smoke_sizes():
+    # the parser stays free of heavy imports, so its help spells the sizes out: they must match
+    from instructedit_lite import experiments, real_experiments
+
+    sub = next(a for a in cli.build_parser()._actions if a.choices and "reproduce" in a.choices).choices
+    smoke_help = next(a.help for a in sub["pretrain"]._actions if "--smoke" in a.option_strings)
+    assert f"({base_model.SMOKE_STEPS}) steps" in smoke_help
+    n_help = next(a.help for a in sub["reproduce"]._actions if "--n" in a.option_strings)
+    assert f"default {experiments.N_CASES}, smoke {experiments.N_CASES_SMOKE}:" in n_help
+    assert f"smollm2: {real_experiments.N_CASES}, smoke {real_experiments.N_CASES_SMOKE}:" in n_help
