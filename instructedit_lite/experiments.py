@@ -32,7 +32,7 @@ from .records import EditRecord, Probe
 from .train import TrainConfig, TrainedEditor, default_config
 
 __all__ = ["editor_configs", "scaling_configs", "balance_configs", "ANALYSIS_STEPS", "paper_weights", "UNBALANCED", "BALANCED",
-           "build_methods", "PerTaskMethod",
+           "build_methods", "methods_not_learned", "not_learned_among", "PerTaskMethod",
            "evaluation_records", "main_evaluation", "multitask_table", "holdout_table", "unseen_table",
            "N_CASES", "N_CASES_SMOKE", "SMOKE_RESPONSES", "FLUENCY_CASES", "UNSEEN", "SINGLE", "COMPARED", "GENERATION_COLUMNS"]
 
@@ -104,6 +104,32 @@ def balance_configs(seed: int = 0, smoke: bool = False, steps: int | None = None
     changes = {} if steps is None else {"steps": steps}
     return {UNBALANCED: make("instruct", seed=seed, smoke=smoke, task_weights=paper_weights(), **changes),
             BALANCED: make("instruct", seed=seed, smoke=smoke, task_weights=paper_weights(balanced=True), **changes)}
+
+
+def methods_not_learned(trained: Mapping[str, TrainedEditor]) -> dict[str, str]:
+    """Method → why one of its editors did not learn (:func:`~instructedit_lite.train.learning_problem`),
+    for every registered method whose editors are all in ``trained``; a method whose editors
+    learned is not listed."""
+    from .train import learning_problem
+
+    problems = {name: learning_problem(t) for name, t in trained.items()}
+    out = {}
+    for method in _methods.registered():
+        names = list(method.editor_configs())
+        if names and all(n in trained for n in names):
+            found = [problems[n] for n in names if problems[n]]
+            if found:
+                out[method.name] = "; ".join(found)
+    return out
+
+
+def not_learned_among(trained: Mapping[str, TrainedEditor], names: Sequence[str]) -> dict[str, str]:
+    """Editor name → why it did not learn, for the ``names`` of ``trained`` that did not (a rule
+    of Figure 4 is not decided on them)."""
+    from .train import learning_problem
+
+    problems = {n: learning_problem(trained[n]) for n in names}
+    return {n: p for n, p in problems.items() if p}
 
 
 def build_methods(trained: Mapping[str, TrainedEditor], *, instructions: InstructionSet | None = None,
@@ -257,17 +283,10 @@ def _held_out_label() -> str:
 
 
 def _claims_markdown(claims: Mapping[str, Any]) -> str:
-    def ci(d: Mapping[str, float]) -> str:
-        return f"{100 * d['difference']:+.1f} points [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]"
+    from .claims import claim_rows
 
-    m, h, u = claims["multitask"], claims["holdout"], claims["unseen"]
-    rows = [("1: multi-task reliability, InstructEdit − multi-task MEND", ci(m["vs_mend"]), m["verdict"]),
-            (f"2: hold-out ({h['task']}) reliability, InstructEdit − multi-task MEND; worst drop of KE / MEND",
-             f"{ci(h['vs_mend'])}; {100 * h['worst_drop']:+.1f} points", h["verdict"]),
-            ("3: largest change with the unseen instruction", f"{100 * u['max_abs_delta']:.1f} points ({u['worst']})",
-             u["verdict"])]
-    return "\n".join(["| experiment | measured | verdict |", "|---|---|---|",
-                      *(f"| {a} | {b} | {c} |" for a, b, c in rows)])
+    why = [f"- {key}: not decided. {c['why']}" for key, c in claims.items() if c.get("why")]
+    return "\n\n".join([_markdown(claim_rows(claims)), *(["Editors that did not learn:", "\n".join(why)] if why else [])])
 
 
 RESULT_COLUMNS = ["reliability", "generalization", "locality", "portability", "fluency"]
@@ -302,10 +321,10 @@ def reproduce(out_dir, *, smoke: bool = False, seed: int = 0, n_cases: int | Non
 
     from .atomic import atomic_write_text
     from .base_model import base_config, load_base_model
-    from .claims import experiment_claims
+    from .claims import claims_json, experiment_claims
     from .config import jsonable as _jsonable
     from .tables import nested
-    from .train import train_editors
+    from .train import learning_problem, train_editors
 
     out = Path(out_dir)
     n_cases = n_cases or (N_CASES_SMOKE if smoke else N_CASES)
@@ -338,18 +357,21 @@ def reproduce(out_dir, *, smoke: bool = False, seed: int = 0, n_cases: int | Non
     multi = multitask_table(cases)
     hold = holdout_table(cases)
     unseen = unseen_table(cases)
-    claims = experiment_claims(cases, seed=seed)
+    not_learned = methods_not_learned(trained)
+    claims = experiment_claims(cases, seed=seed, not_learned=not_learned)
     results = {
         "settings": {"smoke": smoke, "seed": seed, "cases_per_task": n_cases, "base_model": base_key or base.key,
                      "fluency": fluency, "fluency_cases": fluency_cases, "generation_success": generation,
                      "editors": {name: {"config_key": t.config.key(), "train_seconds": t.summary["train_seconds"],
-                                        "loaded_from_cache": t.loaded} for name, t in trained.items()},
+                                        "loaded_from_cache": t.loaded, "best_step": t.summary["best_step"],
+                                        "did_not_learn": learning_problem(t)} for name, t in trained.items()},
+                     "methods_not_learned": not_learned,
                      "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine()},
         "multitask": nested(multi),
         "holdout": _jsonable({m: row.to_dict() for m, row in hold.iterrows()}),
         "unseen_instructions": nested(unseen),
         "headline": _jsonable(headline(cases)),
-        "claims": _jsonable(claims),
+        "claims": _jsonable(claims_json(claims)),
         "timings": _jsonable({**timings, "mean_edit_seconds": per_method_seconds.to_dict()}),
     }
     markdown = "\n\n".join([
@@ -364,7 +386,8 @@ def reproduce(out_dir, *, smoke: bool = False, seed: int = 0, n_cases: int | Non
         _markdown(multi[GENERATION_COLUMNS + ["token_accuracy"]]),
         f"## Hold-out editing, generation success ({_held_out_label()})", _markdown(hold[GENERATION_COLUMNS]),
         "## Unseen instructions", _markdown(unseen[["reliability", "generalization", "locality"]]),
-        "## The paper's claims (rules: instructedit_lite.claims)", _claims_markdown(claims),
+        "## The paper's claims (tests: instructedit_lite.claims; the interval is 95% for a gain, 90% for "
+        "an equivalence; mde: the smallest effect found with 80% power)", _claims_markdown(claims),
         "## Timings (seconds)", _markdown(pd.Series(timings, name="seconds").to_frame()),
     ]) + "\n"
     atomic_write_text(out / "cases.csv", cases.to_csv(index=False))

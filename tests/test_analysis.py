@@ -322,3 +322,16 @@ def test_neighbours_in_chunks_match_one_block():
     x, _ = clusters(n_per=7)
     u = an.unit_rows(x)
     np.testing.assert_array_equal(an._neighbours(u, 5, chunk=4), an._neighbours(u, 5))
+
+
+def test_default_k_fits_the_smallest_label():
+    """Five well-separated ZsRE edits among forty others: with the default k (at most 5 - 1 = 4
+    neighbours) their region is clean; with k = 10 it could not be (at least 6 others per point)."""
+    rng = np.random.default_rng(0)
+    centres = {"zsre": [1.0, 0, 0], "counterfact": [0, 1.0, 0], "wikirecent": [0, 0, 1.0]}
+    sizes = {"zsre": 5, "counterfact": 20, "wikirecent": 20}
+    x = np.concatenate([np.array(centres[t]) + 0.01 * rng.normal(size=(n, 3)) for t, n in sizes.items()])
+    labels = [t for t, n in sizes.items() for _ in range(n)]
+    assert an.region_overlap(x, labels, "zsre") == 0.0
+    assert an.region_overlap(x, labels, "zsre", k=10) >= 0.6
+    assert an.knn_agreement(x, labels) == 1.0

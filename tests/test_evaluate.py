@@ -463,7 +463,7 @@ def test_generation_success_skips_prompts_longer_than_the_context():
 
 
 def test_generalization_ref_is_the_references_fallback_to_the_edit_prompt(model, tok, records):
-    """Issue 11: without a rephrase the reference scores the edit prompt, so its Generalization
+    """Without a rephrase the reference scores the edit prompt, so its Generalization
     equals Reliability; ``generalization`` stays NaN, ``generalization_ref`` follows the reference."""
     with_rephrase = dataclasses.replace(records["counterfact"][0], target_new="great")  # one token
     without = dataclasses.replace(with_rephrase, rephrase=())

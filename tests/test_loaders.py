@@ -260,7 +260,7 @@ def test_convsent_locality_is_about_the_next_topic():
         other = recs[(i + 1) % 3]
         assert other.topic != rec.topic
         assert probe.prompt == CONVSENT_QUESTIONS[(i + 1) % 3].format(topic=other.topic)
-        # both sentiments, alternating, so that the first 2n rows hold n of each (issue 11)
+        # both sentiments, alternating, so that the first 2n rows hold n of each
         assert sorted(probe.answers) == sorted(other.pos_responses[:5] + other.neg_responses[:5])
         assert set(probe.answers[:2]) <= set(other.pos_responses) | set(other.neg_responses)
         assert probe.answers[0] in other.pos_responses and probe.answers[1] in other.neg_responses
@@ -565,7 +565,7 @@ def test_real_instruction_file():
     assert out["template"].count("{}") == 3
 
 
-# --- every failure is a RecordError naming the file (issue 11) --------------------------------
+# --- every failure is a RecordError naming the file --------------------------------
 def _knowedit_item(i: int, **extra) -> dict:
     return {"subject": f"S{i}", "prompt": f"Where is S{i}?", "target_new": "Oslo", **extra}
 

@@ -94,7 +94,7 @@ def test_words_splits_punctuation():
     assert metrics.words("Paris, France.") == ["paris", ",", "france", "."]
 
 
-# --- the reference's conventions, as options (issue 11) ------------------------------------------
+# --- the reference's conventions, as options ------------------------------------------
 def test_pooled_logprob_weighs_tokens_not_rows():
     labels = torch.tensor([[IGNORE, 1, 1, 1], [IGNORE, IGNORE, IGNORE, 2]])  # 3 answer tokens, then 1
     logits = torch.zeros(2, 4, V)

@@ -17,7 +17,7 @@ from instructedit_lite.experiments import evaluation_records, main_evaluation
 from instructedit_lite.mend import MendConfig
 from instructedit_lite.real_data import RealData
 
-VERDICTS = {"reproduces", "direction only", "partly", "does not reproduce"}
+VERDICTS = {"reproduces", "direction only", "contradicted", "inconclusive"}
 
 
 def test_baselines_edit_inside_the_edited_blocks():

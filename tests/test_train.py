@@ -215,7 +215,7 @@ def test_convsent_loss_prefers_wanted_responses():
 
 
 def test_convsent_example_edits_with_both_sentiments_and_keeps_both_in_locality():
-    """Issue 11: the edit's gradient sees the unwanted responses too (their unlikelihood, as the
+    """The edit's gradient sees the unwanted responses too (their unlikelihood, as the
     reference trainer computes it), and the KL rows hold the other topic's responses of *both*
     sentiments (they used to be its first positive responses only)."""
     config = tiny_config(n_responses=2)

@@ -35,7 +35,8 @@ and schedule), :mod:`.losses`, :mod:`.validation`, :mod:`.loop` (training, check
 
 
 from ..tasks import trainable_tasks as _trainable_tasks
-from .cache import TrainedEditor, editor_dir, load_trained_editor, train_editor, train_editors
+from .cache import (LEARNING_MARGIN, TrainedEditor, editor_dir, learning_problem, load_trained_editor, train_editor,
+                    train_editors)
 from .config import (EDIT_LOSS_INPUTS, METHODS, MIXINGS, PAPER_CONFIGS, REGIMES, TRAIN_VERSION, TrainConfig,
                      default_config, paper_config)
 from .examples import EditExample, build_example, records_for, schedule, task_probabilities
@@ -48,6 +49,7 @@ __all__ = [
     "paper_config", "EditExample", "build_example", "locality_kl", "unlikelihood_loss", "edit_loss",
     "meta_losses", "schedule", "task_probabilities", "records_for", "validate", "TrainResult", "train", "TrainedEditor",
     "train_editor", "editor_dir", "load_trained_editor", "make_editor", "load_editor", "METHODS", "train_editors",
+    "learning_problem", "LEARNING_MARGIN",
 ]
 
 

@@ -17,7 +17,13 @@ from . import loop
 from .config import TrainConfig
 from .examples import records_for
 
-__all__ = ["TrainedEditor", "editor_dir", "load_trained_editor", "train_editor", "train_editors"]
+__all__ = ["TrainedEditor", "editor_dir", "load_trained_editor", "train_editor", "train_editors", "learning_problem",
+           "LEARNING_MARGIN"]
+
+#: An editor has learned when its kept checkpoint is not the untrained one (step 0) and its mean
+#: validation reliability is at least this far above the untrained editor's (whose step size of
+#: 1e-4 on an identity network leaves the model almost unedited).
+LEARNING_MARGIN = 0.05
 
 @dataclass
 class TrainedEditor:
@@ -109,3 +115,23 @@ def train_editors(configs: Mapping[str, TrainConfig], base, *, processes: int | 
         map_in_processes(_train_in_worker, [(c.to_dict(), base.spec, str(cache_dir())) for c in todo.values()],
                          processes, desc="editors", progress=progress)  # a worker's error is raised here
     return {name: train_editor(c, base, progress=progress) for name, c in configs.items()}
+
+
+def learning_problem(trained: TrainedEditor, margin: float = LEARNING_MARGIN) -> str | None:
+    """None when the editor learned; otherwise why not, naming the editor, its seed and its
+    validation curve: its kept checkpoint is step 0 (the untrained editor), or its validation
+    reliability is less than ``margin`` above the untrained editor's.  A claim is never decided on
+    such an editor (:func:`~instructedit_lite.claims.experiment_claims`)."""
+    s, c = trained.summary, trained.config
+    start, best = s["initial"]["val_reliability"], s["best"]["val_reliability"]
+    curve = ", ".join(f"{int(v['step'])}: {v['val_reliability']:.3f}"
+                      for _, v in trained.validation.iterrows()) if "step" in trained.validation else ""
+    who = f"the {c.regime} editor on {', '.join(c.tasks)} (seed {c.seed}, {s['steps']} edits)"
+    if s["best_step"] == 0:
+        why = "kept its untrained checkpoint (step 0): its validation loss never fell below the untrained editor's"
+    elif best < start + margin:
+        why = (f"reached a validation reliability of {best:.3f}, less than {margin:g} above the untrained "
+               f"editor's {start:.3f}")
+    else:
+        return None
+    return f"{who} did not learn: it {why}" + (f" (validation reliability by step: {curve})" if curve else "")
