@@ -29,11 +29,11 @@ import pandas as pd
 
 from . import methods as _methods
 from . import tasks as _tasks
-from .inference import (EQUIVALENCE_OUTCOMES, GAIN_OUTCOMES, Assessment, assess_equivalence, assess_gain, holm,
-                        tost_pvalue)
+from .inference import (EQUIVALENCE_OUTCOMES, GAIN_OUTCOMES, Assessment, Interval, assess_equivalence,  # noqa: F401
+                        assess_gain, half_sample_interval, holm, tost_pvalue)
 
-# assess_gain, assess_equivalence and Assessment (instructedit_lite.inference) are importable from here
-# too: the chapters call them as claims.assess_gain and so on.
+# assess_gain, assess_equivalence, half_sample_interval, Assessment and Interval
+# (instructedit_lite.inference) are importable from here too: the chapters call claims.assess_gain.
 __all__ = ["Claim", "CLAIMS", "claim", "CONVSENT_VIEWS", "PAPER_CONVSENT_VIEW", "paired_cases", "compare",
            "paper_average", "experiment_claims", "claim_rows", "claim_phrases", "claim_phrase_names", "view_rows",
            "claims_json", "CLAIM_METHODS", "NOT_DECIDED", "multitask_verdict", "holdout_verdict", "unseen_verdict", "directions_verdict",
@@ -213,36 +213,45 @@ def unseen_verdict(primary: Assessment) -> str:
 
 
 def directions_verdict(sil_instruct: pd.Series, sil_multi: pd.Series, knn_instruct_lower: pd.Series,
-                       knn_multi_lower: pd.Series) -> str:
+                       knn_multi_lower: pd.Series, *, best_silhouette_low: float | None = None,
+                       min_gain_low: float | None = None) -> str:
     """Fig. 4a, per edited matrix: "reproduces" when InstructEdit's best silhouette exceeds
     :data:`SILHOUETTE_CLEAR` and it beats multi-task MEND's by more than :data:`SILHOUETTE_GAIN`
-    on every matrix; "partly" when, below the top block, its worst kNN task agreement beats
-    multi-task MEND's best."""
+    on every matrix, each judged by the low end of its interval where one is given
+    (``best_silhouette_low``; ``min_gain_low``, the lowest of the matrices' gains' low ends);
+    "partly" when, below the top block, its worst kNN task agreement beats multi-task MEND's best."""
     gain = sil_instruct - sil_multi.loc[sil_instruct.index]
-    if sil_instruct.max() > SILHOUETTE_CLEAR and (gain > SILHOUETTE_GAIN).all():
+    best = sil_instruct.max() if best_silhouette_low is None else best_silhouette_low
+    worst_gain = gain.min() if min_gain_low is None else min_gain_low
+    if best > SILHOUETTE_CLEAR and worst_gain > SILHOUETTE_GAIN:
         return "reproduces"
     return "partly" if knn_instruct_lower.min() > knn_multi_lower.max() else "does not reproduce"
 
 
-def scaling_verdict(reliability: pd.Series, overlap: pd.Series, three_vs_one: Mapping[str, float]) -> tuple[str, bool, bool]:
+def scaling_verdict(reliability: pd.Series, overlap: pd.Series, three_vs_one: Mapping[str, float], *,
+                    overlap_fall: Mapping[str, float] | None = None) -> tuple[str, bool, bool]:
     """Fig. 4b/4c, over the number of training tasks (index 1, 2, 3): (verdict, reliability part,
     overlap part).  Reliability part: hold-out reliability rises steadily and all tasks beat one
     beyond the noise (the low end of the 95% interval above 0); overlap part: the overlap falls
-    steadily, by more than :data:`OVERLAP_FALL`."""
+    steadily, by more than :data:`OVERLAP_FALL` (the low end of ``overlap_fall``'s interval, the
+    overlap with one task minus with all, where given)."""
     monotone = bool(reliability.is_monotonic_increasing)
     reliability_ok = monotone and three_vs_one["low"] > 0
-    overlap_ok = bool(overlap.is_monotonic_decreasing and overlap.iloc[0] - overlap.iloc[-1] > OVERLAP_FALL)
+    fall = overlap.iloc[0] - overlap.iloc[-1] if overlap_fall is None else overlap_fall["low"]
+    overlap_ok = bool(overlap.is_monotonic_decreasing and fall > OVERLAP_FALL)
     verdict = ("reproduces" if reliability_ok and overlap_ok else "partly" if reliability_ok or overlap_ok
                else "direction only" if monotone else "does not reproduce")
     return verdict, reliability_ok, overlap_ok
 
 
 def balance_verdict(regularity_balanced: float, regularity_unbalanced: float,
-                    balanced_vs_unbalanced: Mapping[str, float]) -> tuple[str, bool, bool]:
+                    balanced_vs_unbalanced: Mapping[str, float], *,
+                    regularity_gain: Mapping[str, float] | None = None) -> tuple[str, bool, bool]:
     """Fig. 4d: (verdict, regularity part, hold-out part).  "reproduces" when the balanced mix gives
-    more regular edit directions *and* a better hold-out reliability beyond the noise; "partly"
-    when one of the two holds."""
-    regular_ok = bool(regularity_balanced > regularity_unbalanced)
+    more regular edit directions (the low end of ``regularity_gain``'s interval above 0, where
+    given) *and* a better hold-out reliability beyond the noise; "partly" when one of the two holds."""
+    gain = regularity_balanced - regularity_unbalanced if regularity_gain is None else regularity_gain["low"]
+    regular_ok = bool(gain > 0)
     holdout_ok = bool(balanced_vs_unbalanced["low"] > 0)
     verdict = ("reproduces" if regular_ok and holdout_ok else "partly" if regular_ok or holdout_ok
                else "does not reproduce")

@@ -201,3 +201,31 @@ def test_an_inconclusive_claim_says_how_many_cases_would_decide_it():
     assert a.outcome == "inconclusive" and a.cases_needed() > a.n
     phrase = claims.claim_phrases(claims.experiment_claims(noisy))["multitask_needed"]
     assert f"about {math.ceil(a.cases_needed() / 3):,} test cases per task (now 4)" in phrase
+
+
+def test_half_sample_interval_of_a_mean_matches_its_standard_error():
+    from instructedit_lite.inference import half_sample_interval
+
+    rng = np.random.default_rng(9)
+    x = rng.normal(0.3, 0.2, 400)
+    labels = np.repeat(["a", "b"], 200)
+    ci = half_sample_interval(lambda i: x[i].mean(), labels, halves=400, seed=0)
+    se = x.std(ddof=1) / math.sqrt(len(x))
+    assert ci.estimate == pytest.approx(x.mean())
+    assert (ci.high - ci.low) / 2 == pytest.approx(1.96 * se, rel=0.15)
+    with pytest.raises(ValueError, match="at least 4 edits"):
+        half_sample_interval(lambda i: 0.0, ["a", "a", "a", "b", "b", "b", "b"])
+
+
+def test_figure_rules_judge_the_interval_not_the_point():
+    idx = ["a", "b"]
+    sil_ie, sil_mm = pd.Series([0.7, 0.6], idx), pd.Series([0.2, 0.2], idx)
+    knn = pd.Series([0.5, 0.5], idx)
+    assert claims.directions_verdict(sil_ie, sil_mm, knn, knn) == "reproduces"
+    assert claims.directions_verdict(sil_ie, sil_mm, knn, knn, best_silhouette_low=0.45) != "reproduces"
+    assert claims.directions_verdict(sil_ie, sil_mm, knn, knn, min_gain_low=0.05) != "reproduces"
+    rising, falling = pd.Series([0.2, 0.3, 0.4], [1, 2, 3]), pd.Series([0.5, 0.4, 0.3], [1, 2, 3])
+    assert claims.scaling_verdict(rising, falling, ci(0.05, 0.3))[2]
+    assert not claims.scaling_verdict(rising, falling, ci(0.05, 0.3), overlap_fall=ci(0.01, 0.39))[2]
+    assert claims.balance_verdict(0.5, 0.4, ci(0.01, 0.2))[1]
+    assert not claims.balance_verdict(0.5, 0.4, ci(0.01, 0.2), regularity_gain=ci(-0.02, 0.22))[1]
