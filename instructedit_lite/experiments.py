@@ -124,12 +124,12 @@ def methods_not_learned(trained: Mapping[str, TrainedEditor]) -> dict[str, str]:
 
 
 def not_learned_among(trained: Mapping[str, TrainedEditor], names: Sequence[str]) -> dict[str, str]:
-    """Editor name → why it did not learn, for the ``names`` of ``trained`` that did not (a rule
-    of Figure 4 is not decided on them)."""
+    """Editor name → why it did not learn (the name first), for the ``names`` of ``trained`` that
+    did not (a rule of Figure 4 is not decided on them)."""
     from .train import learning_problem
 
     problems = {n: learning_problem(trained[n]) for n in names}
-    return {n: p for n, p in problems.items() if p}
+    return {n: f"{n}: {p}" for n, p in problems.items() if p}
 
 
 def build_methods(trained: Mapping[str, TrainedEditor], *, instructions: InstructionSet | None = None,
