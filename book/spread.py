@@ -6,6 +6,11 @@
 A seed changes the world, the pretrained base model, the editors and the evaluation, a harsher
 perturbation than another CPU. Assert cells are tagged ``raises-exception`` for these runs, so a
 failing claim is recorded (``failed_asserts``) instead of stopping the other chapters.
+
+Chapter 5 also writes its table of evaluated cases for each seed (its ``cases_out`` parameter);
+``collect`` pools them and tests claims 1-3 over seeds and cases
+(:func:`instructedit_lite.claims.experiment_claims` with the seed as the cluster, the unit of
+replication), into ``pooled_claims``.
 """
 
 from __future__ import annotations
@@ -24,6 +29,9 @@ from pathlib import Path
 import nbformat
 
 from instructedit_lite.atomic import atomic_write_text
+
+#: The chapter whose evaluated cases are pooled over seeds, and the file name of each seed's table.
+CASES_CHAPTER, CASES_FILE = "05_evaluation", "05_cases.csv"
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAPTERS = ["01_datasets", "02_instructions", "03_mend_hypernetwork", "04_multitask_training",
@@ -57,9 +65,10 @@ def run(seeds: list[int], chapters: list[str], work: Path) -> None:
             src = out / f"{chapter}.input.ipynb"
             tolerant_copy(ROOT / "notebooks" / f"{chapter}.ipynb", src)
             start = time.perf_counter()
+            cases = ["-p", "cases_out", str(out / CASES_FILE)] if chapter == CASES_CHAPTER else []
             code = subprocess.call([sys.executable, "-m", "papermill", str(src), str(out / f"{chapter}.ipynb"),
                                     "--cwd", str(ROOT / "notebooks"), "-p", "seed", str(seed),
-                                    "-p", "smoke", "False", "--no-progress-bar"], env=env)
+                                    "-p", "smoke", "False", *cases, "--no-progress-bar"], env=env)
             print(f"seed {seed} {chapter}: exit {code} in {time.perf_counter() - start:.0f} s", flush=True)
 
 
@@ -109,10 +118,35 @@ def collect(seeds: list[int], chapters: list[str], work: Path, command: str) -> 
         if len(numbers) == len(per_seed) >= 2:  # a spread needs two seeds
             entry.update(min=min(numbers), max=max(numbers), spread=max(numbers) - min(numbers))
         quantities.append(entry)
-    return {"command": command, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
+    return {"command": command, "commit": _commit(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}, "
                        f"Python {platform.python_version()}",
-            "seeds": seeds, "measured": measured, "failed_asserts": failures, "quantities": quantities}
+            "seeds": seeds, "measured": measured, "failed_asserts": failures, "quantities": quantities,
+            "pooled_claims": pooled_claims(seeds, work)}
+
+
+def _commit() -> str | None:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def pooled_claims(seeds: list[int], work: Path) -> dict | None:
+    """Claims 1-3 tested on every seed's cases together, the seed as the cluster; None when fewer
+    than two seeds wrote their cases."""
+    import pandas as pd
+
+    from instructedit_lite import claims
+
+    tables = [pd.read_csv(work / f"seed{s}" / CASES_FILE).assign(seed=s) for s in seeds
+              if (work / f"seed{s}" / CASES_FILE).exists()]
+    if len(tables) < 2:
+        return None
+    pooled = claims.experiment_claims(pd.concat(tables, ignore_index=True))
+    rows = claims.claim_rows(pooled).reset_index()
+    return {"seeds": sorted({int(t["seed"].iloc[0]) for t in tables}), "rows": rows.to_dict(orient="records")}
 
 
 def main() -> None:

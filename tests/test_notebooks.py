@@ -138,3 +138,23 @@ def test_history_records_the_glued_values_of_an_execution_cache(tmp_path, monkey
     record = json.loads(out.read_text())
     assert record["values"]["07_real_model"] == {"ie_val_reliability": "0.74", "ie_best_step": 120}
     assert record["values"]["05_evaluation"] == {} and not out.with_suffix(".tmp").exists()
+
+
+def test_seed_spread_pools_chapter_5s_cases_over_seeds(tmp_path):
+    """book/spread.py: claims 1-3 tested on every seed's cases together, the seed as the cluster."""
+    import importlib.util
+
+    from test_claims import synthetic_cases
+
+    spec = importlib.util.spec_from_file_location("spread", ROOT / "book" / "spread.py")
+    spread = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(spread)
+    assert spread.pooled_claims([0, 1], tmp_path) is None  # no seed wrote its cases
+    for seed in (0, 1, 2):
+        (tmp_path / f"seed{seed}").mkdir()
+        synthetic_cases(0.3, n=10, seed=seed).to_csv(tmp_path / f"seed{seed}" / spread.CASES_FILE, index=False)
+    pooled = spread.pooled_claims([0, 1, 2], tmp_path)
+    assert pooled["seeds"] == [0, 1, 2]
+    rows = {r["claim"]: r for r in pooled["rows"]}
+    assert rows["1: multi-task editing (Table 3)"]["clusters"] == 3  # three seeds, not 30 cases
+    assert rows["1: multi-task editing (Table 3)"]["outcome"] == "reproduces"
