@@ -56,7 +56,12 @@ def test_notebook_conventions(path):
 @pytest.mark.notebooks
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs_in_smoke_mode(path, tmp_path):
-    run_notebook(path, tmp_path / path.name, smoke=True)
+    executed = run_notebook(path, tmp_path / path.name, smoke=True)
+    # a name glued twice is a warning, and `jupyter-book build -W` fails on it
+    names = [o.get("metadata", {}).get("scrapbook", {}).get("name") for c in executed.cells
+             for o in c.get("outputs", [])]
+    names = [n for n in names if n]
+    assert len(names) == len(set(names)), sorted({n for n in names if names.count(n) > 1})
 
 
 @pytest.mark.notebooks
