@@ -29,22 +29,17 @@ import pandas as pd
 
 from . import methods as _methods
 from . import tasks as _tasks
-from .inference import (EQUIVALENCE_OUTCOMES, GAIN_OUTCOMES, Assessment, Interval, assess_equivalence,  # noqa: F401
-                        assess_gain, half_sample_interval, holm, tost_pvalue)
+from .inference import (Assessment, Interval, assess_equivalence, assess_gain, half_sample_interval,  # noqa: F401
+                        holm, tost_pvalue)
+from .paired import (CONVSENT_VIEWS, PAPER_CONVSENT_VIEW, compare, equivalent, paired_cases,  # noqa: F401
+                     paper_average)
 
-# assess_gain, assess_equivalence, half_sample_interval, Assessment and Interval
-# (instructedit_lite.inference) are importable from here too: the chapters call claims.assess_gain.
-__all__ = ["Claim", "CLAIMS", "claim", "CONVSENT_VIEWS", "PAPER_CONVSENT_VIEW", "paired_cases", "compare",
-           "paper_average", "experiment_claims", "claim_rows", "claim_phrases", "claim_phrase_names", "view_rows",
-           "claims_json", "CLAIM_METHODS", "NOT_DECIDED", "multitask_verdict", "holdout_verdict", "unseen_verdict", "directions_verdict",
-           "scaling_verdict", "balance_verdict", "MEANINGS", "SILHOUETTE_CLEAR", "SILHOUETTE_GAIN", "OVERLAP_FALL"]
-
-#: ConvSent's scores that could stand for "reliability" (the column of the case table for each).
-CONVSENT_VIEWS = {"token accuracy": "token_accuracy", "ES": "reliability", "win rate": "reliability_em"}
-#: The one the claims use: the reference's test script scores a ConvSent edit like a fact edit, by the
-#: teacher-forced token accuracy of a wanted response after the question (chapter 5, "The metrics").
-PAPER_CONVSENT_VIEW = "token accuracy"
-
+# The statistics (instructedit_lite.inference) and the paired comparisons (instructedit_lite.paired)
+# are importable from here too: the chapters call claims.compare, claims.assess_gain and so on.
+__all__ = ["Claim", "CLAIMS", "claim", "experiment_claims", "claim_rows", "claim_phrases", "claim_phrase_names",
+           "view_rows", "claims_json", "CLAIM_METHODS", "NOT_DECIDED", "multitask_verdict", "holdout_verdict",
+           "unseen_verdict", "directions_verdict", "scaling_verdict", "balance_verdict", "SILHOUETTE_CLEAR",
+           "SILHOUETTE_GAIN", "OVERLAP_FALL"]
 
 @dataclass(frozen=True)
 class Claim:
@@ -127,76 +122,6 @@ def claim(key: str) -> Claim:
     raise KeyError(f"no claim {key!r}; declared: {[c.key for c in CLAIMS]}")
 
 
-#: What each verdict means, by claim, in words the chapters glue.
-_UNDECIDED = {"not decided": "a method the claim compares did not learn, so no claim is decided on it"}
-MEANINGS = {"multitask": {**GAIN_OUTCOMES, **_UNDECIDED}, "holdout": {**GAIN_OUTCOMES, **_UNDECIDED},
-            "unseen": {**EQUIVALENCE_OUTCOMES, **_UNDECIDED}}
-
-
-def _metric(task: str, metric: str, view: str) -> str:
-    """The column of ``metric`` on ``task``: ConvSent's "reliability" is the chosen view's."""
-    return CONVSENT_VIEWS[view] if metric == "reliability" and _tasks.is_sentiment(task) else metric
-
-
-def paired_cases(cases: pd.DataFrame, a: str, b: str | None, metric: str = "reliability", tasks: Sequence[str] | None = None,
-                 *, view: str = PAPER_CONVSENT_VIEW) -> pd.DataFrame:
-    """One row per test case that both methods edited: ``task``, ``cluster`` and ``diff`` (a minus b;
-    ``b=None``: a's own scores).
-
-    A case id can repeat within a task (a ConvSent topic edited towards each sentiment is two
-    records of one file row): the n-th record with an id pairs with the n-th, and both belong to
-    one cluster.  With a ``seed`` column the cluster is the seed (the unit of replication).
-    Cases where the metric is undefined (NaN for both) are left out."""
-    tasks = list(tasks) if tasks is not None else list(dict.fromkeys(cases.task))
-    seeded = "seed" in cases.columns and cases["seed"].nunique() > 1
-    keys = (["seed"] if seeded else []) + ["case"]
-    out = []
-    for task in tasks:
-        column = _metric(task, metric, view)
-
-        def scores(method: str) -> pd.Series:
-            rows = cases[(cases.method == method) & (cases.task == task)]
-            index = [rows[k] for k in keys] + [rows.groupby(keys).cumcount()]
-            return pd.Series(rows[column].to_numpy(dtype=float), index=pd.MultiIndex.from_arrays(index))
-
-        pa = scores(a)
-        pb = pa * 0.0 if b is None else scores(b)
-        if len(pa) == 0 or len(pb) == 0 or set(pa.index) != set(pb.index):
-            raise ValueError(f"{a!r} and {b!r} were not evaluated on the same {task} cases")
-        d = (pa - pb.loc[pa.index]).dropna()
-        if d.empty:
-            continue  # the metric is not defined on this task (e.g. no rephrases in its file)
-        clusters = [f"seed {i[0]}" if seeded else f"{task}/{i[0]}" for i in d.index]
-        out.append(pd.DataFrame({"task": task, "cluster": clusters, "diff": d.to_numpy()}))
-    if not out:
-        raise ValueError(f"{metric!r} is not defined on any case of {a!r} and {b!r} in {tasks}")
-    return pd.concat(out, ignore_index=True)
-
-
-def compare(cases: pd.DataFrame, a: str, b: str | None, metric: str = "reliability", tasks: Sequence[str] | None = None,
-            *, effect: float = 0.0, contrast: Mapping[str, float] | None = None,
-            view: str = PAPER_CONVSENT_VIEW, seed: int = 0) -> Assessment:
-    """:func:`assess_gain` of ``a`` minus ``b`` on the same cases: each task weighs the same (or
-    ``contrast``), ConvSent topics (or seeds) are clusters."""
-    p = paired_cases(cases, a, b, metric, tasks, view=view)
-    return assess_gain(p["diff"], effect, groups=p["cluster"], strata=p["task"], contrast=contrast, seed=seed)
-
-
-def _equivalent(cases: pd.DataFrame, a: str, b: str, metric: str, tasks: Sequence[str], margin: float,
-                seed: int) -> Assessment:
-    p = paired_cases(cases, a, b, metric, tasks)
-    return assess_equivalence(p["diff"], margin, groups=p["cluster"], strata=p["task"], seed=seed)
-
-
-def paper_average(cases: pd.DataFrame, tasks: Sequence[str], *, view: str = PAPER_CONVSENT_VIEW) -> pd.Series:
-    """Each method's reliability averaged over ``tasks`` (each weighs the same), ConvSent in ``view``."""
-    means = {}
-    for task in tasks:
-        rows = cases[cases.task == task]
-        means[task] = rows.groupby("method", sort=False)[_metric(task, "reliability", view)].mean()
-    return pd.DataFrame(means).dropna().mean(axis=1)
-
-
 def multitask_verdict(vs_mend: Assessment) -> str:
     """Experiment 1: the outcome of the gain test of InstructEdit over multi-task MEND."""
     return vs_mend.outcome
@@ -267,11 +192,11 @@ def _unseen_secondary(cases: pd.DataFrame, tasks: Sequence[str], margin: float, 
         have = [t for t in tasks if cases.loc[cases.task == t, metric].notna().any()]
         if not have:
             continue
-        rows.append((f"{metric}, {len(have)} task{'' if len(have) == 1 else 's'}", _equivalent(cases, UNSEEN, "InstructEdit", metric, have,
-                                                                 margin, seed)))
+        name = f"{metric}, {len(have)} task{'' if len(have) == 1 else 's'}"
+        rows.append((name, equivalent(cases, UNSEEN, "InstructEdit", metric, have, margin, seed=seed)))
     for task in tasks:
-        rows.append((f"reliability, {task}", _equivalent(cases, UNSEEN, "InstructEdit", "reliability", [task],
-                                                         margin, seed)))
+        rows.append((f"reliability, {task}",
+                     equivalent(cases, UNSEEN, "InstructEdit", "reliability", [task], margin, seed=seed)))
     pvalues = [tost_pvalue(a) for _, a in rows]
     reject, adjusted = holm(pvalues)
     table = pd.DataFrame([{"quantity": name, "difference": a.estimate, "low (90%)": a.low, "high (90%)": a.high,
@@ -285,7 +210,8 @@ def _unseen_secondary(cases: pd.DataFrame, tasks: Sequence[str], margin: float, 
 #: The methods each tested claim compares: a claim is not decided when one of them did not learn.
 CLAIM_METHODS = {"multitask": ("InstructEdit", "MEND (multi-task)"), "holdout": ("InstructEdit", "MEND (multi-task)"),
                  "unseen": ("InstructEdit",)}
-NOT_DECIDED = next(iter(_UNDECIDED))
+#: The verdict of a claim that compares a method whose editor did not learn.
+NOT_DECIDED = "not decided"
 
 
 def experiment_claims(cases: pd.DataFrame, *, seed: int = 0, fact_tasks: Sequence[str] | None = None,
@@ -329,7 +255,7 @@ def experiment_claims(cases: pd.DataFrame, *, seed: int = 0, fact_tasks: Sequenc
 
     c3 = claim("unseen")
     all_tasks = [t for t in _tasks.task_names() if t in set(cases[cases.method == UNSEEN].task)]
-    primary = _equivalent(cases, UNSEEN, "InstructEdit", "reliability", all_tasks, c3.target, seed)
+    primary = equivalent(cases, UNSEEN, "InstructEdit", "reliability", all_tasks, c3.target, seed=seed)
     secondary = _unseen_secondary(cases, all_tasks, c3.target, seed)
     results = {
         "multitask": {"instructedit": float(rel["InstructEdit"]), "multitask_mend": float(rel["MEND (multi-task)"]),

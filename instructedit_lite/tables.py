@@ -14,7 +14,7 @@ import pandas as pd
 from .atomic import atomic_write_text
 from .config import jsonable
 
-__all__ = ["summarize", "average_over_tasks", "nested", "write_results", "timed", "paired_difference"]
+__all__ = ["summarize", "average_over_tasks", "nested", "write_results", "timed", "case_scores", "paired_difference"]
 
 
 def summarize(cases: pd.DataFrame, by: Sequence[str] = ("method", "task"),
@@ -63,6 +63,16 @@ def timed(fn, *args, **kwargs):
     return value, time.perf_counter() - start
 
 
+def case_scores(cases: pd.DataFrame, method: str, task: str, column: str,
+                keys: Sequence[str] = ("case",)) -> pd.Series:
+    """``method``'s ``column`` on ``task``, indexed by ``keys`` and the record's rank among those
+    with the same keys.  A case id can repeat within a task (a ConvSent topic edited towards each
+    sentiment is two records of one file row): the n-th record with an id pairs with the n-th of
+    another method, in table order."""
+    rows = cases[(cases.method == method) & (cases.task == task)]
+    return rows.set_index([*keys, rows.groupby(list(keys)).cumcount()])[column]
+
+
 def paired_difference(cases: pd.DataFrame, a: str, b: str, metric: str = "reliability",
                       tasks: Sequence[str] | None = None, *, n_boot: int = 2000, seed: int = 0) -> dict[str, float]:
     """Method ``a`` minus method ``b`` on ``metric``, averaged over ``tasks`` (each task weighs the
@@ -72,14 +82,8 @@ def paired_difference(cases: pd.DataFrame, a: str, b: str, metric: str = "reliab
     rng = np.random.default_rng(seed)
     diffs, boots = [], []
 
-    def scores(method: str, task: str) -> pd.Series:
-        # A case id can repeat within a task (a ConvSent topic edited towards each sentiment is two
-        # records of one file row): the n-th record with an id pairs with the n-th, in table order.
-        rows = cases[(cases.method == method) & (cases.task == task)]
-        return rows.set_index(["case", rows.groupby("case").cumcount()])[metric]
-
     for task in tasks:
-        pa, pb = scores(a, task), scores(b, task)
+        pa, pb = case_scores(cases, a, task, metric), case_scores(cases, b, task, metric)
         if len(pa) == 0 or len(pb) == 0 or set(pa.index) != set(pb.index):
             raise ValueError(f"paired_difference: {a!r} and {b!r} were not evaluated on the same {task} cases")
         d = (pa - pb.loc[pa.index]).to_numpy()

@@ -12,7 +12,7 @@ from instructedit_lite import base_model as bm
 from instructedit_lite.atomic import atomic_save_dir
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def base():
     """The smoke runs' base model: the book's world, tokenizer and architecture, pretrained briefly
     (69-76 s on one core, measured).  The book's own model is checked where it is built, by chapter 1's

