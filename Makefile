@@ -4,6 +4,7 @@
 #               (make book SEED=1: every chapter with seed 1, HTML in _build/seed1/_build/html)
 #   make lab    the notebooks in JupyterLab, with the project's kernel
 #   make spread every chapter for seeds 0, 1 and 2, the spread in book/_static/seed_spread.json
+#               (chapters 1-6) and book/_static/seed_spread_real.json (chapters 7-10)
 PYTHON ?= python3
 # On Linux the default torch wheel is the CUDA build (several GB); the CPU-only one:
 #   make install TORCH_INDEX=https://download.pytorch.org/whl/cpu
@@ -79,7 +80,8 @@ lab: install
 	$(BIN)/jupyter lab notebooks/
 
 spread: install
-	$(BIN)/python book/spread.py both --seeds 0 1 2
+	$(BIN)/python book/spread.py both --group embedded --seeds 0 1 2
+	$(BIN)/python book/spread.py both --group real --seeds 0 1 2
 
 bench: install
 	$(BIN)/python -m instructedit_lite.bench

@@ -2,6 +2,11 @@
 
     python book/spread.py run --seeds 0 1 2        # papermill, one seed after the other
     python book/spread.py collect --seeds 0 1 2    # read the executed notebooks, write the JSON
+    python book/spread.py both --group real        # chapters 7-10 (SmolLM2), their own JSON
+
+The chapters come in two groups, each with its file: ``embedded`` (chapters 1-6, the embedded
+world: ``book/_static/seed_spread.json``) and ``real`` (chapters 7-10, SmolLM2 on the published
+data: ``book/_static/seed_spread_real.json``); ``make spread`` runs both.
 
 A seed changes the world, the pretrained base model, the editors and the evaluation, a harsher
 perturbation than another CPU. Assert cells are tagged ``raises-exception`` for these runs, so a
@@ -10,7 +15,9 @@ failing claim is recorded (``failed_asserts``) instead of stopping the other cha
 Chapter 5 also writes its table of evaluated cases for each seed (its ``cases_out`` parameter);
 ``collect`` pools them and tests claims 1-3 over seeds and cases
 (:func:`instructedit_lite.claims.experiment_claims` with the seed as the cluster, the unit of
-replication), into ``pooled_claims``.
+replication), into ``pooled_claims``.  Chapter 7 writes its table of trained SmolLM2 editors (its
+``editors_out`` parameter: best step, validation reliability before and after, learned or not);
+``collect`` keeps every seed's rows, into ``editors``.
 """
 
 from __future__ import annotations
@@ -32,12 +39,20 @@ from instructedit_lite.atomic import atomic_write_text
 
 #: The chapter whose evaluated cases are pooled over seeds, and the file name of each seed's table.
 CASES_CHAPTER, CASES_FILE = "05_evaluation", "05_cases.csv"
+#: The chapter whose trained editors are recorded for each seed, and the file name of its table.
+EDITORS_CHAPTER, EDITORS_FILE = "07_real_model", "07_editors.csv"
+#: Chapter → the parameter that makes it write its table for this script.
+TABLE_PARAMETERS = {CASES_CHAPTER: ("cases_out", CASES_FILE), EDITORS_CHAPTER: ("editors_out", EDITORS_FILE)}
 
 ROOT = Path(__file__).resolve().parents[1]
-CHAPTERS = ["01_datasets", "02_instructions", "03_mend_hypernetwork", "04_multitask_training",
-            "05_evaluation", "06_gradient_analysis"]
+GROUPS = {  # group → (chapters, the JSON it writes)
+    "embedded": (["01_datasets", "02_instructions", "03_mend_hypernetwork", "04_multitask_training",
+                  "05_evaluation", "06_gradient_analysis"], ROOT / "book" / "_static" / "seed_spread.json"),
+    "real": (["07_real_model", "08_real_experiments", "09_beyond_one_edit", "10_instruction_search"],
+             ROOT / "book" / "_static" / "seed_spread_real.json"),
+}
+CHAPTERS, OUT_JSON = GROUPS["embedded"]
 GLUE_MIME = "application/papermill.record/text/plain"
-OUT_JSON = ROOT / "book" / "_static" / "seed_spread.json"
 
 
 def is_assert_cell(cell) -> bool:
@@ -65,7 +80,8 @@ def run(seeds: list[int], chapters: list[str], work: Path) -> None:
             src = out / f"{chapter}.input.ipynb"
             tolerant_copy(ROOT / "notebooks" / f"{chapter}.ipynb", src)
             start = time.perf_counter()
-            cases = ["-p", "cases_out", str(out / CASES_FILE)] if chapter == CASES_CHAPTER else []
+            parameter, file = TABLE_PARAMETERS.get(chapter, (None, None))
+            cases = ["-p", parameter, str(out / file)] if parameter else []
             code = subprocess.call([sys.executable, "-m", "papermill", str(src), str(out / f"{chapter}.ipynb"),
                                     "--cwd", str(ROOT / "notebooks"), "-p", "seed", str(seed),
                                     "-p", "smoke", "False", *cases, "--no-progress-bar"], env=env)
@@ -123,7 +139,16 @@ def collect(seeds: list[int], chapters: list[str], work: Path, command: str) -> 
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}, "
                        f"Python {platform.python_version()}",
             "seeds": seeds, "measured": measured, "failed_asserts": failures, "quantities": quantities,
-            "pooled_claims": pooled_claims(seeds, work)}
+            "pooled_claims": pooled_claims(seeds, work) if CASES_CHAPTER in chapters else None,
+            "editors": editors(seeds, work) if EDITORS_CHAPTER in chapters else None}
+
+
+def editors(seeds: list[int], work: Path) -> list[dict] | None:
+    """Every seed's rows of chapter 7's table of trained editors; None when no seed wrote one."""
+    import pandas as pd
+
+    tables = [pd.read_csv(work / f"seed{s}" / EDITORS_FILE) for s in seeds if (work / f"seed{s}" / EDITORS_FILE).exists()]
+    return pd.concat(tables, ignore_index=True).to_dict(orient="records") if tables else None
 
 
 def _commit() -> str | None:
@@ -153,15 +178,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("action", choices=["run", "collect", "both"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--chapters", nargs="+", default=CHAPTERS)
+    parser.add_argument("--group", choices=sorted(GROUPS), default="embedded",
+                        help="which chapters, and so which JSON (default: embedded, chapters 1-6)")
+    parser.add_argument("--chapters", nargs="+", help="a subset of the group's chapters")
     parser.add_argument("--work", type=Path, default=ROOT / "_build" / "spread")
-    parser.add_argument("--out", type=Path, default=OUT_JSON)
+    parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    group_chapters, group_out = GROUPS[args.group]
+    args.out = args.out or group_out
+    chosen = args.chapters or group_chapters
+    unknown = sorted(set(chosen) - set(group_chapters))
+    if unknown:
+        parser.error(f"--chapters {unknown} are not in group {args.group!r}: {group_chapters}")
+    args.chapters = chosen
     if args.action in ("run", "both"):
         run(args.seeds, args.chapters, args.work)
     if args.action in ("collect", "both"):
-        command = "python book/spread.py both --seeds " + " ".join(map(str, args.seeds))
-        if args.chapters != CHAPTERS:
+        command = f"python book/spread.py both --group {args.group} --seeds " + " ".join(map(str, args.seeds))
+        if args.chapters != group_chapters:
             command += " --chapters " + " ".join(args.chapters)
         result = collect(args.seeds, args.chapters, args.work, command)
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -118,6 +118,26 @@ def test_seed_spread_collects_glued_numbers_and_failed_asserts(tmp_path):
     assert list(result["failed_asserts"]["01_x"]) == [1]  # seed 1's assert cell failed, seed 0's held
 
 
+def test_seed_spread_groups_and_chapter_7s_editors(tmp_path):
+    """book/spread.py: the real-model chapters are a group of their own with their own file, and
+    chapter 7's table of editors is kept for every seed that wrote one."""
+    import importlib.util
+    import pandas as pd
+    spec = importlib.util.spec_from_file_location("spread", ROOT / "book" / "spread.py")
+    spread = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(spread)
+    embedded, real = spread.GROUPS["embedded"], spread.GROUPS["real"]
+    assert not set(embedded[0]) & set(real[0]) and embedded[1] != real[1]
+    assert sorted(embedded[0] + real[0]) == sorted(p.stem for p in (ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    for seed, step in ((0, 120), (1, 40)):
+        (tmp_path / f"seed{seed}").mkdir()
+        pd.DataFrame({"editor": ["KE"], "best step": [step], "learned": [seed == 0], "seed": [seed]}).to_csv(
+            tmp_path / f"seed{seed}" / spread.EDITORS_FILE, index=False)
+    result = spread.collect([0, 1, 2], [spread.EDITORS_CHAPTER], tmp_path, "cmd")
+    assert [(r["seed"], r["best step"], r["learned"]) for r in result["editors"]] == [(0, 120, True), (1, 40, False)]
+    assert result["pooled_claims"] is None  # chapter 5 is not in this run
+
+
 def test_history_records_the_glued_values_of_an_execution_cache(tmp_path, monkeypatch):
     """book/history.py: glued values read from a jupyter-cache folder, only the recorded names kept."""
     import importlib.util

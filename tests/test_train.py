@@ -463,6 +463,21 @@ def test_best_editor_is_chosen_by_validation_loss_on_the_val_split(tokenizer, mo
         assert prompts <= val_prompts and not prompts & train_prompts
 
 
+def test_the_untrained_editor_is_validated_but_never_kept(tokenizer, monkeypatch):
+    """Step 0 has the lowest validation loss here (no locality cost yet): it stays on the curve
+    as the baseline, and the kept editor is the best trained one, as in the reference trainer."""
+    scripted = iter([1.0, 3.0, 2.0, 4.0])  # validations at steps 0, 4, 8, 12
+
+    def fake_validate(model, editor, tok, records, config, *, instructions=None):
+        loss = next(scripted)
+        return {"val_loss": loss, "val_L_e": loss, "val_L_loc": 0.0, "val_reliability": 0.0}
+
+    monkeypatch.setattr(tr.loop, "validate", fake_validate)
+    result = run(tiny_config(steps=12, val_every=4), tokenizer)
+    assert result.summary["initial"]["val_loss"] == 1.0
+    assert result.summary["best_step"] == 8 and result.summary["best_val_loss"] == 2.0
+
+
 def test_records_for_validates_on_the_val_split_of_the_world():
     from instructedit_lite.world import World, WorldConfig
 

@@ -12,9 +12,10 @@ from ..tasks import task_names, trainable_tasks
 __all__ = ["TrainConfig", "default_config", "paper_config", "PAPER_CONFIGS", "REGIMES", "EDIT_LOSS_INPUTS",
            "MIXINGS", "METHODS", "TRAIN_VERSION"]
 
-TRAIN_VERSION = 4  # 3: ConvSent edits add the unlikelihood rows; locality rows of both sentiments
+TRAIN_VERSION = 5  # 3: ConvSent edits add the unlikelihood rows; locality rows of both sentiments
 # 4: fused Adam, one network call per shared group (the same training up to rounding, but rounding
 #    compounds over hundreds of steps: every editor trains again rather than reuse an old one)
+# 5: the untrained editor (step 0) is no longer a candidate for the kept checkpoint
 CHECKPOINT_FORMAT = 1
 REGIMES = ("single", "multi", "instruct")
 EDIT_LOSS_INPUTS = ("edit", "rephrase")

@@ -43,8 +43,10 @@ CHECKPOINT = "checkpoint.pt"
 class TrainResult:
     """What :func:`train` returns: the best and the last editor, curves and a summary.
 
-    ``finished`` is False when the call stopped early (``max_steps_this_call``); calling
-    :func:`train` again with the same output folder resumes.  ``summary["train_seconds"]`` is the
+    ``editor`` is the checkpoint with the lowest validation loss among the trained ones (step 0, the
+    untrained editor, is validated as the curves' baseline only).  ``finished`` is False when the
+    call stopped early (``max_steps_this_call``; before a trained editor was validated, ``editor``
+    is the current one); calling :func:`train` again with the same output folder resumes.  ``summary["train_seconds"]`` is the
     wall time of the training loop over all calls, its periodic validations included (the
     step-0 validation of the untrained editor is not); ``summary["validation_seconds"]`` is the
     time of all validations.
@@ -168,7 +170,12 @@ def train(config: TrainConfig, model, tokenizer, *, train_records: Mapping[str, 
         row = {"step": step, "optimizer_steps": optimizer_steps, **metrics,
                "seconds": time.perf_counter() - start}
         validation.append(row)
-        if best is None or metrics["val_loss"] < best["val_loss"]:
+        # The untrained editor (step 0) is the curves' baseline, never the kept editor: like the
+        # reference trainer, which validates first after its first interval of training.  Its
+        # validation loss is c_edit·L_e with no locality cost at all, so early in training, while
+        # the edits still disturb the locality rows, it would often win and the run would return
+        # an editor that edits nothing (train.learning_problem flags a kept editor that did not learn).
+        if step > 0 and (best is None or metrics["val_loss"] < best["val_loss"]):
             best = {"step": step, "val_loss": metrics["val_loss"], "metrics": row, "state": _cpu_state(editor)}
 
     def optimizer_step() -> float:
@@ -223,6 +230,8 @@ def train(config: TrainConfig, model, tokenizer, *, train_records: Mapping[str, 
                 checkpoint()
     bar.close()
 
+    if best is None:  # stopped (max_steps_this_call) before any validation of a trained editor
+        best = {"step": step, "val_loss": float("nan"), "metrics": {"step": step}, "state": _cpu_state(editor)}
     final_editor = editor
     best_editor = copy.deepcopy(editor)
     best_editor.load_state_dict(best["state"])
