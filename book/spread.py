@@ -106,7 +106,11 @@ def glued(path: Path) -> tuple[dict[str, object], list[str]]:
         for output in cell.get("outputs", []):
             name = output.get("metadata", {}).get("scrapbook", {}).get("name")
             if name and GLUE_MIME in output.get("data", {}):
-                values[name] = as_number(ast.literal_eval(output["data"][GLUE_MIME]))
+                text = output["data"][GLUE_MIME]
+                try:
+                    values[name] = as_number(ast.literal_eval(text))
+                except (ValueError, SyntaxError):  # a glued table or figure, not a quantity
+                    continue
             if output.get("output_type") == "error" and is_assert_cell(cell):
                 failed.append(cell.source.strip().splitlines()[-1][:120])
     return values, failed
