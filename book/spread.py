@@ -151,7 +151,8 @@ def editors(seeds: list[int], work: Path) -> list[dict] | None:
     """Every seed's rows of chapter 7's table of trained editors; None when no seed wrote one."""
     import pandas as pd
 
-    tables = [pd.read_csv(work / f"seed{s}" / EDITORS_FILE) for s in seeds if (work / f"seed{s}" / EDITORS_FILE).exists()]
+    paths = [work / f"seed{s}" / EDITORS_FILE for s in seeds]
+    tables = [pd.read_csv(path) for path in paths if path.exists()]
     return pd.concat(tables, ignore_index=True).to_dict(orient="records") if tables else None
 
 

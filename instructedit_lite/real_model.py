@@ -207,8 +207,8 @@ def real_config(regime: str = "instruct", tasks: Sequence[str] | str | None = No
     and its rate 1e-6 moves nothing in a few hundred edits), not yet re-tuned on SmolLM2; uniform
     task mixing, so that a few hundred edits are shared evenly; 2 locality rows per fact and 2
     responses per ConvSent sentiment, for cheaper steps; KE's step sizes learn at 1e-3 (measured:
-    at 1e-4 they barely move in a few hundred edits on this model's raw gradients).  The sizes come from step costs measured
-    in chapter 7 (through the engine about a third of a plain step).
+    at 1e-4 they barely move in a few hundred edits on this model's raw gradients).  The sizes come
+    from step costs measured in chapter 7 (through the engine about a third of a plain step).
     """
     if isinstance(tasks, str):
         tasks = (tasks,)

@@ -46,10 +46,10 @@ class TrainResult:
     ``editor`` is the checkpoint with the lowest validation loss among the trained ones (step 0, the
     untrained editor, is validated as the curves' baseline only).  ``finished`` is False when the
     call stopped early (``max_steps_this_call``; before a trained editor was validated, ``editor``
-    is the current one); calling :func:`train` again with the same output folder resumes.  ``summary["train_seconds"]`` is the
-    wall time of the training loop over all calls, its periodic validations included (the
-    step-0 validation of the untrained editor is not); ``summary["validation_seconds"]`` is the
-    time of all validations.
+    is the current one); calling :func:`train` again with the same output folder resumes.
+    ``summary["train_seconds"]`` is the wall time of the training loop over all calls, its periodic
+    validations included (the step-0 validation of the untrained editor is not);
+    ``summary["validation_seconds"]`` is the time of all validations.
     """
 
     editor: MendEditor
