@@ -229,13 +229,13 @@ def _neighbours(x: np.ndarray, k: int, chunk: int = 1024) -> np.ndarray:
     return out
 
 
-#: Neighbours per point by default, fewer where a label has fewer other members (:func:`_same_label_share`).
+#: Neighbours per point by default, fewer where a label has fewer other members (``_same_label_share``).
 K_NEIGHBOURS = 10
 
 
 def _same_label_share(vectors, labels, k: int | None) -> tuple[np.ndarray, np.ndarray]:
     """Each point's share of same-label points among its ``k`` nearest neighbours.  ``k=None``:
-    :data:`K_NEIGHBOURS`, at most the smallest label's size minus one, so that a point of every
+    ``K_NEIGHBOURS``, at most the smallest label's size minus one, so that a point of every
     label could have a pure neighbourhood (with 5 ZsRE edits and k = 10, ZsRE's overlap would be
     at least 0.6 by construction)."""
     x, labels = _checked(vectors, labels)
@@ -263,7 +263,7 @@ def silhouette(vectors, labels) -> float:
 
 def knn_agreement(vectors, labels, k: int | None = None, *, per_label: bool = False) -> float | dict[str, float]:
     """Mean leave-one-out share of each point's ``k`` nearest neighbours (cosine) with its label
-    (default ``k``: 10, fewer for a label with fewer points; :func:`_same_label_share`).
+    (default ``k``: 10, fewer for a label with fewer points; ``_same_label_share``).
 
     1: every neighbourhood is pure.  Compare with :func:`knn_chance`, the value for labels that
     carry no information.  ``per_label=True`` gives ``{label: mean over that label's points}``.

@@ -25,7 +25,9 @@ class Profile:
     ``mlp_in``: its input matrices (GPT-2: ``c_fc``; LLaMA: ``gate_proj``, ``up_proj``);
     ``mlp_out``: its output matrix; ``activation``: the MLP's nonlinearity (``gelu_new``, ``silu``);
     ``gated``: ``act(gate(x)) * up(x)`` (LLaMA) rather than ``act(fc(x))``; ``bos``: whether the
-    tokenizer's BOS token starts every input; ``model_types``: the ``config.model_type`` values.
+    tokenizer's BOS token starts every input; ``model_types``: the ``config.model_type`` values;
+    ``final_norm`` and ``head``: the norm after the last block and the LM head (the frozen-prefix
+    engine runs them after the edited blocks).
     """
 
     name: str
@@ -37,6 +39,8 @@ class Profile:
     gated: bool
     bos: bool
     model_types: tuple[str, ...]
+    final_norm: str = ""
+    head: str = "lm_head"
 
     def block(self, i: int) -> str:
         return f"{self.blocks}.{i}"
@@ -60,9 +64,11 @@ class Profile:
 
 
 GPT2 = Profile("gpt2", blocks="transformer.h", mlp="mlp", mlp_in=("c_fc",), mlp_out="c_proj",
-               activation="gelu_new", gated=False, bos=False, model_types=("gpt2",))
+               activation="gelu_new", gated=False, bos=False, model_types=("gpt2",),
+               final_norm="transformer.ln_f")
 LLAMA = Profile("llama", blocks="model.layers", mlp="mlp", mlp_in=("gate_proj", "up_proj"), mlp_out="down_proj",
-                activation="silu", gated=True, bos=True, model_types=("llama", "mistral", "qwen2", "qwen3"))
+                activation="silu", gated=True, bos=True, model_types=("llama", "mistral", "qwen2", "qwen3"),
+                final_norm="model.norm")
 
 _PROFILES: dict[str, Profile] = {}
 

@@ -82,7 +82,7 @@ SMOKE_STEPS = 200  # smoke runs' pretraining: 69-76 s on one core (measured), re
 def base_config(seed: int = 0, *, smoke: bool = False) -> BaseModelConfig:
     """The embedded base model of a chapter (chapter 1) for the world of ``seed``: the book's, or
     for a smoke run the same world, tokenizer and architecture pretrained for only
-    :data:`SMOKE_STEPS` steps (``make test`` checks that the code runs; the book checks the model)."""
+    ``SMOKE_STEPS`` steps (``make test`` checks that the code runs; the book checks the model)."""
     config = BaseModelConfig(world=WorldConfig(seed=seed))
     return replace(config, steps=SMOKE_STEPS, warmup=SMOKE_STEPS // 5, threads=1) if smoke else config
 
@@ -278,7 +278,7 @@ class BaseModel:
 
 
 def from_spec(spec: tuple) -> BaseModel:
-    """Rebuild a base model from its :attr:`BaseModel.spec` (in a worker process)."""
+    """Rebuild a base model from its ``BaseModel.spec`` (in a worker process)."""
     kind = spec[0]
     if kind == "embedded":
         return load_base_model(spec[1], progress=False)

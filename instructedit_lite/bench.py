@@ -3,7 +3,7 @@
 MEND's selling point is that an edit costs about as much as one fine-tuning step: one forward and
 a partial backward pass to get the gradient factors, a small network, and a weight update.  This
 benchmark times both on the same input (an instruction-prefixed edit of the embedded world) with
-:func:`~instructedit_lite.mend.time_edit_vs_forward_backward`.  The editor is untrained: an
+``instructedit_lite.mend.time_edit_vs_forward_backward``.  The editor is untrained: an
 edit's cost depends on its architecture, not on its weights.
 
 Run as ``python -m instructedit_lite.bench`` or ``instructedit-lite bench``; the result is printed

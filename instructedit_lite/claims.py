@@ -6,7 +6,8 @@ Chapters 5, 6 and 8, ``reproduce`` and the reproducibility page derive their rul
 sentences from it; nothing else states a threshold.
 
 Experiments 1-3 are tests on paired differences (:mod:`~instructedit_lite.inference`):
-:func:`assess_gain` asks whether a gain is there and of the paper's size, :func:`assess_equivalence`
+:func:`~instructedit_lite.inference.assess_gain` asks whether a gain is there and of the paper's size,
+:func:`~instructedit_lite.inference.assess_equivalence`
 whether two settings are equivalent within a margin; each answers "reproduces", "direction only"
 (gains only), "contradicted" or "inconclusive", with the interval, the number of cases and the
 minimum detectable effect.  Figure 4's analyses have no per-case scores; their rules
@@ -62,6 +63,7 @@ SILHOUETTE_CLEAR, SILHOUETTE_GAIN = 0.5, 0.1
 #: Fig. 4c: the overlap must fall by more than this from one to three training tasks.
 OVERLAP_FALL = 0.05
 
+#: Every claim of the paper the book tests, declared once (chapters 5, 6 and 8 decide them).
 CLAIMS: tuple[Claim, ...] = (
     Claim("multitask", "1: multi-task editing (Table 3)",
           "In the multi-task setting InstructEdit raises the average reliability over the same editor "
@@ -141,7 +143,8 @@ def directions_verdict(sil_instruct: pd.Series, sil_multi: pd.Series, knn_instru
                        knn_multi_lower: pd.Series, *, best_silhouette_low: float | None = None,
                        min_gain_low: float | None = None) -> str:
     """Fig. 4a, per edited matrix: "reproduces" when InstructEdit's best silhouette exceeds
-    :data:`SILHOUETTE_CLEAR` and it beats multi-task MEND's by more than :data:`SILHOUETTE_GAIN`
+    :data:`~instructedit_lite.claims.SILHOUETTE_CLEAR` and it beats multi-task MEND's by more than
+    :data:`~instructedit_lite.claims.SILHOUETTE_GAIN`
     on every matrix, each judged by the low end of its interval where one is given
     (``best_silhouette_low``; ``min_gain_low``, the lowest of the matrices' gains' low ends);
     "partly" when, below the top block, its worst kNN task agreement beats multi-task MEND's best."""
@@ -158,7 +161,8 @@ def scaling_verdict(reliability: pd.Series, overlap: pd.Series, three_vs_one: Ma
     """Fig. 4b/4c, over the number of training tasks (index 1, 2, 3): (verdict, reliability part,
     overlap part).  Reliability part: hold-out reliability rises steadily and all tasks beat one
     beyond the noise (the low end of the 95% interval above 0); overlap part: the overlap falls
-    steadily, by more than :data:`OVERLAP_FALL` (the low end of ``overlap_fall``'s interval, the
+    steadily, by more than :data:`~instructedit_lite.claims.OVERLAP_FALL` (the low end of ``overlap_fall``'s
+    interval, the
     overlap with one task minus with all, where given)."""
     monotone = bool(reliability.is_monotonic_increasing)
     reliability_ok = monotone and three_vs_one["low"] > 0
@@ -218,7 +222,8 @@ def experiment_claims(cases: pd.DataFrame, *, seed: int = 0, fact_tasks: Sequenc
                       not_learned: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Experiments 1-3 from one evaluation: the measured quantities, their tests and outcomes
     (what chapters 5 and 8 and ``reproduce`` state).  Each claim's ``"verdict"`` is its test's
-    outcome; ``"test"`` is the :class:`Assessment` it rests on.  ``not_learned``: method → why its
+    outcome; ``"test"`` is the :class:`~instructedit_lite.inference.Assessment` it rests on.  ``not_learned``:
+    method → why its
     editor did not learn (:func:`~instructedit_lite.experiments.methods_not_learned`); a claim that
     compares such a method is "not decided", with the reason in ``"why"``, and its test is still
     shown."""

@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .methods import method_names
     from .tasks import task_names, trainable_tasks
     from .train import REGIMES
+    from .train.config import PAPER_CONFIGS, STATISTICS
 
     parser = argparse.ArgumentParser(prog="instructedit-lite", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -62,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: the embedded model's matrices are too small to gain from more)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--statistics", choices=STATISTICS, default=None,
+                   help="when MEND's running statistics take in an edit (default per_edit; per_step with --processes)")
+    t.add_argument("--paper", choices=sorted(PAPER_CONFIGS), default=None,
+                   help="the paper's settings for this model (train.PAPER_CONFIGS) instead of the embedded scale's")
+    t.add_argument("--processes", type=int, default=1,
+                   help="train on N local processes (torchrun; each takes its share of a step's edits); needs --out")
 
     b = sub.add_parser("bench", help="time one edit against one forward+backward of the base model")
     bench.add_arguments(b)
@@ -145,10 +152,35 @@ def cmd_pretrain(args, stream) -> int:
 
 
 def train_config_from_args(args):
-    from .train import default_config
+    from dataclasses import replace
 
-    changes = {k: v for k, v in (("steps", args.steps), ("seed", args.seed)) if v is not None}
+    from .train import PAPER_CONFIGS, default_config
+
+    statistics = "per_step" if getattr(args, "processes", 1) > 1 else getattr(args, "statistics", None)
+    changes = {k: v for k, v in (("steps", args.steps), ("seed", args.seed), ("statistics", statistics))
+               if v is not None}
+    if getattr(args, "paper", None):
+        return replace(PAPER_CONFIGS[args.paper], **changes)
     return default_config(args.regime, args.tasks, smoke=args.smoke, **changes)
+
+
+def _launch_processes(args) -> int:
+    """``train --processes N`` outside a process group: run this same command on N processes."""
+    import os
+    import subprocess
+
+    from .train.processes import launch_command
+
+    if args.out is None:
+        raise ValueError("train --processes N needs --out FOLDER: the editor cache's lock lets one process "
+                         "train at a time")
+    argv = list(args.argv)
+    i = argv.index("--processes")
+    del argv[i: i + 2]
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("train --processes: already running in a process group; drop --processes")
+    return subprocess.run(launch_command(args.processes, "instructedit_lite.cli", [*argv, "--statistics",
+                                                                                     "per_step"])).returncode
 
 
 def cmd_train(args, stream) -> int:
@@ -156,7 +188,14 @@ def cmd_train(args, stream) -> int:
 
     import torch
 
+    from .train.processes import current
+
+    if args.processes > 1:
+        return _launch_processes(args)
     config = train_config_from_args(args)
+    if current() is not None and args.out is None:
+        raise ValueError("train in a process group needs --out FOLDER: the editor cache's lock lets one process "
+                         "train at a time")
     if args.threads:
         torch.set_num_threads(args.threads)
     base = load_base(args)
@@ -168,6 +207,9 @@ def cmd_train(args, stream) -> int:
     else:
         trained = train_editor(config, base, cache=not args.no_cache, progress=not args.quiet)
         summary, path = trained.summary, trained.path
+    procs = current()
+    if procs is not None and not procs.is_main:
+        return 0  # the main process reports
     best = summary["best"]
     _print_json({"path": str(path) if path else None, "config_key": config.key(), "regime": config.regime,
                  "tasks": list(config.tasks), "steps": summary["steps"], "train_seconds": summary["train_seconds"],
@@ -270,6 +312,7 @@ COMMANDS = {"pretrain": cmd_pretrain, "train": cmd_train, "bench": cmd_bench, "e
 def main(argv: Sequence[str] | None = None, *, stream=None) -> int:
     """Entry point of the ``instructedit-lite`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return COMMANDS[args.command](args, stream or sys.stdout)
     except ValueError as err:  # a bad configuration: one line, not a traceback

@@ -42,7 +42,7 @@ class Config:
         return cls(**kwargs)
 
     def key_data(self) -> dict[str, Any]:
-        """What the cache key hashes (default: :meth:`to_dict`)."""
+        """What the cache key hashes (default: ``to_dict``)."""
         return self.to_dict()
 
     def key(self) -> str:

@@ -92,7 +92,7 @@ class Editor(abc.ABC):
     """A knowledge-editing method.  Subclasses implement :meth:`edited`.
 
     ``name`` is the method's label in tables and plots (see
-    :data:`~instructedit_lite.plots.METHOD_COLORS`).  ``instructions`` is set for InstructEdit
+    ``instructedit_lite.plots.METHOD_COLORS``).  ``instructions`` is set for InstructEdit
     only: :meth:`prepare` then prefixes the edit prompt, the rephrases and the portability probes
     with the record's task instruction (``unseen=True`` uses the held-out description).
     """

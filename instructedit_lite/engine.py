@@ -18,9 +18,13 @@ The engine is a drop-in for the model (chapter 7):
   only at the scored positions, and the usual losses (``lm_loss``, ``locality_kl``, accuracies)
   give the same values on the compact logits and labels as on the full ones.
 
-The cache is valid while nothing *below* the lowest edited block changes (editing any weight
-there, e.g. with another editor's weight names, needs a new engine).  It grows by one
-(length × d_model) tensor per distinct row, float32 by default: 2,304 bytes per token for SmolLM2.
+The cache is valid while nothing *below* the lowest edited block changes, and the engine checks
+that before every pass: a weight there written in place (an edit applied, even if restored since)
+empties the cache, so the rows are computed again from the weights as they are; a weight there
+*replaced* (``functional_call`` with an edited matrix below the cut) or a forward hook there (GRACE
+or CaliNet placed lower) raises an error naming the module, since the engine would skip it.  The
+cache grows by one (length × d_model) tensor per distinct row, float32 by default: 2,304 bytes per
+token for SmolLM2.
 
 The extra arguments every block needs (the causal mask; rotary cos/sin and position ids for
 LLaMA) are captured from the model's own forward by a pre-hook on its first block that stops the
@@ -40,22 +44,16 @@ from .atomic import atomic_torch_save
 IGNORE = -100
 CACHE_FORMAT = 1
 
-# model_type -> (blocks, final norm, LM head).  The one place that knows architectures; swap for
-# the architecture profiles when they exist.
-_LAYOUTS = {
-    "gpt2": ("transformer.h", "transformer.ln_f", "lm_head"),
-    "llama": ("model.layers", "model.norm", "lm_head"),
-    "mistral": ("model.layers", "model.norm", "lm_head"),
-    "qwen2": ("model.layers", "model.norm", "lm_head"),
-}
-
-
 def layout(model: nn.Module) -> tuple[str, str, str]:
-    """Module paths of ``(blocks, final norm, LM head)``; ValueError for an unknown architecture."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in _LAYOUTS:
-        raise ValueError(f"PrefixEngine: no layout for model_type {model_type!r}; known: {sorted(_LAYOUTS)}")
-    return _LAYOUTS[model_type]
+    """Module paths of ``(blocks, final norm, LM head)``, from the model's architecture profile
+    (:mod:`~instructedit_lite.architectures`); ValueError for an unknown architecture."""
+    from .architectures import profile_for
+
+    profile = profile_for(model)
+    if not profile.final_norm:
+        raise ValueError(f"PrefixEngine: the {profile.name!r} architecture profile names no final norm; "
+                         "give it one (Profile(final_norm=...))")
+    return profile.blocks, profile.final_norm, profile.head
 
 
 def lowest_block(weight_names: Sequence[str], blocks_path: str) -> int:
@@ -220,6 +218,42 @@ class PrefixEngine(nn.Module):
         self.lowest = lowest_block(weight_names, blocks)
         self.prefix_batch_size, self.min_shared = prefix_batch_size, min_shared
         self.cache = PrefixCache(f"{key}|{type(model).__name__}|block{self.lowest}", cache_dtype)
+        # What the cached rows depend on: the parameters and modules below the lowest edited block
+        # (a weight tied to the LM head, SmolLM2's embedding, counts as above: the head runs).
+        above = {id(p) for m in (*self.blocks[self.lowest:], self.norm, self.head) for p in m.parameters()}
+        inside = {id(m) for b in self.blocks[self.lowest:] for m in b.modules()}
+        self._below = [(f"{name}.{pname}" if name else pname, module, pname, p)
+                       for name, module in model.named_modules()
+                       for pname, p in module.named_parameters(recurse=False) if id(p) not in above]
+        self._below_modules = [(name, m) for i in range(self.lowest)
+                               for name, m in self.blocks[i].named_modules(prefix=f"{blocks}.{i}")]
+        listed = {id(m) for _, m in self._below_modules}
+        self._below_modules += [(name, m) for name, m in model.named_modules()
+                                if id(m) not in listed | inside and any(m is module for _, module, _, _ in self._below)]
+        self._versions = [p._version for *_, p in self._below]
+
+    def check_prefix(self) -> None:
+        """Keep the cached rows true to the weights below the lowest edited block.
+
+        A weight there written in place since the rows were computed (its version counter moved)
+        empties the cache; a weight there replaced by another tensor, or a forward hook on a module
+        there, raises ``RuntimeError`` naming it: the engine never runs those blocks, so the edit
+        would be ignored."""
+        where = f"below block {self.lowest}, where the engine's cached prefix ends"
+        for name, module, pname, p in self._below:
+            if module._parameters.get(pname) is not p:
+                raise RuntimeError(f"PrefixEngine: {name} ({where}) was replaced, e.g. by an editor that edits it "
+                                   "through torch.func.functional_call; the engine would ignore the edit. Build "
+                                   "the engine with weight names that include it, or run the plain model.")
+        for name, module in self._below_modules:
+            if module._forward_hooks or module._forward_pre_hooks:
+                raise RuntimeError(f"PrefixEngine: a forward hook on {name} ({where}) would never run (GRACE or "
+                                   "CaliNet placed there?); place the editor at that block or above, or run the "
+                                   "plain model.")
+        versions = [p._version for *_, p in self._below]
+        if versions != self._versions:
+            self.cache.rows.clear()  # a weight below changed (and may have been restored): every row is stale
+            self._versions = versions
 
     def get_input_embeddings(self) -> nn.Module:
         """The model's input embedding (KE reads an edit's tokens through it)."""
@@ -274,6 +308,7 @@ class PrefixEngine(nn.Module):
         from tqdm.auto import tqdm
         from .progress import bar_disabled
 
+        self.check_prefix()
         todo = sorted({tuple(int(t) for t in r) for r in rows} - self.cache.rows.keys())
         groups, alone = [], []
         for shared, members in shared_groups(todo, self.min_shared):

@@ -44,7 +44,7 @@ Recent its Generalization equals its Reliability (chapter 7).
 **Teacher-forced** scores (the paper's) hand the model the answer's earlier tokens; **generation
 success** (``gen_*``, chapter 5) asks what the edited model actually says: the greedy
 continuation of the (instructed) prompt, as many tokens as the answer has plus
-:data:`GEN_EXTRA_TOKENS`, normalised (case, spacing, surrounding punctuation), counts when it
+``GEN_EXTRA_TOKENS``, normalised (case, spacing, surrounding punctuation), counts when it
 begins with an acceptable answer (``target_new``; a probe's aliases), a plain prefix test.  ``gen_locality`` is the
 share of locality prompts whose greedy answer (as many tokens as the probe's answer) is the same
 token for token after the edit.  A greedy answer whose tokens are the target's is exactly a
@@ -265,7 +265,7 @@ def evaluate_case(method: Editor, model, tokenizer, record: EditRecord, *, pre_l
     """One test case: edit, score, undo.
 
     ``pre_locality`` / ``pre_greedy``: the unedited model's logits on :func:`locality_rows` and its
-    :func:`locality_greedy` answers (computed here if not given).  ``generation``: also score
+    ``locality_greedy`` answers (computed here if not given).  ``generation``: also score
     generation success (``gen_*``).  ``fluency_tokens > 0`` also scores fluency on text generated
     after the edit prompt: ``fluency="easyedit"`` samples until prompt and text hold that many
     tokens, from a generator seeded by ``seed`` and the case; ``"greedy"`` adds that many greedy

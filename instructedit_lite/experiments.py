@@ -31,7 +31,8 @@ from .methods import SINGLE, UNSEEN, MethodContext
 from .records import EditRecord, Probe
 from .train import TrainConfig, TrainedEditor, default_config
 
-__all__ = ["editor_configs", "scaling_configs", "balance_configs", "ANALYSIS_STEPS", "paper_weights", "UNBALANCED", "BALANCED",
+__all__ = ["editor_configs", "scaling_configs", "balance_configs", "ANALYSIS_STEPS", "BALANCE_STEPS", "fact_edits",
+           "paper_weights", "UNBALANCED", "BALANCED",
            "build_methods", "methods_not_learned", "not_learned_among", "PerTaskMethod",
            "evaluation_records", "main_evaluation", "multitask_table", "holdout_table", "unseen_table",
            "N_CASES", "N_CASES_SMOKE", "SMOKE_RESPONSES", "FLUENCY_CASES", "UNSEEN", "SINGLE", "COMPARED", "GENERATION_COLUMNS"]
@@ -58,7 +59,8 @@ def editor_configs(seed: int = 0, smoke: bool = False) -> dict[str, TrainConfig]
 
 
 #: Edits of chapter 6's scaling and balance editors in its default build: half the book's
-#: default, so that the chapter fits its time budget (its ``full`` parameter trains the default).
+#: default, so that the chapter runs in about four minutes on two cores (its ``full`` parameter
+#: trains the default).
 ANALYSIS_STEPS = 1000
 
 
@@ -99,11 +101,37 @@ BALANCED = "balanced (ConvSent 1,427)"
 def balance_configs(seed: int = 0, smoke: bool = False, steps: int | None = None, *,
                     make=default_config) -> dict[str, TrainConfig]:
     """InstructEdit trained with the paper's unbalanced task mix (ConvSent 88% of the edits) and
-    with its balanced one (41%): the same edits, records and ``steps`` (default: the book's), only
-    the task weights differ (:func:`paper_weights`)."""
+    with its balanced one (41%) on the same budget of fact edits.
+
+    The balanced editor makes ``steps`` edits (default: the book's); the unbalanced one makes
+    ``steps × 16,415 / 3,452`` (about 4.8 times as many), so both expect the same number of
+    CounterFact and Recent edits (:func:`fact_edits`) and differ only in the ConvSent edits on top.
+    With equal steps the unbalanced editor would see a fifth of the fact edits, and a hold-out gap
+    would measure that rather than the balance.  Records, seed and every other setting are the same
+    (:func:`paper_weights`)."""
     changes = {} if steps is None else {"steps": steps}
-    return {UNBALANCED: make("instruct", seed=seed, smoke=smoke, task_weights=paper_weights(), **changes),
-            BALANCED: make("instruct", seed=seed, smoke=smoke, task_weights=paper_weights(balanced=True), **changes)}
+    unbalanced, balanced = paper_weights(), paper_weights(balanced=True)
+    kept = make("instruct", seed=seed, smoke=smoke, task_weights=balanced, **changes)
+    longer = round(kept.steps * sum(unbalanced.values()) / sum(balanced.values()))
+    return {UNBALANCED: make("instruct", seed=seed, smoke=smoke, task_weights=unbalanced, steps=longer),
+            BALANCED: kept}
+
+
+def fact_edits(config: TrainConfig) -> float:
+    """The expected number of fact edits (every training task but ConvSent) in ``config``'s stream:
+    its steps times the fact tasks' share of its task weights."""
+    weights = config.task_weights or {}
+    if not weights:
+        raise ValueError("fact_edits: the configuration has no task weights (its mix is "
+                         f"{config.mixing!r}); give it task_weights")
+    facts = sum(w for t, w in weights.items() if _tasks.get_task(t).kind == "fact")
+    return config.steps * facts / sum(weights.values())
+
+
+#: Edits of chapter 6's balanced editor in its default build (the unbalanced one makes about 4.8
+#: times as many for the same fact edits: :func:`balance_configs`); its ``full`` parameter trains
+#: the book's default.
+BALANCE_STEPS = 600
 
 
 def methods_not_learned(trained: Mapping[str, TrainedEditor]) -> dict[str, str]:
@@ -136,8 +164,8 @@ def build_methods(trained: Mapping[str, TrainedEditor], *, instructions: Instruc
                   baselines: Sequence[str] | None = None, base=None,
                   options: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Editor]:
     """Every registered method that can be built, by name, in registry order: the compared set
-    (:data:`COMPARED`), InstructEdit with the held-out instruction (:data:`UNSEEN`) and the
-    single-task editors (:data:`SINGLE`).  Meta-trained methods are built only when their editors
+    (``COMPARED``), InstructEdit with the held-out instruction (``UNSEEN``) and the
+    single-task editors (``SINGLE``).  Meta-trained methods are built only when their editors
     are in ``trained`` (the CLI trains only what it evaluates); ``baselines`` limits the baselines
     (default: all); ``base`` and ``options`` (method → config overrides) reach the builders."""
     ctx = MethodContext(base=base, trained=trained, instructions=instructions or default_instructions(),
@@ -157,7 +185,8 @@ def evaluation_records(source, n: int, tasks: Sequence[str] | None = None, *,
     """The first ``n`` records of each task's test split (default: every registered task ``source`` has).
 
     ``responses``: a ConvSent record keeps at most that many responses of each sentiment and of its
-    locality probe (smoke runs: :data:`SMOKE_RESPONSES`; the same code on fewer rows: a real
+    locality probe (smoke runs: :data:`~instructedit_lite.experiments.SMOKE_RESPONSES`; the same code on fewer
+    rows: a real
     ConvSent record has about 20 responses and 10 locality answers, most of an evaluation's cost)."""
     if tasks is None:
         have = set(getattr(source, "tasks", _tasks.task_names()))
@@ -306,7 +335,7 @@ def reproduce(out_dir, *, smoke: bool = False, seed: int = 0, n_cases: int | Non
     train (or load) the editors, evaluate every registered method, and write ``out_dir/results.json``,
     ``out_dir/results.md`` and the per-case table ``out_dir/cases.csv`` (each written atomically), with
     the teacher-forced and the generation-success columns (``generation``), fluency by the
-    ``fluency`` convention (:data:`~instructedit_lite.evaluate.FLUENCY_MODES`) and the verdicts of
+    ``fluency`` convention (``instructedit_lite.evaluate.FLUENCY_MODES``) and the verdicts of
     experiments 1-3 (:func:`~instructedit_lite.claims.experiment_claims`).  ``trained``,
     ``methods``, ``records`` (and ``base_key``, ``timings`` already spent): given by a caller that
     prepared them (the real model: :func:`~instructedit_lite.real_experiments.reproduce_real`).

@@ -115,7 +115,8 @@ def status(dest: str | Path) -> dict[str, str]:
 
 
 def _hub_download(hub_path: str, folder: Path, revision: str | None) -> Path:
-    """Download one file of :data:`HUB_REPO` into ``folder``; network failures become :class:`NoNetworkError`."""
+    """Download one file of :data:`~instructedit_lite.fetch.HUB_REPO` into ``folder``; network failures become
+    :class:`NoNetworkError`."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
 

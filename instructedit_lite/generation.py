@@ -11,7 +11,7 @@ written for.
   :func:`greedy_tokens_within` the same, skipping prompts too long for the context;
 * :func:`normalize` and :func:`begins_with`: the answer check of *generation success*;
 * :func:`sample_text`: EasyEdit's ``generate_fast`` convention for fluency (top-k sampling from a
-  seeded :class:`torch.Generator`, the prompt counted in the token budget and returned with the
+  seeded ``torch.Generator``, the prompt counted in the token budget and returned with the
   continuation); :func:`greedy_text` the greedy alternative.
 """
 
@@ -96,7 +96,7 @@ def greedy_tokens(model, tokenizer, prompts: Sequence[str], n_tokens: int | Sequ
     One right-padded batch; a row's new token is read at its own last position.  ``stop(i, ids)``,
     asked after each new token of row ``i``, ends that row early (its answer is decided); decoding
     ends when every row has ended.  It does not stop at an end-of-text token: the caller decides
-    what the tokens mean.  ``use_cache`` (default: where it is exact, :func:`_kv_cache_is_exact`)
+    what the tokens mean.  ``use_cache`` (default: where it is exact, ``_kv_cache_is_exact``)
     feeds one token per row and step with the KV cache (each row's own position ids; the prompt's
     padding stays masked); otherwise every step is a full forward pass over the rows so far.
     """
@@ -218,7 +218,7 @@ def _kv_cache_is_exact(model) -> bool:
 def _extend(model, ids: list[int], n_new: int, pick: Callable[[torch.Tensor], int],
             use_cache: bool | None) -> list[int]:
     """``ids`` plus ``n_new`` tokens, each ``pick(next-token logits)``, one row, no padding.
-    ``use_cache`` (default: where it is exact, see :func:`_kv_cache_is_exact`) feeds one new token
+    ``use_cache`` (default: where it is exact, see ``_kv_cache_is_exact``) feeds one new token
     per step with the model's KV cache instead of the whole row."""
     model = _decoder(model)
     device, ids = _device(model), list(ids)

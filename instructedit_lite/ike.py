@@ -163,8 +163,8 @@ def _load_encoder():
 
 
 class IKE(Editor):
-    """In-context editing as an :class:`~.editors.Editor`: :meth:`prepare` writes the context before
-    every probe, :meth:`edited` changes nothing.
+    """In-context editing as an :class:`~instructedit_lite.editors.Editor`: ``prepare`` writes the context before
+    every probe, ``edited`` changes nothing.
 
     ``pool``: training edits to draw demonstrations from; ``k``: demonstrations per query (EasyEdit
     GPT2-XL: 16); ``tokenizer``/``max_tokens``: if given, demonstrations are dropped (least similar

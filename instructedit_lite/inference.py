@@ -16,7 +16,7 @@ the cases were drawn:
   degrees of freedom): three seeds give two, and an interval as wide as that deserves.
 
 The interval is Student's t, not a percentile bootstrap, which covers only about 85% at n = 5.
-Without clusters and tasks it is exactly :func:`scipy.stats.ttest_1samp`'s (a test checks it).
+Without clusters and tasks it is exactly ``scipy.stats.ttest_1samp``'s (a test checks it).
 
 The **minimum detectable effect** (mde) is the smallest true gain the design finds with 80%
 power in a two-sided 5% test, ``(t[0.975] + t[0.80]) * se``: about ``2.8 s / sqrt(n)`` for n

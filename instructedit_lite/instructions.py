@@ -41,7 +41,7 @@ _CONVSENT_FIELDS = ("sentiment", "topic")  # placeholders of every description o
 
 #: The built-in tasks' descriptions.  The embedded tokenizer is trained on exactly these (see
 #: :func:`~instructedit_lite.base_model.tokenizer_training_text`); a registered task brings its own
-#: in :attr:`~instructedit_lite.tasks.Task.descriptions` and leaves the base model's cache key alone.
+#: in ``Task.descriptions`` and leaves the base model's cache key alone.
 DESCRIPTIONS: dict[str, tuple[str, ...]] = {
     "counterfact": (
         "Replace a fact the model already knows with a counterfactual one, and leave everything else it knows about the subject as it was.",
@@ -220,7 +220,7 @@ def default_instructions() -> InstructionSet:
 def official_instructions(path: str | Path) -> InstructionSet:
     """The instructions released with the paper, read from their JSON file.
 
-    The file's positional ``{}`` template becomes the named :data:`TEMPLATE` fields (in the order
+    The file's positional ``{}`` template becomes the named ``TEMPLATE`` fields (in the order
     task, description, input) and ConvSent's ``[LABEL]``/``[TOPIC]`` become ``{sentiment}`` and
     ``{topic}``, so both sets behave the same from here on.  The file may cover any subset of
     the registered tasks (editing a task it lacks then fails with an error naming the task); this

@@ -18,7 +18,7 @@ instruction is revised until the metrics stop improving.  Book chapter 10 runs t
   their per-record mean**, averaged over the records.
 * **Stop rule**: in each round, the best candidate of a task replaces the task's incumbent only
   if its gain is significant: the 95% paired-bootstrap interval of the per-record score
-  difference (:func:`~instructedit_lite.evaluate.paired_difference`) lies above 0.  A task stops
+  difference (:func:`~instructedit_lite.tables.paired_difference`) lies above 0.  A task stops
   after ``patience`` rounds in a row without a significant gain; the loop stops when every task
   has stopped or after ``rounds`` rounds.
 * **Output** (:func:`write_instruction_file`): the official file's format, ten descriptions per

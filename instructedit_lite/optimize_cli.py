@@ -27,8 +27,10 @@ REAL_TASKS = _fact_tasks()  # from the task registry: counterfact, wikirecent, z
 
 def embedded_trial(base, trained, config: SearchConfig, start: InstructionSet | None = None, *,
                    progress: bool = True) -> TrialEditor:
-    """A :class:`TrialEditor` for a trained InstructEdit editor (:class:`~instructedit_lite.train.TrainedEditor`)
-    of the embedded base model, scoring on :func:`search_records`; its scores are cached under
+    """A :class:`~instructedit_lite.optimize.TrialEditor` for a trained InstructEdit editor
+    (:class:`~instructedit_lite.train.TrainedEditor`)
+    of the embedded base model, scoring on :func:`~instructedit_lite.optimize.search_records`; its scores are
+    cached under
     :func:`~instructedit_lite.base_model.cache_dir`."""
     from .base_model import cache_dir
     from .instructions import default_instructions
@@ -41,7 +43,7 @@ def embedded_trial(base, trained, config: SearchConfig, start: InstructionSet | 
 
 def real_trial(real, trained, config: SearchConfig, start: InstructionSet | None = None, *,
                progress: bool = True) -> TrialEditor:
-    """A :class:`TrialEditor` for chapter 7's InstructEdit editor on SmolLM2 (``real``: a
+    """A :class:`~instructedit_lite.optimize.TrialEditor` for chapter 7's InstructEdit editor on SmolLM2 (``real``: a
     :class:`~instructedit_lite.real_model.RealModel`), editing through the frozen-prefix engine;
     the search records are the val split of the published files after the editor's own validation
     records (``config.skip`` must not be smaller: checked).  Start: the data's instructions."""

@@ -6,8 +6,8 @@ difference with its task (a stratum) and its cluster (a ConvSent topic's records
 ``seed`` column, every case of a seed is one); :func:`compare` and :func:`equivalent` hand them to
 the tests of :mod:`~instructedit_lite.inference`.
 
-ConvSent has three scores that could stand for "reliability" (:data:`CONVSENT_VIEWS`); the
-comparisons use the paper's (:data:`PAPER_CONVSENT_VIEW`) unless told otherwise.
+ConvSent has three scores that could stand for "reliability" (:data:`~instructedit_lite.paired.CONVSENT_VIEWS`); the
+comparisons use the paper's (:data:`~instructedit_lite.paired.PAPER_CONVSENT_VIEW`) unless told otherwise.
 """
 
 from __future__ import annotations

@@ -31,10 +31,10 @@ def baseline_options(weight_names: Sequence[str] | None = None, *, smoke: bool =
     :func:`~instructedit_lite.real_model.edited_weights`): FT-L, FT-M and GRACE at the lowest
     edited block, CaliNet's memory slots at the top one (its default, as on the embedded model).
 
-    GRACE runs 50 optimisation steps here instead of the reference's 200: on SmolLM2 it rarely
-    reaches its stopping loss, and 200 steps cost 17-27 s per edit on one core against 5-10 s
-    (measured on two CounterFact and two ConvSent records: reliability 1.00 / 0.78 with 200 steps,
-    1.00 / 0.70 with 50; chapter 8).  ``smoke``: two steps for every baseline (tests only)."""
+    GRACE runs 50 optimisation steps, EasyEdit's LLaMA setting (its GPT2-XL one is 200): on
+    SmolLM2 it rarely reaches its stopping loss, and 200 steps cost 17-27 s per edit on one core
+    against 5-10 s (measured on two CounterFact and two ConvSent records: reliability 1.00 / 0.78
+    with 200 steps, 1.00 / 0.70 with 50; chapter 8).  ``smoke``: two steps for every baseline (tests only)."""
     from .engine import lowest_block
 
     names = rm.edited_weights() if weight_names is None else list(weight_names)

@@ -203,8 +203,10 @@ def real_config(regime: str = "instruct", tasks: Sequence[str] | str | None = No
     measured and what is carried over:
     the paper's ``c_edit = 0.1``, ``c_loc = 1``, accumulation 2 and clipping at 100; rank 64 and
     rates 1e-4, the embedded model's measured choices (:func:`~instructedit_lite.train.default_config`;
-    the paper's rank 1,920 exceeds both widths here, 576 and 1,536, so it would mean full rank,
-    and its rate 1e-6 moves nothing in a few hundred edits), not yet re-tuned on SmolLM2; uniform
+    the paper's rate 1e-6 moves nothing in a few hundred edits), not yet re-tuned on SmolLM2.  Rank
+    64 is 3% of the networks' width here (``combine``: d_in + d_out = 576 + 1,536 = 2,112), where
+    the reference's 1,920 on GPT2-XL is 24% of 8,000 (1,600 + 6,400); the paper's 1,920 on SmolLM2
+    would be 91%, far above the reference's share; uniform
     task mixing, so that a few hundred edits are shared evenly; 2 locality rows per fact and 2
     responses per ConvSent sentiment, for cheaper steps; KE's step sizes learn at 1e-3 (measured:
     at 1e-4 they barely move in a few hundred edits on this model's raw gradients).  The sizes come
@@ -265,7 +267,8 @@ def training_rows(config: tr.TrainConfig, tokenizer, train_records: Mapping[str,
 
 
 def editor_dir(config: tr.TrainConfig, real: RealModel) -> Path:
-    """``cache_dir()/editor-<real key>-<config key>``: the real-model twin of :func:`train.editor_dir`."""
+    """``cache_dir()/editor-<real key>-<config key>``: the real-model twin of
+    :func:`~instructedit_lite.train.editor_dir`."""
     from .base_model import cache_dir
 
     return cache_dir() / f"editor-{real.key}-{config.key()}"

@@ -1,8 +1,9 @@
 """The one record type for an edit request, and its validation.
 
-Every loader (public formats) and the embedded world produce :class:`EditRecord` objects, so the
+Every loader (public formats) and the embedded world produce :class:`~instructedit_lite.records.EditRecord`
+objects, so the
 editor, the metrics and the notebooks never see a file format.  Validation raises
-:class:`RecordError`, which names the source file, the record's index in it and the field.
+:class:`~instructedit_lite.records.RecordError`, which names the source file, the record's index in it and the field.
 """
 
 from __future__ import annotations
@@ -122,7 +123,7 @@ def _non_empty_str(value: Any) -> bool:
 
 
 def validate_record(rec: EditRecord) -> None:
-    """Raise :class:`RecordError` if ``rec`` cannot be edited or scored."""
+    """Raise :class:`~instructedit_lite.records.RecordError` if ``rec`` cannot be edited or scored."""
 
     def fail(field_name: str, message: str) -> None:
         raise RecordError(rec.source or "<memory>", rec.index, field_name, message)

@@ -45,7 +45,7 @@ Row = tuple[str, str]
 
 
 class Restorer:
-    """Clones each parameter the first time it is about to change; :meth:`restore` copies them back.
+    """Clones each parameter the first time it is about to change; ``restore`` copies them back.
 
     Only touched weights are cloned (a real model has hundreds of millions of parameters, an edit
     touches a few matrices). Copying clones back, never subtracting ``ΣΔW``, makes the restore

@@ -86,8 +86,8 @@ def default_weight_names(model) -> list[str]:
 
 
 def _prepare_tokenizer(tokenizer):
-    # Edit batches are right-padded (text.py) and need a pad token; SmolLM2 has one
-    # (<|endoftext|>); fall back to end-of-sequence for safety.
+    # Edit batches are right-padded (text.py) and need a pad token: the GGUF's tokenizer sets one
+    # (<|im_end|>, also its end-of-sequence token); the fallback is for a tokenizer without one.
     tokenizer.padding_side = "right"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -61,14 +61,21 @@ def test_logits_equal_and_lower_blocks_run_once(setup, tokenizer):
     mask = batch["attention_mask"].bool()
     full = model(**model_inputs(batch)).logits
     calls = []
-    handle = engine.blocks[0].register_forward_hook(lambda *a: calls.append(1))
+    block = engine.blocks[0]
+    forward = block.forward  # counted by a wrapper: a hook below the cut is an error (see below)
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return forward(*args, **kwargs)
+
+    block.forward = counted
     try:
         got = engine(**model_inputs(batch)).logits
         assert len(calls) == 1  # the one pass that filled the cache
         again = engine(**model_inputs(batch)).logits
         assert len(calls) == 1  # cached: the lower blocks never run again
     finally:
-        handle.remove()
+        del block.forward
     assert got.shape == full.shape
     torch.testing.assert_close(got[mask], full[mask], **TOL)
     torch.testing.assert_close(again, got)
@@ -227,3 +234,37 @@ def test_evaluation_through_the_engine_scores_like_the_plain_model(setup, tokeni
     assert (plain.loc[plain.method != "base model", "locality"] < 1).any()  # the edits move something
     torch.testing.assert_close(torch.tensor(compact[columns].values), torch.tensor(plain[columns].values),
                                rtol=1e-4, atol=1e-5, equal_nan=True)
+
+
+def test_a_weight_written_below_the_cut_empties_the_cache(setup, tokenizer):
+    """Rows cached before an in-place write below the lowest edited block are not served after it,
+    also when the write is undone (the version counter moved twice)."""
+    model, engine, _ = setup
+    batch = model_inputs(batch_of(tokenizer))
+    mask = batch["attention_mask"].bool()  # padding positions are not defined through the engine
+    engine(**batch)
+    below = engine._below[-1][3]  # a parameter of the highest block below the cut
+    original = below.detach().clone()
+    with torch.no_grad():
+        below.add_(0.5)
+    torch.testing.assert_close(engine(**batch).logits[mask], model(**batch).logits[mask], **TOL)
+    with torch.no_grad():
+        below.copy_(original)
+    torch.testing.assert_close(engine(**batch).logits[mask], model(**batch).logits[mask], **TOL)
+
+
+def test_an_edit_or_hook_below_the_cut_is_an_error_naming_it(setup, tokenizer):
+    model, engine, _ = setup
+    batch = model_inputs(batch_of(tokenizer))
+    name = engine._below[-1][0]
+    replaced = {name: model.get_parameter(name).detach() + 1.0}
+    with pytest.raises(RuntimeError, match=f"{name}.*was replaced"):
+        torch.func.functional_call(engine, replaced, args=(), kwargs=batch)
+    module = next(m for n, m in engine._below_modules if n.endswith(".mlp"))
+    handle = module.register_forward_hook(lambda *args: None)
+    try:
+        with pytest.raises(RuntimeError, match=r"forward hook on .*\.mlp .*would never run"):
+            engine(**batch)
+    finally:
+        handle.remove()
+    engine(**batch)  # and without them it runs

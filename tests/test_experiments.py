@@ -38,14 +38,24 @@ def test_scaling_and_balance_configs():
     share = {n: c.task_weights["convsent"] / sum(c.task_weights.values()) for n, c in balance.items()}
     assert share[ex.UNBALANCED] == pytest.approx(14390 / 16415) and share[ex.UNBALANCED] > 0.87
     assert share[ex.BALANCED] == pytest.approx(1427 / 3452)
-    # like for like: only the task weights differ
+    # the same fact budget: only the task weights and the number of edits differ, and the
+    # unbalanced editor's extra edits are ConvSent ones
     a, b = (c.to_dict() for c in balance.values())
-    assert {k for k in a if a[k] != b[k]} == {"task_weights"}
+    assert {k for k in a if a[k] != b[k]} == {"task_weights", "steps"}
     assert balance[ex.BALANCED].steps == ex.editor_configs()["InstructEdit"].steps
-    # chapter 6's shorter default: every scaling and balance editor with the same, fewer edits
-    short = [*ex.scaling_configs(steps=ex.ANALYSIS_STEPS).values(), *ex.balance_configs(steps=ex.ANALYSIS_STEPS).values()]
+    assert balance[ex.UNBALANCED].steps == round(balance[ex.BALANCED].steps * 16415 / 3452)
+    for steps in (None, ex.BALANCE_STEPS, 37):
+        facts = [ex.fact_edits(c) for c in ex.balance_configs(steps=steps).values()]
+        assert facts[0] == pytest.approx(facts[1], abs=0.5)
+    assert ex.fact_edits(balance[ex.BALANCED]) == pytest.approx(2000 * 2025 / 3452)
+    with pytest.raises(ValueError, match="no task weights"):
+        ex.fact_edits(ex.editor_configs()["InstructEdit"])
+    # chapter 6's shorter default: fewer edits for the scaling editors and the balanced one
+    short = ex.scaling_configs(steps=ex.ANALYSIS_STEPS).values()
     assert {c.steps for c in short} == {ex.ANALYSIS_STEPS}
     assert ex.ANALYSIS_STEPS < ex.editor_configs()["InstructEdit"].steps
+    assert ex.BALANCE_STEPS < ex.editor_configs()["InstructEdit"].steps
+    assert ex.balance_configs(steps=ex.BALANCE_STEPS)[ex.BALANCED].steps == ex.BALANCE_STEPS
     assert ex.scaling_configs(steps=ex.ANALYSIS_STEPS)[3].key() != scaling[3].key()
     assert ex.balance_configs(smoke=True, steps=None)[ex.BALANCED].steps < ex.ANALYSIS_STEPS
 

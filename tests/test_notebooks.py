@@ -7,6 +7,7 @@ them and also checks the conventions the book relies on.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import nbformat
@@ -53,10 +54,61 @@ def test_notebook_conventions(path):
     assert all(not c.get("outputs") for c in code), "commit notebooks without outputs"
 
 
+def exercise_cells(nb: nbformat.NotebookNode) -> list[nbformat.NotebookNode]:
+    """The code cell after each "**Exercise N.**" paragraph."""
+    cells, pending = [], False
+    for cell in nb.cells:
+        if cell.cell_type == "markdown":
+            pending = pending or "**Exercise" in cell.source
+        elif pending:
+            cells.append(cell)
+            pending = False
+    return cells
+
+
+def output_text(cell: nbformat.NotebookNode) -> str:
+    """What a reader sees of a cell's outputs, as text."""
+    parts = []
+    for out in cell.get("outputs", []):
+        parts.append(out.get("text", ""))
+        parts.append(str(out.get("data", {}).get("text/plain", "")))
+        if out.get("output_type") == "error":
+            parts.append(f"{out.get('ename')}: {out.get('evalue')}")
+    return "".join(parts)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_every_chapter_has_takeaways_and_exercises(path):
+    nb = nbformat.read(path, as_version=4)
+    headings = [line for c in nb.cells if c.cell_type == "markdown" for line in c.source.splitlines()]
+    assert "## Key takeaways" in headings and "## Exercises" in headings
+    assert len(exercise_cells(nb)) >= 2, "at least two exercises, each with its cell"
+
+
+def test_exercise_cells_are_found_and_checked():
+    """The exercise check is not vacuous: it finds the cell after the paragraph and reads NaN."""
+    nb = nbformat.v4.new_notebook()
+    answer = nbformat.v4.new_code_cell("gain")
+    answer.outputs = [nbformat.v4.new_output("execute_result", data={"text/plain": "{'difference': nan}"},
+                                             execution_count=1)]
+    nb.cells = [nbformat.v4.new_markdown_cell("**Exercise 1.** Is the gain real?"), answer,
+                nbformat.v4.new_code_cell("not an exercise")]
+    assert exercise_cells(nb) == [answer]
+    assert re.search(NAN, output_text(answer))
+
+
+NAN = r"(?<![\w.])(nan|NaN|<NA>)(?![\w.])"
+
+
 @pytest.mark.notebooks
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs_in_smoke_mode(path, tmp_path):
     executed = run_notebook(path, tmp_path / path.name, smoke=True)
+    # every exercise cell shows the reader a result, and a finite one
+    for cell in exercise_cells(executed):
+        text = output_text(cell)
+        assert text.strip(), f"exercise cell prints nothing:\n{cell.source[:200]}"
+        assert not re.search(NAN, text), f"exercise cell prints NaN:\n{cell.source[:200]}\n{text[:400]}"
     # a name glued twice is a warning, and `jupyter-book build -W` fails on it
     names = [o.get("metadata", {}).get("scrapbook", {}).get("name") for c in executed.cells
              for o in c.get("outputs", [])]

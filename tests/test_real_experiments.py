@@ -35,7 +35,8 @@ def test_scaling_and_balance_editors_carry_the_real_settings():
                                                    rm.real_config("instruct").tasks]
     assert scaling[3].key() == rm.real_config("instruct").key()  # chapter 7's InstructEdit, from its cache
     balance = rx.balance_configs(seed=0)
-    assert {c.steps for c in (*scaling.values(), *balance.values())} == {rm.real_config().steps}
+    assert {c.steps for c in (*scaling.values(), balance["balanced (ConvSent 1,427)"])} == {rm.real_config().steps}
+    assert balance["unbalanced (paper's data)"].steps > rm.real_config().steps  # the same fact edits
     assert all(c.mend.weight_names == rm.edited_weights() for c in balance.values())
     assert rx.scaling_configs(size="smoke")[1].steps == rm.real_config(size="smoke").steps
 

@@ -35,7 +35,7 @@ PINNED_EDITOR_KEYS = {
                  "MEND (single-task: wikirecent)": "11c8d070e445", "MEND (single-task: convsent)": "bfcfc6cea70d"},
 }
 PINNED_SCALING = {1: '492a0b5b3481', 2: '9549b01fd979', 3: 'bbaf2b703d00'}
-PINNED_BALANCE = {"unbalanced (paper's data)": 'fa1a53f8b2db', 'balanced (ConvSent 1,427)': '8fee98aa73a6'}
+PINNED_BALANCE = {"unbalanced (paper's data)": 'eaef695aa5ca', 'balanced (ConvSent 1,427)': '8fee98aa73a6'}
 PINNED_PAPER = {'gpt2-xl': 'b3131b1c7a96', 'llama-2-7b': '5db0227bfa05'}
 PINNED_BASE_MODEL = "c5d4b1ca6924"
 

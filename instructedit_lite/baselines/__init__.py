@@ -1,13 +1,14 @@
-"""The paper's baseline editors: FT-L, FT-M, GRACE and CaliNet, behind the :class:`~..editors.Editor` interface.
+"""The paper's baseline editors: FT-L, FT-M, GRACE and CaliNet, behind the
+:class:`~instructedit_lite.editors.Editor` interface.
 
 Each method is a small class with a ``name`` (the label in tables), a config dataclass with
 documented defaults and a ``with method.edited(model, tokenizer, record):`` block that carries one
 edit and leaves the model *exactly* as it was afterwards (also when the block raises):
 
-* **FT-L** and **FT-M** (:mod:`.finetune`) fine-tune one MLP output matrix (weight and bias) of a
+* **FT-L** and **FT-M** (``finetune.py``) fine-tune one MLP output matrix (weight and bias) of a
   detached copy via ``torch.func.functional_call`` and return ``ΔW = new − original``; the
-  :class:`~..editors.WeightEditor` base class writes it in and copies the original back.
-* **GRACE** (:mod:`.grace`) and **CaliNet** (:mod:`.calinet`) never touch a weight: they add a
+  :class:`~instructedit_lite.editors.WeightEditor` base class writes it in and copies the original back.
+* **GRACE** (``grace.py``) and **CaliNet** (``calinet.py``) never touch a weight: they add a
   forward hook for the block and remove it on exit.
 
 Which module each one edits comes from the model's architecture profile
@@ -15,7 +16,7 @@ Which module each one edits comes from the model's architecture profile
 embedded GPT-2, GPT2-XL or a LLaMA-family model.  Everything is deterministic (no sampling;
 CaliNet's slot initialisation uses its own seeded generator) and there is no progress bar: a
 method is called once per test case, thousands of times.  Every method trains on
-:func:`~..editors.edit_rows` (one row for the fact tasks; ConvSent: the question followed by
+:func:`~instructedit_lite.editors.edit_rows` (one row for the fact tasks; ConvSent: the question followed by
 ``n_responses`` responses of the wanted sentiment).  Records arrive prepared.  Their measured
 behaviour on the embedded model is in chapter 5 and docs/measurements.md.
 """

@@ -36,7 +36,7 @@ class GRACEConfig(Config):
     ``module``/``layer``/``depth``: the wrapped module.  ``module=None`` is the profile's
     activation input (GPT-2 ``mlp.c_fc``, the reference's choice: its output is the MLP's
     pre-activation; LLaMA ``mlp.gate_proj``).  ``layer=None`` takes the block at relative depth
-    ``depth`` (:data:`REFERENCE_DEPTH`, block 35 of GPT2-XL's 48): block 2 of the embedded
+    ``depth`` (``REFERENCE_DEPTH``, block 35 of GPT2-XL's 48): block 2 of the embedded
     model's 4, 23 of a 32-block LLaMA (EasyEdit's llama-7b.yaml wraps ``layers[27].mlp.down_proj``
     instead: pass ``module`` and ``layer`` for that).  An int ``layer`` overrides ``depth``.
     ``eps_init``: radius of a new key (reference ``eps`` 1.0, Euclidean ``dist_fn: euc``).  Kept:
@@ -86,7 +86,7 @@ class GRACEConfig(Config):
 class Codebook:
     """GRACE's memory: rows of key (module input), value (replacement output), radius ε and label.
 
-    :meth:`hook` is the forward hook.  Every position is a query on its own: where the module's
+    ``hook`` is the forward hook.  Every position is a query on its own: where the module's
     input lies within ε of some key (Euclidean; the nearest such key if several), the module's
     output *at that position* is replaced by the key's value; elsewhere it is left alone
     (bit-identical).  On an edit prompt that is the reference's ``replace_last``: the key is the
@@ -161,7 +161,7 @@ class GRACE(Editor, _Configured):
     A value is trained with Adam (``lr``, ``n_iter`` steps) on the NLL of all edit rows, with the
     hook active, so training sees exactly what inference will.  If another entry wins at the edit
     prompt's last token, this value has no effect and is left untrained (``triggered`` is False in
-    the details).  The book's evaluation uses :meth:`edited`: a fresh codebook with this one edit,
+    the details).  The book's evaluation uses ``edited``: a fresh codebook with this one edit,
     hook on inside the block.
     """
 

@@ -1,4 +1,5 @@
-"""Loaders for the public knowledge-editing files, each producing :class:`EditRecord` objects (chapter 1).
+"""Loaders for the public knowledge-editing files, each producing
+:class:`~instructedit_lite.records.EditRecord` objects (chapter 1).
 
 Formats (one JSON file each, a list of objects unless said otherwise):
 
@@ -10,13 +11,13 @@ Formats (one JSON file each, a list of objects unless said otherwise):
 * **MEND zsRE** (``zsre_mend_*``): ``subject, src, alt, answers, rephrase, loc, loc_ans,
   portability{New Question, New Answer}?``.
 * **ConvSent** (SERAC ``blender_*``): ``[{ent, pos: [responses], neg: [responses]}]``, one topic
-  per entry; the edit question is made here from :data:`CONVSENT_QUESTIONS`.
+  per entry; the edit question is made here from ``CONVSENT_QUESTIONS``.
 * **MEND CounterFact** (``counterfact-{train,val,edit}``): ``case_id, prompt, target_new,
   subject, ground_truth, rephrase_prompt, locality_prompt, locality_ground_truth``.
 * The **official instruction file**: ``{template, instructions{task: [10]},
   heldout_instruction_index}``, parsed and checked by :func:`load_instruction_file`.
 
-Every problem raises :class:`RecordError` naming the file, the record's index and the field
+Every problem raises :class:`~instructedit_lite.records.RecordError` naming the file, the record's index and the field
 (``locality.Relation_Specificity[2].ground_truth``); nothing is guessed.  Some published files
 hold a few unusable items (a locality probe whose ground truth is empty, an edit whose new target
 is empty).  With ``on_error="skip"`` such an item is dropped (a broken probe or rephrase drops

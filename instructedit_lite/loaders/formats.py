@@ -1,4 +1,4 @@
-"""The four record formats of the public files, each read into :class:`EditRecord` objects.
+"""The four record formats of the public files, each read into :class:`~instructedit_lite.records.EditRecord` objects.
 
 See the package docstring of :mod:`instructedit_lite.loaders` for the formats and the error
 conventions (book chapter 1).  ``source`` names the file in messages and records (default: the

@@ -53,7 +53,7 @@ def _real_root(root: str | Path | None) -> Path:
 
 
 def available_real_files(root: str | Path | None = None) -> list[str]:
-    """Names in :data:`REAL_FILES` whose file exists in the data folder (``[]`` without one)."""
+    """Names in ``REAL_FILES`` whose file exists in the data folder (``[]`` without one)."""
     folder = data_dir(root)
     if folder is None:
         return []
@@ -62,7 +62,7 @@ def available_real_files(root: str | Path | None = None) -> list[str]:
 
 def load_real(name: str, root: str | Path | None = None, limit: int | None = None, *,
               on_error: str = "skip") -> list[EditRecord]:
-    """Load one of :data:`REAL_FILES` from the data folder.
+    """Load one of ``REAL_FILES`` from the data folder.
 
     Defaults to ``on_error="skip"``: the published files hold a few unusable items, reported as
     one :class:`~instructedit_lite.loaders.SkippedDataWarning` per field (or gathered into a table

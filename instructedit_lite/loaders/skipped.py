@@ -26,7 +26,7 @@ def field_pattern(field_name: str) -> str:
 
 
 def record_list(records: list[int | None]) -> str:
-    """``0, 1, 2, 3, 4 and 2 more``: the first :data:`SHOWN_RECORDS` record numbers."""
+    """``0, 1, 2, 3, 4 and 2 more``: the first ``SHOWN_RECORDS`` record numbers."""
     shown = ", ".join(str(i) for i in records[:SHOWN_RECORDS])
     more = len(records) - SHOWN_RECORDS
     return shown + (f" and {more} more" if more > 0 else "")
@@ -35,7 +35,8 @@ def record_list(records: list[int | None]) -> str:
 class SkippedDataWarning(UserWarning):
     """Unusable items dropped under ``on_error="skip"``: one warning per file, kind and field.
 
-    ``.errors`` holds every :class:`RecordError` summarised (``.error`` is the first), ``.dropped``
+    ``.errors`` holds every :class:`~instructedit_lite.records.RecordError` summarised (``.error`` is the
+    first), ``.dropped``
     says what was dropped (``"record"``, ``"probe"``, ``"rephrase"``), ``.field`` the field with
     list positions as ``[*]`` and ``.records`` the numbers of the records concerned, in file order.
     """

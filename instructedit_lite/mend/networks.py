@@ -81,30 +81,47 @@ class RunningNorm(nn.Module):
         # float64: the statistics accumulate over a whole training run.
         self.register_buffer("mean", torch.zeros(dim, dtype=torch.float64))
         self.register_buffer("m2", torch.zeros(dim, dtype=torch.float64))
+        #: None: every training-mode call updates the statistics at once.  A list: the statistics
+        #: stay as they are and each call's part is kept here, ``(n_b, μ_b, M2_b)``, for
+        #: :meth:`merge` later (meta-training on several processes merges every process's parts
+        #: in the order of the edits; ``TrainConfig.statistics="per_step"``).
+        self.pending: list[tuple[int, Tensor, Tensor]] | None = None
 
+    @staticmethod
     @torch.no_grad()
-    def update(self, rows: Tensor) -> None:
-        """Add ``rows`` (n_b, D) to the statistics.
-
-        Welford's update for a block of rows at once (Chan et al.'s parallel form), equal to
-        row-by-row updates up to rounding:
-        ``μ ← μ_a + d·n_b/n``, ``M2 ← M2_a + M2_b + d²·n_a·n_b/n`` with ``d = μ_b − μ_a``.
-        """
-        # A non-finite row (an overflowed gradient) would poison the statistics for good, even
-        # though the training loop skips that step's optimiser update: leave such rows out.
+    def part(rows: Tensor) -> tuple[int, Tensor, Tensor]:
+        """``(n_b, μ_b, M2_b)`` of ``rows`` (n_b, D), in float64, non-finite rows left out: an
+        overflowed gradient would poison the statistics for good, even though the training loop
+        skips that step's optimiser update."""
         rows = rows.detach().to(torch.float64)
         rows = rows[torch.isfinite(rows).all(-1)]
-        n_b = rows.shape[0]
+        if rows.shape[0] == 0:
+            return 0, rows.new_zeros(rows.shape[-1]), rows.new_zeros(rows.shape[-1])
+        mean_b = rows.mean(0)
+        return rows.shape[0], mean_b, ((rows - mean_b) ** 2).sum(0)
+
+    @torch.no_grad()
+    def merge(self, n_b: int, mean_b: Tensor, m2_b: Tensor) -> None:
+        """Add a part (:meth:`part`) to the statistics: Chan et al.'s parallel form of Welford's
+        update, ``μ ← μ_a + d·n_b/n``, ``M2 ← M2_a + M2_b + d²·n_a·n_b/n`` with ``d = μ_b − μ_a``."""
         if n_b == 0:
             return
         n_a = self.count.item()
         n = n_a + n_b
-        mean_b = rows.mean(0)
-        m2_b = ((rows - mean_b) ** 2).sum(0)
         d = mean_b - self.mean
         self.mean += d * (n_b / n)
         self.m2 += m2_b + d**2 * (n_a * n_b / n)
         self.count += n_b
+
+    @torch.no_grad()
+    def update(self, rows: Tensor) -> None:
+        """Add ``rows`` (n_b, D) to the statistics, equal to row-by-row Welford updates up to rounding
+        (or keep their part in :attr:`pending`)."""
+        part = self.part(rows)
+        if self.pending is not None:
+            self.pending.append(part)
+        else:
+            self.merge(*part)
 
     @property
     def std(self) -> Tensor:

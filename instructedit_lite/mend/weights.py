@@ -41,7 +41,8 @@ def lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
 
 
 def unlikelihood_loss(logits: Tensor, labels: Tensor) -> Tensor:
-    """``−mean log(1 − p(token))`` over the labelled tokens (shifted as in :func:`lm_loss`)."""
+    """``−mean log(1 − p(token))`` over the labelled tokens (shifted as in
+    :func:`~instructedit_lite.mend.lm_loss`)."""
     targets = labels[:, 1:]
     mask = (targets != IGNORE_INDEX).float()
     if mask.sum() == 0:
@@ -53,8 +54,8 @@ def unlikelihood_loss(logits: Tensor, labels: Tensor) -> Tensor:
 
 
 def edit_loss(logits: Tensor, labels: Tensor, unlikely: Tensor | None = None) -> Tensor:
-    """The loss an edit's gradient comes from (chapter 3): :func:`lm_loss` of the rows, or, when
-    ``unlikely`` (one bool per row) flags some, ``lm_loss`` of the others plus
+    """The loss an edit's gradient comes from (chapter 3): :func:`~instructedit_lite.mend.lm_loss` of
+    the rows, or, when ``unlikely`` (one bool per row) flags some, ``lm_loss`` of the others plus
     :func:`unlikelihood_loss` of the flagged ones.  ConvSent's edits flag the responses of the
     unwanted sentiment, as EasyEdit's trainer does (``multiclass_log_probs(..., unlikelihood=True)``:
     ``−mean log p(good) − mean log(1 − p(bad))``, each a token mean of its own rows)."""

@@ -11,8 +11,8 @@ One meta-training step takes one edit record (batch of one edit, as in the paper
 1. ``pre``: logits of the unedited model on the record's locality rows (``prompt + " " + answer``,
    never instruction-prefixed), under ``torch.no_grad``.
 2. The edit rows (``prompt + " " + target_new``, instruction-prefixed in ``"instruct"``) go through
-   :meth:`MendEditor.compute_deltas`, which gives ``ΔW`` on the autograd graph of the editor.
-3. ``L_e``: token-mean NLL of the target under the edited model (:func:`functional_forward`), on
+   :meth:`~instructedit_lite.mend.MendEditor.compute_deltas`, which gives ``ΔW`` on the autograd graph of the editor.
+3. ``L_e``: token-mean NLL of the target under the edited model (:func:`~instructedit_lite.mend.functional_forward`), on
    the edit input (default, as in EasyEdit's InstructEdit) or on a rephrase (original MEND).
    ConvSent: NLL of responses of the wanted sentiment plus the unlikelihood ``−mean log(1 − p)``
    of the tokens of responses of the other sentiment; the instruction prefix is kept.
@@ -28,9 +28,9 @@ the lowest validation loss is kept.  Checkpoints hold everything needed to resum
 curves, best-so-far); :func:`train` resumes from the checkpoint in its output folder.
 :func:`train_editor` caches finished editors under :func:`~instructedit_lite.base_model.cache_dir`.
 
-One idea per file: :mod:`.config` (the settings), :mod:`.examples` (records → rows, the task mix
-and schedule), :mod:`.losses`, :mod:`.validation`, :mod:`.loop` (training, checkpoints, resume) and
-:mod:`.cache` (the editor cache, editors trained side by side).
+One idea per file: ``config.py`` (the settings), ``examples.py`` (records → rows, the task mix
+and schedule), ``losses.py``, ``validation.py``, ``loop.py`` (training, checkpoints, resume) and
+``cache.py`` (the editor cache, editors trained side by side).
 """
 
 

@@ -21,6 +21,10 @@ REGIMES = ("single", "multi", "instruct")
 EDIT_LOSS_INPUTS = ("edit", "rephrase")
 MIXINGS = ("proportional", "uniform")
 METHODS = ("mend", "ke")
+#: When MEND's running statistics take in an edit's rows: at once (``"per_edit"``, the reference's
+#: behaviour in one process) or together at the optimiser step (``"per_step"``: what several
+#: processes can do identically, see :mod:`~instructedit_lite.train.processes`).
+STATISTICS = ("per_edit", "per_step")
 #: Fields of :class:`TrainConfig` that change how a run is carried out, never what it produces.
 _NOT_IN_KEY = ("checkpoint_every",)
 
@@ -46,7 +50,9 @@ class TrainConfig(Config):
     ``max_locality``: locality rows per fact record.  ``val_every``: edits between validations;
     ``n_val``: validation records per task (the first ``n_val`` of the val split).
     ``instruction_seed``: the seed of the (seen) instruction choice per record.
-    ``checkpoint_every``: edits between checkpoints (not part of :meth:`key`).
+    ``checkpoint_every``: edits between checkpoints (not part of :meth:`~instructedit_lite.config.Config.key`).
+    ``statistics``: when MEND's running normalisation takes in an edit's rows (``STATISTICS``;
+    ``"per_step"`` is needed to train on several processes, and is in the key only when set).
     """
 
     regime: str = "instruct"
@@ -75,6 +81,7 @@ class TrainConfig(Config):
     #: KE's hyper-parameters (a :class:`~instructedit_lite.ke.KEConfig`, kept as its fields other than
     #: ``weight_names``/``alpha_init``, which come from ``mend``; see :meth:`ke_config`); ``method="ke"`` only.
     ke: Any = None
+    statistics: str = "per_edit"
 
     def __post_init__(self) -> None:
         if isinstance(self.mend, Mapping):
@@ -106,6 +113,12 @@ class TrainConfig(Config):
                 self.ke = {k: v for k, v in self.ke.to_dict().items() if k not in ("weight_names", "alpha_init")}
             self.ke = dict(self.ke)
             KEConfig.from_dict(self.ke)  # unknown or bad KE settings fail here, not in training
+        if self.statistics not in STATISTICS:
+            raise ValueError(f"TrainConfig.statistics must be one of {STATISTICS}, got {self.statistics!r}")
+        if self.statistics == "per_step" and self.checkpoint_every % self.grad_accum:
+            raise ValueError(f"TrainConfig.checkpoint_every ({self.checkpoint_every}) must be a multiple of "
+                             f"grad_accum ({self.grad_accum}) with statistics='per_step': a checkpoint "
+                             "falls between optimiser steps")
         if self.mixing not in MIXINGS:
             raise ValueError(f"TrainConfig.mixing must be one of {MIXINGS}, got {self.mixing!r}")
         for name in ("steps", "grad_accum", "val_every", "n_val", "checkpoint_every", "n_responses", "max_locality"):
@@ -149,6 +162,8 @@ class TrainConfig(Config):
     def key_data(self) -> dict[str, Any]:
         """Everything that changes the trained editor (cache key), with the version of the training code."""
         data = {k: v for k, v in self.to_dict().items() if k not in _NOT_IN_KEY}
+        if data["statistics"] == "per_edit":  # the default predates the field: keep the caches valid
+            del data["statistics"]
         if data["method"] == "mend":  # MEND keys predate the method field: keep their caches valid
             del data["method"], data["ke"]
         return {"version": TRAIN_VERSION, **data}

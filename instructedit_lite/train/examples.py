@@ -52,9 +52,9 @@ def build_example(record: EditRecord, config: TrainConfig, *, instructions: Inst
     """The rows of one step for ``record``.
 
     In regime ``"instruct"`` the edit prompt and rephrases carry the record's (seen) instruction
-    (``instructions`` defaults to :func:`default_instructions`); locality rows never do.  ``rng``
-    picks the rephrase and the ConvSent responses; without it the choice is the first ones, in
-    order (validation).
+    (``instructions`` defaults to :func:`~instructedit_lite.instructions.default_instructions`);
+    locality rows never do.  ``rng`` picks the rephrase and the ConvSent responses; without it the
+    choice is the first ones, in order (validation).
     """
     if config.instructed and instructions is None:
         instructions = default_instructions()

@@ -21,10 +21,12 @@ from ..atomic import atomic_torch_save, atomic_write_text
 from ..config import jsonable
 from ..instructions import InstructionSet, default_instructions
 from ..mend import MendEditor
+from ..mend.networks import RunningNorm
 from ..records import EditRecord
 from .config import TrainConfig
 from .examples import build_example, schedule, task_probabilities
 from .losses import meta_losses
+from .processes import current as current_processes
 from .validation import validate
 
 __all__ = ["TrainResult", "train", "make_editor", "load_editor", "CHECKPOINT", "CHECKPOINT_FORMAT"]
@@ -109,6 +111,13 @@ def train(config: TrainConfig, model, tokenizer, *, train_records: Mapping[str, 
     checkpoint there resumes from it; the finished run also writes the best and the final editor,
     the curves (CSV) and a summary (JSON).  ``callback(step, row)`` is called after every edit.
     The base model's weights are never changed.
+
+    Launched on several processes (``torchrun``, ``accelerate launch``;
+    :mod:`~instructedit_lite.train.processes`), each process takes its share of every optimiser
+    step's edits and the gradients are summed across them; this needs
+    ``config.statistics == "per_step"``, a ``grad_accum`` the process count divides and a
+    ``val_every`` that ``grad_accum`` divides.  Every process returns the same result; only the
+    main one writes files.
     """
     from tqdm.auto import tqdm
     from ..progress import bar_disabled
@@ -119,6 +128,9 @@ def train(config: TrainConfig, model, tokenizer, *, train_records: Mapping[str, 
     if config.instructed and instructions is None:
         instructions = default_instructions()
     out = Path(out_dir) if out_dir is not None else None
+    procs = current_processes()
+    per_step = config.statistics == "per_step"
+    _check_processes(config, procs, max_steps_this_call)
     sizes = {t: len(train_records[t]) for t in config.tasks}
     plan = schedule(config, sizes)
 
@@ -130,6 +142,8 @@ def train(config: TrainConfig, model, tokenizer, *, train_records: Mapping[str, 
     opt_alpha = torch.optim.Adam(editor.alpha_parameters(), lr=config.alpha_lr, fused=True)
     params = list(editor.parameters())
     alpha_names = {id(editor.alpha(n)): _short(n) for n in editor.infos}
+    norms = [m for m in editor.modules() if isinstance(m, RunningNorm)] if per_step else []
+    parts: list[tuple[int, int, int, tuple]] = []  # per_step: statistics parts since the last step
 
     step, skipped, optimizer_steps = 0, 0, 0
     curves: list[dict[str, Any]] = []
@@ -152,7 +166,7 @@ def train(config: TrainConfig, model, tokenizer, *, train_records: Mapping[str, 
         random.setstate(ckpt["rng"]["python"])
 
     def checkpoint() -> None:
-        if out is None:
+        if out is None or (procs is not None and not procs.is_main):
             return
         atomic_torch_save({
             "format": CHECKPOINT_FORMAT, "config": config.to_dict(), "config_key": config.key(),
@@ -195,37 +209,61 @@ def train(config: TrainConfig, model, tokenizer, *, train_records: Mapping[str, 
     bar = tqdm(total=config.steps, initial=step, desc=f"meta-training ({config.regime})",
                disable=bar_disabled(progress))
     running = None
+    rows: list[dict[str, Any]] = []  # computed since they were last added to the curves
     with _frozen(model):
         if not validation:  # the untrained editor: the baseline of the curves
             run_validation()
         while step < stop_at:
             start = time.perf_counter()
             task, index = plan[step]
-            rng = np.random.default_rng([config.seed, 2, step])
-            example = build_example(train_records[task][index], config, instructions=instructions, rng=rng)
-            losses = meta_losses(model, editor, tokenizer, example, config)
-            (losses["total"] / config.grad_accum).backward()
+            if procs is None or procs.mine(step):
+                for norm in norms:
+                    norm.pending = []
+                rng = np.random.default_rng([config.seed, 2, step])
+                example = build_example(train_records[task][index], config, instructions=instructions, rng=rng)
+                losses = meta_losses(model, editor, tokenizer, example, config)
+                (losses["total"] / config.grad_accum).backward()
+                for i, norm in enumerate(norms):  # per_step: the statistics take these rows at the step
+                    parts += [(step, j, i, part) for j, part in enumerate(norm.pending)]
+                    norm.pending = None
+                rows.append({"step": step + 1, "task": task, "L_e": losses["edit"].item(),
+                             "L_loc": losses["loc"].item(), "total": losses["total"].item(),
+                             "grad_norm": float("nan"), "skipped": skipped,
+                             **{f"alpha:{alpha_names[id(a)]}": a.item() for a in editor.alpha_parameters()}})
             step += 1
-            row = {"step": step, "task": task, "L_e": losses["edit"].item(), "L_loc": losses["loc"].item(),
-                   "total": losses["total"].item(), "grad_norm": float("nan")}
-            if step % config.grad_accum == 0 or step == config.steps:
-                row["grad_norm"] = optimizer_step()
-            row["skipped"] = skipped
-            row.update({f"alpha:{alpha_names[id(a)]}": a.item() for a in editor.alpha_parameters()})
-            curves.append(row)
             seconds += time.perf_counter() - start
-            if math.isfinite(row["total"]):
-                running = row["total"] if running is None else 0.98 * running + 0.02 * row["total"]
-            bar.update(1)
-            bar.set_postfix(loss=f"{running:.3f}" if running is not None else "nan", skipped=skipped)
+            if step % config.grad_accum == 0 or step == config.steps:  # the optimiser step
+                start = time.perf_counter()
+                if procs is not None:
+                    procs.sum_gradients(params)
+                    rows = procs.gather_rows(rows)
+                    procs.merge_statistics(norms, parts)
+                else:
+                    for _, _, i, part in sorted(parts, key=lambda x: x[:3]):
+                        norms[i].merge(*part)
+                parts = []
+                grad_norm = optimizer_step()
+                last = next(r for r in rows if r["step"] == step)  # it records the step's outcome
+                last.update({"grad_norm": grad_norm, "skipped": skipped},
+                            **{f"alpha:{alpha_names[id(a)]}": a.item() for a in editor.alpha_parameters()})
+                seconds += time.perf_counter() - start
+            elif procs is not None:
+                continue  # the other processes' rows arrive at the step
+            for row in rows:
+                curves.append(row)
+                if math.isfinite(row["total"]):
+                    running = row["total"] if running is None else 0.98 * running + 0.02 * row["total"]
+                bar.update(1)
+                bar.set_postfix(loss=f"{running:.3f}" if running is not None else "nan", skipped=skipped)
+                if callback is not None:
+                    callback(row["step"], row)
+            rows = []
             if step % config.val_every == 0 or step == config.steps:
                 start = time.perf_counter()
                 run_validation()
                 seconds += time.perf_counter() - start
                 bar.set_postfix(loss=f"{running:.3f}" if running is not None else "nan",
                                 val=f"{validation[-1]['val_loss']:.3f}", skipped=skipped)
-            if callback is not None:
-                callback(step, row)
             if step % config.checkpoint_every == 0 or step == stop_at:
                 checkpoint()
     bar.close()
@@ -248,12 +286,33 @@ def train(config: TrainConfig, model, tokenizer, *, train_records: Mapping[str, 
         "alphas": {_short(n): editor.alpha(n).item() for n in editor.infos},
     }
     finished = step >= config.steps
-    if finished and out is not None:
+    if finished and out is not None and (procs is None or procs.is_main):
         best_editor.save(out / "editor-best.pt")
         final_editor.save(out / "editor-final.pt")
         _write_tables(out, curves, validation)
         atomic_write_text(out / "summary.json", json.dumps(jsonable(summary), indent=1))
+    if procs is not None:
+        procs.wait()  # the main process's files are written when any process returns
     return TrainResult(best_editor, final_editor, curves, validation, summary, finished)
+
+
+def _check_processes(config: TrainConfig, procs, max_steps_this_call: int | None) -> None:
+    """ValueError, saying what to change, where a run cannot split its steps over the processes."""
+    if config.statistics == "per_step" and max_steps_this_call is not None and max_steps_this_call % config.grad_accum:
+        raise ValueError(f"train: max_steps_this_call ({max_steps_this_call}) must be a multiple of grad_accum "
+                         f"({config.grad_accum}) with statistics='per_step': a stop falls between optimiser steps")
+    if procs is None:
+        return
+    if config.statistics != "per_step":
+        raise ValueError(f"train: {procs.count} processes need TrainConfig(statistics='per_step'): in one process "
+                         "an edit's rows enter MEND's statistics before the next edit, an order processes "
+                         "working side by side cannot keep")
+    if config.grad_accum % procs.count:
+        raise ValueError(f"train: TrainConfig.grad_accum ({config.grad_accum}) must be a multiple of the number "
+                         f"of processes ({procs.count}): each takes as many of a step's edits")
+    if config.val_every % config.grad_accum:
+        raise ValueError(f"train: TrainConfig.val_every ({config.val_every}) must be a multiple of grad_accum "
+                         f"({config.grad_accum}) on several processes: they validate after an optimiser step")
 
 
 def _write_tables(out: Path, curves: list[dict], validation: list[dict]) -> None:

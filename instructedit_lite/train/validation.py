@@ -28,9 +28,10 @@ def validate(model, editor: MendEditor, tokenizer, records: Mapping[str, list[Ed
     """Mean validation loss and edit success over ``records`` (task → records), editor in eval mode.
 
     Per record: the meta-training losses (no gradient, running statistics frozen), then the edit
-    applied in place (:func:`applied`, exact restore): reliability = teacher-forced token accuracy
-    of ``target_new`` after the (instructed) edit prompt, generalization = the same on the
-    rephrases, locality = fraction of locality answer positions whose argmax is unchanged.
+    applied in place (:func:`~instructedit_lite.mend.applied`, exact restore): reliability =
+    teacher-forced token accuracy of ``target_new`` after the (instructed) edit prompt,
+    generalization = the same on the rephrases, locality = fraction of locality answer positions whose argmax
+    is unchanged.
     Means over all records (``val_*``) and per task (``reliability/<task>`` ...).  ConvSent also
     gets ``sentiment_gap/convsent``, the post-edit mean log-probability per token of the wanted
     responses minus that of the unwanted ones (after the same question), and
