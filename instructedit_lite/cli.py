@@ -193,12 +193,15 @@ def cmd_train(args, stream) -> int:
     if args.processes > 1:
         return _launch_processes(args)
     config = train_config_from_args(args)
-    if current() is not None and args.out is None:
+    procs = current()
+    if procs is not None and args.out is None:
         raise ValueError("train in a process group needs --out FOLDER: the editor cache's lock lets one process "
                          "train at a time")
     if args.threads:
         torch.set_num_threads(args.threads)
     base = load_base(args)
+    if procs is not None and torch.cuda.is_available():  # one GPU per process (untested here: no GPU)
+        base.model.to(procs.state.device)
     if args.out is not None:
         train_records, val_records = records_for(config, base.source)
         result = train(config, base.model, base.tokenizer, train_records=train_records, val_records=val_records,
@@ -207,7 +210,6 @@ def cmd_train(args, stream) -> int:
     else:
         trained = train_editor(config, base, cache=not args.no_cache, progress=not args.quiet)
         summary, path = trained.summary, trained.path
-    procs = current()
     if procs is not None and not procs.is_main:
         return 0  # the main process reports
     best = summary["best"]

@@ -131,7 +131,7 @@ def fact_edits(config: TrainConfig) -> float:
 #: Edits of chapter 6's balanced editor in its default build (the unbalanced one makes about 4.8
 #: times as many for the same fact edits: :func:`balance_configs`); its ``full`` parameter trains
 #: the book's default.
-BALANCE_STEPS = 600
+BALANCE_STEPS = 300
 
 
 def methods_not_learned(trained: Mapping[str, TrainedEditor]) -> dict[str, str]:

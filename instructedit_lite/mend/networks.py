@@ -106,6 +106,7 @@ class RunningNorm(nn.Module):
         update, ``μ ← μ_a + d·n_b/n``, ``M2 ← M2_a + M2_b + d²·n_a·n_b/n`` with ``d = μ_b − μ_a``."""
         if n_b == 0:
             return
+        mean_b, m2_b = mean_b.to(self.mean.device), m2_b.to(self.m2.device)  # a part from another process
         n_a = self.count.item()
         n = n_a + n_b
         d = mean_b - self.mean
