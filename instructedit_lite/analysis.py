@@ -32,8 +32,10 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from .editors import edit_batch
+from .progress import bar_disabled
 from .tasks import task_colors
 
 __all__ = [
@@ -108,9 +110,6 @@ def edit_vector_sets(method, model: torch.nn.Module, tokenizer, records: Iterabl
     if not records:
         raise ValueError("edit_vectors: no records")
 
-    from tqdm.auto import tqdm
-
-    from .progress import bar_disabled
     device = next(model.parameters()).device
     was_training = editor.training
     editor.eval()  # running statistics frozen, as in evaluation

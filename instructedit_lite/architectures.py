@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-__all__ = ["Profile", "GPT2", "LLAMA", "register_profile", "profile_for", "profile_named", "n_blocks"]
+__all__ = ["Profile", "GPT2", "LLAMA", "MISTRAL", "QWEN2", "register_profile", "profile_for", "profile_named", "n_blocks"]
 
 
 @dataclass(frozen=True)
@@ -67,8 +67,13 @@ GPT2 = Profile("gpt2", blocks="transformer.h", mlp="mlp", mlp_in=("c_fc",), mlp_
                activation="gelu_new", gated=False, bos=False, model_types=("gpt2",),
                final_norm="transformer.ln_f")
 LLAMA = Profile("llama", blocks="model.layers", mlp="mlp", mlp_in=("gate_proj", "up_proj"), mlp_out="down_proj",
-                activation="silu", gated=True, bos=True, model_types=("llama", "mistral", "qwen2", "qwen3"),
-                final_norm="model.norm")
+                activation="silu", gated=True, bos=True, model_types=("llama",), final_norm="model.norm")
+# Mistral and Qwen2 keep LLaMA's module names (Qwen2 adds biases to the attention's projections, which
+# no method edits); Qwen2's tokenizer has no BOS token.
+MISTRAL = Profile("mistral", blocks="model.layers", mlp="mlp", mlp_in=("gate_proj", "up_proj"), mlp_out="down_proj",
+                  activation="silu", gated=True, bos=True, model_types=("mistral",), final_norm="model.norm")
+QWEN2 = Profile("qwen2", blocks="model.layers", mlp="mlp", mlp_in=("gate_proj", "up_proj"), mlp_out="down_proj",
+                activation="silu", gated=True, bos=False, model_types=("qwen2", "qwen3"), final_norm="model.norm")
 
 _PROFILES: dict[str, Profile] = {}
 
@@ -80,12 +85,12 @@ def register_profile(profile: Profile) -> Profile:
     return profile
 
 
-register_profile(GPT2)
-register_profile(LLAMA)
+for _profile in (GPT2, LLAMA, MISTRAL, QWEN2):
+    register_profile(_profile)
 
 
 def profile_named(name: str) -> Profile:
-    """A profile by family name (``"gpt2"``, ``"llama"``) or model type."""
+    """A profile by family name (``"gpt2"``, ``"llama"``, ``"mistral"``, ``"qwen2"``) or model type."""
     for profile in _PROFILES.values():
         if profile.name == name:
             return profile

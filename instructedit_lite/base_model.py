@@ -13,6 +13,7 @@ whole configuration and written atomically (a temporary folder renamed into plac
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -22,9 +23,15 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
+from .architectures import n_blocks, profile_for
 from .atomic import atomic_save_dir, building
+from .instructions import DESCRIPTIONS, TEMPLATE
+from .progress import bar_disabled
+from .text import teacher_forced
 from .world import World, WorldConfig
 
 EOS = "<|endoftext|>"
@@ -67,8 +74,6 @@ class BaseModelConfig:
     def key(self) -> str:
         """A hash of the configuration *and* of the text the model is trained on, so a change to
         the world's generator (same config, other corpus) never reuses a stale cached model."""
-        import hashlib
-
         fields = asdict(self)
         if not fields["threads"]:  # the default is left out: the book's key predates the field
             del fields["threads"]
@@ -96,8 +101,6 @@ def tokenizer_training_text(world: World) -> list[str]:
     own) must not silently re-pretrain the model and move every number of the book.  A registered
     task's descriptions are still tokenized (byte-level BPE covers any text), only less compactly.
     """
-    from .instructions import DESCRIPTIONS, TEMPLATE
-
     extra = [TEMPLATE] + [d for ds in DESCRIPTIONS.values() for d in ds]
     return world.corpus + extra
 
@@ -160,9 +163,6 @@ def pretrain(config: BaseModelConfig, *, progress: bool = True):
 
 
 def _pretrain(config: BaseModelConfig, *, progress: bool):
-    from tqdm.auto import tqdm
-    from .progress import bar_disabled
-
     seed_everything(config.seed)
     world = World(config.world)
     tokenizer = train_tokenizer(tokenizer_training_text(world), config.vocab_size)
@@ -207,10 +207,6 @@ def _pretrain(config: BaseModelConfig, *, progress: bool):
 def fact_recall(model, tokenizer, world: World, which: str = "trained", *, batch_size: int = 256):
     """Teacher-forced recall of every known fact, in its trained or held-out phrasings (a DataFrame,
     one row per phrasing: ``exact`` when every answer token is the argmax)."""
-    import pandas as pd
-
-    from .text import teacher_forced
-
     probes = pd.DataFrame(world.recall_probes(which), columns=["subject", "relation", "prompt", "answer"])
     scores = teacher_forced(model, tokenizer, probes["prompt"].tolist(), probes["answer"].tolist(),
                             batch_size=batch_size)
@@ -245,8 +241,6 @@ class BaseModel:
     profile: object = None
 
     def __post_init__(self) -> None:
-        from .architectures import profile_for
-
         if not self.key:
             if self.config is None:
                 raise ValueError("BaseModel: give a cache key (key=...) or an embedded BaseModelConfig")
@@ -268,8 +262,6 @@ class BaseModel:
 
     def weight_names(self, n_last: int = 3) -> list[str]:
         """The paper's default edited weights for this model (MLP matrices of the last blocks)."""
-        from .architectures import n_blocks
-
         return self.profile.edited_weights(n_blocks(self.model, self.profile), n_last)
 
     def as_tuple(self) -> tuple:
@@ -336,8 +328,6 @@ def load_hf_model(name_or_path: str, *, source=None, local_files_only: bool | No
     (``HF_HUB_OFFLINE`` unset or 1): the weights must already be in the local Hugging Face cache
     or at ``name_or_path``.  Set ``local_files_only=False`` on a machine with hub access.
     """
-    import hashlib
-
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if local_files_only is None:

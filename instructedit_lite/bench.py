@@ -21,12 +21,16 @@ from typing import Any, Sequence
 
 import torch
 
+from .base_model import cache_dir, load_base_model
+from .instructions import default_instructions, maybe_instruct
+from .mend import MendEditor, time_edit_vs_forward_backward
+from .text import prompt_target_batch
+from .train import default_config
+
 DEFAULT_NAME = "edit-cost.json"
 
 
 def default_output() -> Path:
-    from .base_model import cache_dir
-
     return cache_dir() / DEFAULT_NAME
 
 
@@ -39,12 +43,6 @@ def edit_cost(base=None, *, repeats: int = 20, mend_config=None, task: str = "co
     has the architecture of :func:`~instructedit_lite.train.default_config` unless
     ``mend_config`` is given.  ``threads`` sets ``torch.set_num_threads`` for the measurement.
     """
-    from .base_model import load_base_model
-    from .instructions import default_instructions, maybe_instruct
-    from .mend import MendEditor, time_edit_vs_forward_backward
-    from .text import prompt_target_batch
-    from .train import default_config
-
     if threads is not None:
         torch.set_num_threads(threads)
     base = base or load_base_model()

@@ -35,6 +35,16 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from . import train as tr
+from .atomic import atomic_write_text
+from .base_model import load_base_model
+from .engine import PrefixEngine, scored_batch
+from .instructions import default_instructions, maybe_instruct
+from .mend import MendConfig, MendEditor, applied, default_weight_names, lm_loss
+from .records import EditRecord, Probe
+from .smollm2 import load_smollm2, smollm2_dir
+from .text import prompt_target_batch
+
 SUBJECTS = ("Danielle Darrieux", "Edwin of Northumbria", "Toko Yasuda", "Autonomous University of Madrid",
             "Thomas Joannes Stieltjes", "Anaal Nathrakh", "Apple A5", "Honda Civic")
 PROMPTS = ("The mother tongue of {} is", "{} was born in the city of", "{} is affiliated with the religion of",
@@ -51,14 +61,9 @@ def load(model_name: str):
     """``(model, tokenizer, edited weight names, key, load seconds)``."""
     start = time.perf_counter()
     if model_name == "smollm2":
-        from .smollm2 import default_weight_names, load_smollm2, smollm2_dir
-
         model, tokenizer = load_smollm2(progress=False)
         names, key = default_weight_names(model), smollm2_dir(progress=False).name
     elif model_name == "embedded":
-        from .base_model import load_base_model
-        from .mend import default_weight_names
-
         base = load_base_model(progress=False)
         model, tokenizer, key = base.model, base.tokenizer, base.path.name
         names = default_weight_names(model)
@@ -69,8 +74,6 @@ def load(model_name: str):
 
 def example_record(i: int = 0):
     """A CounterFact-style record (edit, one rephrase, four locality probes) of realistic length."""
-    from .records import EditRecord, Probe
-
     subject = SUBJECTS[i % len(SUBJECTS)]
     others = [SUBJECTS[(i + k) % len(SUBJECTS)] for k in range(1, 5)]
     return EditRecord(
@@ -109,8 +112,6 @@ def median_time(fn: Callable[[], Any], repeats: int, what: str = "") -> float:
 
 def fwd_bwd_time(model, batch, repeats: int) -> float:
     """One forward+backward of the whole model, every parameter requiring grad."""
-    from .mend import lm_loss
-
     def run():
         lm_loss(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
                 batch["labels"]).backward()
@@ -126,12 +127,6 @@ def fwd_bwd_time(model, batch, repeats: int) -> float:
 def measure(model_name: str = "smollm2", *, repeats: int = 5, ranks: Sequence[int] = (1920, 64),
             threads: int = 2, bf16: bool | None = None) -> dict[str, Any]:
     """Every number of the module docstring, as a dict (bf16 only on bf16 hardware unless ``bf16``)."""
-    from . import train as tr
-    from .engine import PrefixEngine, scored_batch
-    from .instructions import default_instructions, maybe_instruct
-    from .mend import MendConfig, MendEditor, applied
-    from .text import prompt_target_batch
-
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model, tokenizer, names, key, load_s = load(model_name)
@@ -240,8 +235,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = measure(args.model, repeats=args.repeats, ranks=args.ranks, threads=args.threads, bf16=bf16)
     text = json.dumps(result, indent=1)
     if args.out is not None:
-        from .atomic import atomic_write_text
-
         atomic_write_text(args.out, text + "\n")
     print(text)
     if not args.json:

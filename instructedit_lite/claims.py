@@ -30,10 +30,10 @@ import pandas as pd
 
 from . import methods as _methods
 from . import tasks as _tasks
-from .inference import (Assessment, Interval, assess_equivalence, assess_gain, half_sample_interval,  # noqa: F401
-                        holm, tost_pvalue)
-from .paired import (CONVSENT_VIEWS, PAPER_CONVSENT_VIEW, compare, equivalent, paired_cases,  # noqa: F401
-                     paper_average)
+from .inference import (Assessment, Interval, assess_equivalence, assess_gain, half_sample_interval, holm,  # noqa: F401
+                        tost_pvalue)
+from .methods import SINGLE, UNSEEN
+from .paired import CONVSENT_VIEWS, PAPER_CONVSENT_VIEW, compare, equivalent, paired_cases, paper_average  # noqa: F401
 
 # The statistics (instructedit_lite.inference) and the paired comparisons (instructedit_lite.paired)
 # are importable from here too: the chapters call claims.compare, claims.assess_gain and so on.
@@ -189,8 +189,6 @@ def balance_verdict(regularity_balanced: float, regularity_unbalanced: float,
 
 def _unseen_secondary(cases: pd.DataFrame, tasks: Sequence[str], margin: float, seed: int) -> pd.DataFrame:
     """Experiment 3's secondary rows, each an equivalence test, Holm-corrected together."""
-    from .experiments import UNSEEN
-
     rows = []
     for metric in ("generalization", "locality"):
         have = [t for t in tasks if cases.loc[cases.task == t, metric].notna().any()]
@@ -227,8 +225,6 @@ def experiment_claims(cases: pd.DataFrame, *, seed: int = 0, fact_tasks: Sequenc
     editor did not learn (:func:`~instructedit_lite.experiments.methods_not_learned`); a claim that
     compares such a method is "not decided", with the reason in ``"why"``, and its test is still
     shown."""
-    from .experiments import SINGLE, UNSEEN
-
     trainable = list(_tasks.trainable_tasks())
     if fact_tasks is None:
         fact_tasks = [t for t in trainable if not _tasks.is_sentiment(t)]

@@ -6,6 +6,7 @@
     instructedit-lite bench [--model smollm2 --json] [--out FILE] [--repeats N] [--threads T]
     instructedit-lite evaluate --method InstructEdit --task zsre [--split test] [--n 50] [--out FILE.json]
     instructedit-lite reproduce [--smoke] --out DIR [--n N] [--processes P] [--fluency greedy] [--no-generation]
+                                [--wild-tokens N]
     instructedit-lite fetch-data DIR
     instructedit-lite optimize-instructions --model embedded --rounds N --out FILE
                             [--proposer smollm2|http --url URL --api-model NAME]
@@ -103,7 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--fluency-cases", type=int, default=None,
                    help="cases per task scored for fluency (default 5, smoke 1; --model smollm2: 0)")
     r.add_argument("--no-generation", action="store_true",
-                   help="skip generation success (the gen_* columns: greedy answers after each prompt)")
+                   help="skip what the edited model says: the gen_* and wild_* columns")
+    r.add_argument("--wild-tokens", type=int, default=50,
+                   help="WILD answers stop after at most this many new tokens (default 50, the reference's)")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     for command in (t, e, r):
         command.add_argument("--model", default="embedded",
@@ -184,10 +187,9 @@ def _launch_processes(args) -> int:
 
 
 def cmd_train(args, stream) -> int:
-    from .train import records_for, train, train_editor
-
     import torch
 
+    from .train import records_for, train, train_editor
     from .train.processes import current
 
     if args.processes > 1:
@@ -276,14 +278,16 @@ def cmd_reproduce(args, stream) -> int:
 
         results = reproduce_real(args.out, folder=args.data, smoke=args.smoke, seed=args.seed, n_cases=args.n,
                                  processes=args.processes, progress=not args.quiet, fluency=args.fluency,
-                                 fluency_cases=args.fluency_cases, generation=not args.no_generation)
+                                 fluency_cases=args.fluency_cases, generation=not args.no_generation,
+                                 wild_tokens=args.wild_tokens)
         _print_json({"out": str(args.out), "headline": results["headline"], "claims": results["claims"],
                      "timings": results["timings"]}, stream)
         return 0
     base = None if args.model in (None, "embedded") else load_base(args)
     results = reproduce(args.out, smoke=args.smoke, seed=args.seed, n_cases=args.n, processes=args.processes,
                         progress=not args.quiet, base=base, fluency=args.fluency,
-                        fluency_cases=args.fluency_cases, generation=not args.no_generation)
+                        fluency_cases=args.fluency_cases, generation=not args.no_generation,
+                        wild_tokens=args.wild_tokens)
     _print_json({"out": str(args.out), "headline": results["headline"], "timings": results["timings"]}, stream)
     return 0
 

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, fields
 from typing import Any, Mapping
+
+import numpy as np
 
 __all__ = ["Config", "jsonable"]
 
@@ -53,10 +56,6 @@ class Config:
 
 def jsonable(value):
     """``value`` with NaN/inf as None and numpy scalars as Python numbers, for JSON files."""
-    import math
-
-    import numpy as np
-
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, (np.floating, np.integer)):

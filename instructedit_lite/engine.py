@@ -33,13 +33,20 @@ pass there, so one code path serves GPT-2 and LLaMA-style models.
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import os
 from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
+from .architectures import profile_for
 from .atomic import atomic_torch_save
+from .base_model import cache_dir
+from .generation import kv_cache_argument
+from .progress import bar_disabled
 
 IGNORE = -100
 CACHE_FORMAT = 1
@@ -47,8 +54,6 @@ CACHE_FORMAT = 1
 def layout(model: nn.Module) -> tuple[str, str, str]:
     """Module paths of ``(blocks, final norm, LM head)``, from the model's architecture profile
     (:mod:`~instructedit_lite.architectures`); ValueError for an unknown architecture."""
-    from .architectures import profile_for
-
     profile = profile_for(model)
     if not profile.final_norm:
         raise ValueError(f"PrefixEngine: the {profile.name!r} architecture profile names no final norm; "
@@ -261,10 +266,6 @@ class PrefixEngine(nn.Module):
 
     def cache_path(self) -> "os.PathLike":
         """Where :meth:`PrefixCache.save` should put this engine's states: the project cache, by key."""
-        import hashlib
-
-        from .base_model import cache_dir
-
         return cache_dir() / f"prefix-states-{hashlib.sha256(self.cache.key.encode()).hexdigest()[:12]}.pt"
 
     # -- the two stopped passes through the model ------------------------------------------
@@ -285,8 +286,6 @@ class PrefixEngine(nn.Module):
                 if past_key_values is None:
                     self.full_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
                 else:
-                    from .generation import kv_cache_argument
-
                     self.full_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True,
                                     **{kv_cache_argument(self.full_model): past_key_values})
         except _Stop:
@@ -305,9 +304,6 @@ class PrefixEngine(nn.Module):
         (:func:`shared_groups`) and their common beginning runs once: its keys and values are
         kept and every row of the group runs only its own remaining tokens on top of them.
         """
-        from tqdm.auto import tqdm
-        from .progress import bar_disabled
-
         self.check_prefix()
         todo = sorted({tuple(int(t) for t in r) for r in rows} - self.cache.rows.keys())
         groups, alone = [], []
@@ -340,8 +336,6 @@ class PrefixEngine(nn.Module):
 
     def _precompute_chunk(self, chunk: list[tuple[int, ...]], shared: int, past) -> None:
         """Cache the rows of ``chunk``; with ``past``, they run only their tokens after ``shared``."""
-        import copy
-
         device = self.head.weight.device
         width = max(len(r) for r in chunk) - shared
         ids = torch.zeros(len(chunk), width, dtype=torch.long, device=device)

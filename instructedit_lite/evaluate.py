@@ -34,6 +34,11 @@ gen_reliability     greedy answer begins with ``target_new``   (none: NaN)
 gen_generalization  the same after each rephrase (mean)        (none: NaN)
 gen_portability     greedy answer begins with an alias         (none: NaN)
 gen_locality        greedy locality answer unchanged           (none: NaN)
+wild_reliability    WILD answer is ``target_new`` (exact)      (none: NaN)
+wild_generalization the same after each rephrase (mean)        (none: NaN)
+wild_portability    WILD answer is an alias (exact)            (none: NaN)
+wild_locality       WILD locality answer unchanged             (none: NaN)
+wild_contains_*     WILD answer contains the answer            (none: NaN)
 fluency             n-gram entropy of generated text           the same
 ==================  ========================================  ==========================================
 
@@ -50,7 +55,18 @@ share of locality prompts whose greedy answer (as many tokens as the probe's ans
 token for token after the edit.  A greedy answer whose tokens are the target's is exactly a
 teacher-forced exact match, so ``gen_reliability ≥ reliability_em`` up to ties in the argmax;
 it is higher when the model says the answer in other tokens or letter case.  ConvSent's
-answers are free text with a sentiment, which no cheap rule judges honestly: its ``gen_*`` are NaN.
+answers are free text with a sentiment, which no cheap rule judges honestly: its ``gen_*`` and
+``wild_*`` are NaN.
+
+**WILD** (``wild_*``, "The Mirage of Model Editing", Yang et al. 2025, as EasyEdit runs it) is the
+field's current protocol and the strictest view: the model decodes greedily until it writes a
+stop (``.``, a newline, an end token) or :data:`~instructedit_lite.generation.WILD_MAX_TOKENS`
+tokens; the text before the stop is its answer, which counts only when it *equals* an acceptable
+answer after SQuAD's normalisation (:func:`~instructedit_lite.generation.exact_answer`): "Paris,
+the capital" does not count for "Paris".  ``wild_contains_*`` is the lenient secondary (the answer
+contains one as whole words); ``wild_locality`` the share of locality prompts whose WILD answer is
+unchanged by the edit, token for token through its stop.  WILD runs with ``generation`` and
+``wild_tokens`` (the cap; 0 turns it off).
 
 ES (edit success) is the reference's (EasyEdit ``evaluate_utils.es``):
 ``σ(ℓ⁺ − ℓ⁻) · min(1, exp(ℓ⁺ − ℓ⁺_pre))``, with ``ℓ⁺``/``ℓ⁻`` the mean log-probability per token
@@ -75,30 +91,27 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from . import metrics
 from .editors import Editor
 from .engine import PrefixEngine, scored_batch
-from .generation import (begins_with, case_generator, decided, greedy_text, greedy_tokens_within,
-                         sample_text)
+from .generation import (WILD_MAX_TOKENS, begins_with, case_generator, contains_answer, decided, exact_answer,
+                         greedy_text, greedy_tokens_within, sample_text, wild_answers, wild_tokens)
 from .parallel import map_in_processes
+from .progress import bar_disabled
 from .records import EditRecord
-from .tasks import is_sentiment
-from .text import model_inputs, prompt_target_batch
 # The tables, files and intervals made from the per-case table live in :mod:`.tables`; the names stay
 # importable from here, where the chapters import them.
-from .tables import average_over_tasks, nested, paired_difference, summarize, timed, write_results
+from .tables import (GEN_METRICS, METRICS, WILD_METRICS, average_over_tasks, nested, paired_difference,  # noqa: F401
+                     summarize, timed, write_results)
+from .tasks import is_sentiment, task_names
+from .text import model_inputs, prompt_target_batch
 
-__all__ = ["METRICS", "GEN_METRICS", "FLUENCY_MODES", "GEN_EXTRA_TOKENS", "evaluate_case", "evaluate_methods",
+__all__ = ["METRICS", "GEN_METRICS", "WILD_METRICS", "locality_wild", "FLUENCY_MODES", "GEN_EXTRA_TOKENS", "evaluate_case", "evaluate_methods",
            "summarize", "average_over_tasks", "write_results", "locality_rows", "locality_greedy", "generate",
            "nested", "timed", "paired_difference"]
 
-#: Generation-success columns (greedy decoding, chapter 5).
-GEN_METRICS = ("gen_reliability", "gen_generalization", "gen_portability", "gen_locality")
-#: Metric columns of the per-case table, in display order.
-METRICS = ("reliability", "reliability_em", "token_accuracy", "generalization", "generalization_em",
-           "generalization_ref", "portability",
-           "portability_em", "locality", "drawdown", *GEN_METRICS, "fluency")
 #: How fluency text is produced and scored: EasyEdit's ``generate_fast`` convention, or greedy.
 FLUENCY_MODES = ("easyedit", "greedy")
 #: Greedy tokens decoded beyond an answer's own length (its tokens in context may differ).
@@ -250,6 +263,35 @@ def _gen_scores(model, tokenizer, rec: EditRecord, pre_greedy) -> dict[str, floa
     return out
 
 
+def locality_wild(model, tokenizer, record: EditRecord, *, max_tokens: int = WILD_MAX_TOKENS,
+                  before: list[list[int] | None] | None = None) -> list[list[int] | None] | None:
+    """The WILD token ids of each locality probe's answer (None for ConvSent, as
+    :func:`locality_greedy`); with ``before``, a row stops at its first token that differs."""
+    if is_sentiment(record.task) or not record.locality_probes:
+        return None
+    return wild_tokens(model, tokenizer, [p.prompt for p in record.locality_probes], max_tokens=max_tokens,
+                       before=before)
+
+
+def _wild_scores(model, tokenizer, rec: EditRecord, pre_wild, max_tokens: int) -> tuple[dict[str, float], str | None]:
+    """The ``wild_*`` columns and the WILD answer to the edit prompt."""
+    out = dict.fromkeys(WILD_METRICS, math.nan)
+    if is_sentiment(rec.task):
+        return out, None
+    rows = _gen_rows(rec)
+    said = wild_answers(model, tokenizer, [p for _, p, _ in rows], max_tokens=max_tokens)
+    for kind in ("reliability", "generalization", "portability"):
+        pairs = [(a, answers) for (k, _, answers), a in zip(rows, said) if k == kind and a is not None]
+        if pairs:
+            out[f"wild_{kind}"] = float(np.mean([exact_answer(a, answers) for a, answers in pairs]))
+            out[f"wild_contains_{kind}"] = float(np.mean([contains_answer(a, answers) for a, answers in pairs]))
+    if pre_wild is not None:
+        post = locality_wild(model, tokenizer, rec, max_tokens=max_tokens, before=pre_wild)
+        same = [a == b for a, b in zip(pre_wild, post) if a is not None and b is not None]
+        out["wild_locality"] = float(np.mean(same)) if same else math.nan
+    return out, said[0]
+
+
 def _fluency(model, tokenizer, rec: EditRecord, record: EditRecord, tokens: int, mode: str, seed: int):
     if mode == "easyedit":
         text = sample_text(model, tokenizer, rec.prompt, max_out_len=tokens,
@@ -260,13 +302,16 @@ def _fluency(model, tokenizer, rec: EditRecord, record: EditRecord, tokens: int,
 
 
 def evaluate_case(method: Editor, model, tokenizer, record: EditRecord, *, pre_locality=None,
-                  pre_greedy=None, fluency_tokens: int = 0, fluency: str = "easyedit", generation: bool = True,
-                  seed: int = 0, pre_cache: dict | None = None) -> dict[str, Any]:
+                  pre_greedy=None, pre_wild=None, fluency_tokens: int = 0, fluency: str = "easyedit", generation: bool = True,
+                  wild_tokens: int = WILD_MAX_TOKENS, seed: int = 0, pre_cache: dict | None = None) -> dict[str, Any]:
     """One test case: edit, score, undo.
 
-    ``pre_locality`` / ``pre_greedy``: the unedited model's logits on :func:`locality_rows` and its
-    ``locality_greedy`` answers (computed here if not given).  ``generation``: also score
-    generation success (``gen_*``).  ``fluency_tokens > 0`` also scores fluency on text generated
+    ``pre_locality`` / ``pre_greedy`` / ``pre_wild``: the unedited model's logits on
+    :func:`locality_rows`, its :func:`locality_greedy` and its :func:`locality_wild` answers
+    (computed here if not given).  ``generation``: also score what the edited model says, by
+    generation success (``gen_*``) and WILD (``wild_*``; its answer to the edit prompt in the
+    ``wild_answer`` column), whose answers stop after at most ``wild_tokens`` new tokens (0: no
+    WILD columns).  ``fluency_tokens > 0`` also scores fluency on text generated
     after the edit prompt: ``fluency="easyedit"`` samples until prompt and text hold that many
     tokens, from a generator seeded by ``seed`` and the case; ``"greedy"`` adds that many greedy
     tokens.  ``pre_cache``: a dict shared by the methods of one record, where the unedited
@@ -280,6 +325,9 @@ def evaluate_case(method: Editor, model, tokenizer, record: EditRecord, *, pre_l
         pre_locality = _forward(model, tokenizer, loc_rows)[0]
     if generation and pre_greedy is None:
         pre_greedy = locality_greedy(model, tokenizer, record)
+    wild = generation and wild_tokens > 0
+    if wild and pre_wild is None:
+        pre_wild = locality_wild(model, tokenizer, record, max_tokens=wild_tokens)
     sentiment = is_sentiment(record.task)
     score_rows = _convsent_rows(rec) if sentiment else _fact_rows(rec)
     kinds = [k for k, _, _ in score_rows]
@@ -295,6 +343,8 @@ def evaluate_case(method: Editor, model, tokenizer, record: EditRecord, *, pre_l
         logits, labels = _forward(model, tokenizer, score_pairs)
         post_locality, loc_labels = _forward(model, tokenizer, loc_rows)
         gen = _gen_scores(model, tokenizer, rec, pre_greedy) if generation else dict.fromkeys(GEN_METRICS, math.nan)
+        wild_scores, said = (_wild_scores(model, tokenizer, rec, pre_wild, wild_tokens) if wild
+                             else (dict.fromkeys(WILD_METRICS, math.nan), None))
         text, fluency_score = (_fluency(model, tokenizer, rec, record, fluency_tokens, fluency, seed)
                                if fluency_tokens else (None, math.nan))
     scores = (_convsent_scores if sentiment else _fact_scores)(kinds, logits, labels, pre_scores)
@@ -305,30 +355,28 @@ def evaluate_case(method: Editor, model, tokenizer, record: EditRecord, *, pre_l
     scores["locality"] = float(metrics.agreement(pre_locality, post_locality, loc_labels).mean())
     scores["drawdown"] = float(metrics.drawdown(pre_locality, post_locality, loc_labels).mean())
     scores.update(gen)
+    scores.update(wild_scores)
     scores["fluency"] = fluency_score
     return {"method": method.name, "task": record.task, "case": record.index, "subject": record.subject,
-            **{m: scores[m] for m in METRICS}, "edit_seconds": info.seconds, "generated": text,
+            **{m: scores[m] for m in METRICS}, "edit_seconds": info.seconds, "generated": text, "wild_answer": said,
             **{f"detail:{k}": v for k, v in info.details.items()}}
 
 
 def evaluate_methods(methods: Sequence[Editor], model, tokenizer, records: Mapping[str, Sequence[EditRecord]] | Sequence[EditRecord],
                      *, fluency_cases: int = 0, fluency_tokens: int = 100, fluency: str = "easyedit",
-                     generation: bool = True, seed: int = 0, progress: bool = True,
-                     processes: int = 1) -> pd.DataFrame:
+                     generation: bool = True, wild_tokens: int = WILD_MAX_TOKENS, seed: int = 0,
+                     progress: bool = True, processes: int = 1) -> pd.DataFrame:
     """Every method on every record (task → records, or a flat list), one row per method × case.
 
     Records are the outer loop so that the unedited model's locality logits and greedy answers
     are computed once per record and shared by all methods.  The model's weights are checked to
     be the original ones after every case (a leaked edit would corrupt every later number).
-    ``generation`` (generation success, on by default), ``fluency`` and ``seed``: as in
-    :func:`evaluate_case`; fluency is scored on the first ``fluency_cases`` records of each task.
+    ``generation`` (generation success and WILD, on by default), ``wild_tokens``, ``fluency`` and
+    ``seed``: as in :func:`evaluate_case`; fluency is scored on the first ``fluency_cases`` records of each task.
     ``processes > 1``: the records are shared out over that many worker processes of one thread
     each (:func:`~instructedit_lite.parallel.map_in_processes`); every case depends only on the
     record, the method and the seed, so the table is the same, row for row.
     """
-    from tqdm.auto import tqdm
-    from .progress import bar_disabled
-
     if isinstance(records, Mapping):
         records = [r for recs in records.values() for r in recs]
     names = [m.name for m in methods]
@@ -342,7 +390,8 @@ def evaluate_methods(methods: Sequence[Editor], model, tokenizer, records: Mappi
         n_task = seen_per_task.get(record.task, 0)
         seen_per_task[record.task] = n_task + 1
         items.append((position, record, n_task < fluency_cases))
-    options = dict(fluency_tokens=fluency_tokens, fluency=fluency, generation=generation, seed=seed)
+    options = dict(fluency_tokens=fluency_tokens, fluency=fluency, generation=generation, wild_tokens=wild_tokens,
+                   seed=seed)
     if processes > 1 and len(items) > 1:
         # one interleaved slice per process: each task's records spread evenly over the workers,
         # and the model (540 MB for SmolLM2) is copied to each worker once
@@ -362,8 +411,6 @@ def _evaluate_records(methods: Sequence[Editor], model, tokenizer, items, option
                       bar=None) -> list[tuple[int, int, dict[str, Any]]]:
     """The cases of ``items`` (position, record, with fluency): ``(position, method index, row)``."""
     if in_worker:  # a fresh process knows the built-in tasks only
-        from .tasks import task_names
-
         unknown = sorted({r.task for _, r, _ in items} - set(task_names()))
         if unknown:
             raise ValueError(f"evaluate_methods: tasks {unknown} were registered at run time and are unknown "
@@ -374,10 +421,12 @@ def _evaluate_records(methods: Sequence[Editor], model, tokenizer, items, option
     for position, record, with_fluency in items:
         pre = _forward(model, tokenizer, locality_rows(record))[0]
         pre_greedy = locality_greedy(model, tokenizer, record) if options["generation"] else None
+        wild = options["generation"] and options["wild_tokens"] > 0
+        pre_wild = locality_wild(model, tokenizer, record, max_tokens=options["wild_tokens"]) if wild else None
         pre_cache: dict = {}
         for i, method in enumerate(methods):
             row = evaluate_case(method, model, tokenizer, record, pre_locality=pre, pre_greedy=pre_greedy,
-                                pre_cache=pre_cache,
+                                pre_wild=pre_wild, pre_cache=pre_cache,
                                 **{**options, "fluency_tokens": fluency_tokens if with_fluency else 0})
             rows.append((position, i, row))
             if bar is not None:

@@ -17,21 +17,32 @@ reproduces exactly what the book shows:
 
 from __future__ import annotations
 
+import json
+import platform
+import time
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import pandas as pd
+import torch
 
 from . import methods as _methods
 from . import tasks as _tasks
+from .atomic import atomic_write_text
+from .base_model import base_config, load_base_model
+from .claims import claim_rows, claims_json, experiment_claims
+from .config import jsonable as _jsonable
 from .editors import Editor, PerTaskMethod
 from .evaluate import average_over_tasks, evaluate_methods, summarize
-from .figure4 import (ANALYSIS_STEPS, BALANCE_STEPS, BALANCED, UNBALANCED, balance_configs,  # noqa: F401
-                      fact_edits, paper_weights, scaling_configs)
+from .figure4 import (ANALYSIS_STEPS, BALANCE_STEPS, BALANCED, UNBALANCED, balance_configs, fact_edits,  # noqa: F401
+                      paper_weights, scaling_configs)
+from .generation import WILD_MAX_TOKENS
 from .instructions import InstructionSet, default_instructions
 from .methods import SINGLE, UNSEEN, MethodContext
 from .records import EditRecord, Probe
-from .train import TrainConfig, TrainedEditor
+from .tables import nested
+from .train import TrainConfig, TrainedEditor, learning_problem, train_editors
 
 __all__ = ["editor_configs", "scaling_configs", "balance_configs", "ANALYSIS_STEPS", "BALANCE_STEPS", "fact_edits",
            "paper_weights", "UNBALANCED", "BALANCED",
@@ -64,8 +75,6 @@ def methods_not_learned(trained: Mapping[str, TrainedEditor]) -> dict[str, str]:
     """Method → why one of its editors did not learn (:func:`~instructedit_lite.train.learning_problem`),
     for every registered method whose editors are all in ``trained``; a method whose editors
     learned is not listed."""
-    from .train import learning_problem
-
     problems = {name: learning_problem(t) for name, t in trained.items()}
     out = {}
     for method in _methods.registered():
@@ -80,8 +89,6 @@ def methods_not_learned(trained: Mapping[str, TrainedEditor]) -> dict[str, str]:
 def not_learned_among(trained: Mapping[str, TrainedEditor], names: Sequence[str]) -> dict[str, str]:
     """Editor name → why it did not learn (the name first), for the ``names`` of ``trained`` that
     did not (a rule of Figure 4 is not decided on them)."""
-    from .train import learning_problem
-
     problems = {n: learning_problem(trained[n]) for n in names}
     return {n: f"{n}: {p}" for n, p in problems.items() if p}
 
@@ -238,21 +245,21 @@ def _held_out_label() -> str:
 
 
 def _claims_markdown(claims: Mapping[str, Any]) -> str:
-    from .claims import claim_rows
-
     why = [f"- {key}: not decided. {c['why']}" for key, c in claims.items() if c.get("why")]
     return "\n\n".join([_markdown(claim_rows(claims)), *(["Editors that did not learn:", "\n".join(why)] if why else [])])
 
 
 RESULT_COLUMNS = ["reliability", "generalization", "locality", "portability", "fluency"]
-#: Teacher-forced columns beside their generation-success counterparts (results.md).
-GENERATION_COLUMNS = ["reliability", "reliability_em", "gen_reliability", "generalization", "gen_generalization",
-                      "portability", "gen_portability", "locality", "gen_locality"]
+#: Teacher-forced columns beside their generation-success and WILD counterparts (results.md).
+GENERATION_COLUMNS = ["reliability", "reliability_em", "gen_reliability", "wild_reliability", "generalization",
+                      "gen_generalization", "wild_generalization", "portability", "gen_portability", "wild_portability",
+                      "locality", "gen_locality", "wild_locality"]
 
 
 def reproduce(out_dir, *, smoke: bool = False, seed: int = 0, n_cases: int | None = None,
               processes: int | None = None, progress: bool = True, base=None,
               fluency_cases: int | None = None, fluency: str = "easyedit", generation: bool = True,
+              wild_tokens: int = WILD_MAX_TOKENS,
               trained: Mapping[str, TrainedEditor] | None = None, methods: Mapping[str, Editor] | None = None,
               records: Mapping[str, list[EditRecord]] | None = None, base_key: str | None = None,
               timings: Mapping[str, float] | None = None) -> dict[str, Any]:
@@ -260,27 +267,14 @@ def reproduce(out_dir, *, smoke: bool = False, seed: int = 0, n_cases: int | Non
     :class:`~instructedit_lite.base_model.BaseModel`; default: the embedded model of world ``seed``):
     train (or load) the editors, evaluate every registered method, and write ``out_dir/results.json``,
     ``out_dir/results.md`` and the per-case table ``out_dir/cases.csv`` (each written atomically), with
-    the teacher-forced and the generation-success columns (``generation``), fluency by the
+    the teacher-forced, the generation-success and the WILD columns (``generation``; WILD answers of
+    at most ``wild_tokens`` tokens), fluency by the
     ``fluency`` convention (``instructedit_lite.evaluate.FLUENCY_MODES``) and the verdicts of
     experiments 1-3 (:func:`~instructedit_lite.claims.experiment_claims`).  ``trained``,
     ``methods``, ``records`` (and ``base_key``, ``timings`` already spent): given by a caller that
     prepared them (the real model: :func:`~instructedit_lite.real_experiments.reproduce_real`).
     ``processes``: editors trained, and with ``methods`` given cases evaluated, that many at a time.
     Returns the results dictionary."""
-    import json
-    import platform
-    import time
-    from pathlib import Path
-
-    import torch
-
-    from .atomic import atomic_write_text
-    from .base_model import base_config, load_base_model
-    from .claims import claims_json, experiment_claims
-    from .config import jsonable as _jsonable
-    from .tables import nested
-    from .train import learning_problem, train_editors
-
     out = Path(out_dir)
     n_cases = n_cases or (N_CASES_SMOKE if smoke else N_CASES)
     timings = dict(timings or {})
@@ -305,7 +299,7 @@ def reproduce(out_dir, *, smoke: bool = False, seed: int = 0, n_cases: int | Non
     if fluency_cases is None:  # generation is the slow part: one case per task in smoke mode
         fluency_cases = 1 if smoke else min(FLUENCY_CASES, n_cases)
     cases = main_evaluation(methods, base, records, fluency_cases=fluency_cases, progress=progress,
-                            fluency=fluency, generation=generation, seed=seed, **parallel)
+                            fluency=fluency, generation=generation, wild_tokens=wild_tokens, seed=seed, **parallel)
     timings["evaluation_s"] = time.perf_counter() - start
     per_method_seconds = cases.groupby("method")["edit_seconds"].mean()
 
@@ -317,6 +311,7 @@ def reproduce(out_dir, *, smoke: bool = False, seed: int = 0, n_cases: int | Non
     results = {
         "settings": {"smoke": smoke, "seed": seed, "cases_per_task": n_cases, "base_model": base_key or base.key,
                      "fluency": fluency, "fluency_cases": fluency_cases, "generation_success": generation,
+                     "wild_tokens": wild_tokens if generation else 0,
                      "editors": {name: {"config_key": t.config.key(), "train_seconds": t.summary["train_seconds"],
                                         "loaded_from_cache": t.loaded, "best_step": t.summary["best_step"],
                                         "did_not_learn": learning_problem(t)} for name, t in trained.items()},
@@ -335,11 +330,12 @@ def reproduce(out_dir, *, smoke: bool = False, seed: int = 0, n_cases: int | Non
         f"({'top-5 sampling, 100 tokens counting the prompt' if fluency == 'easyedit' else '100 greedy tokens'}).",
         "## Multi-task editing (Table 3 analogue)", _markdown(multi[RESULT_COLUMNS]),
         f"## Hold-out editing ({_held_out_label()}, no editor trained on it)", _markdown(hold[RESULT_COLUMNS]),
-        "## Teacher-forced against generation success (multi-task editing)",
+        "## Teacher-forced against generation success and WILD (multi-task editing)",
         "`gen_*`: the greedy answer begins with the target (locality: the greedy answer is unchanged); "
-        "ConvSent has none. ConvSent's reliability is its ES; `token_accuracy` is the paper's ConvSent column.",
+        f"`wild_*`: the answer decoded until a stop (at most {wild_tokens} tokens) is the target after "
+        "normalisation (locality: unchanged); ConvSent has none. ConvSent's reliability is its ES; `token_accuracy` is the paper's ConvSent column.",
         _markdown(multi[GENERATION_COLUMNS + ["token_accuracy"]]),
-        f"## Hold-out editing, generation success ({_held_out_label()})", _markdown(hold[GENERATION_COLUMNS]),
+        f"## Hold-out editing, generation success and WILD ({_held_out_label()})", _markdown(hold[GENERATION_COLUMNS]),
         "## Unseen instructions", _markdown(unseen[["reliability", "generalization", "locality"]]),
         "## The paper's claims (tests: instructedit_lite.claims; the interval is 95% for a gain, 90% for "
         "an equivalence; mde: the smallest effect found with 80% power)", _claims_markdown(claims),

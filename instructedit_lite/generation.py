@@ -10,6 +10,10 @@ written for.
 * :func:`greedy_tokens`: ``n`` greedy tokens after each prompt, all prompts in one batch;
   :func:`greedy_tokens_within` the same, skipping prompts too long for the context;
 * :func:`normalize` and :func:`begins_with`: the answer check of *generation success*;
+* :func:`wild_answers`: WILD decoding (the field's current protocol, "The Mirage of Model Editing",
+  Yang et al. 2025, in EasyEdit): greedy until a stop string (``.`` or a newline), an end token or
+  :data:`WILD_MAX_TOKENS`, the text before the stop being the answer; :func:`exact_answer` and
+  :func:`contains_answer` judge it after :func:`answer_normalize` (SQuAD's normalisation);
 * :func:`sample_text`: EasyEdit's ``generate_fast`` convention for fluency (top-k sampling from a
   seeded ``torch.Generator``, the prompt counted in the token budget and returned with the
   continuation); :func:`greedy_text` the greedy alternative.
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import re
 import string
 import zlib
 from typing import Callable, Iterator, Sequence
@@ -26,8 +31,13 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 __all__ = ["greedy_tokens", "greedy_tokens_within", "kv_cache_argument", "normalize", "begins_with", "sample_text",
-           "greedy_text", "case_generator",
-           "no_cache_growth", "decided"]
+           "greedy_text", "case_generator", "no_cache_growth", "decided", "WILD_MAX_TOKENS", "WILD_STOPS",
+           "wild_answers", "wild_tokens", "wild_text", "wild_answer", "answer_normalize", "exact_answer", "contains_answer"]
+
+#: WILD decoding's cap on new tokens (EasyEdit's WILD evaluation: ``max_new_tokens=50``).
+WILD_MAX_TOKENS = 50
+#: The strings that end a WILD answer (with the tokenizer's special tokens, e.g. end of text).
+WILD_STOPS = (".", "\n")
 
 
 def _device(model) -> torch.device:
@@ -194,6 +204,70 @@ def decided(generated: str, answers: Sequence[str]) -> bool:
     text = normalize(generated)
     normalized = [a for a in map(normalize, answers) if a]
     return any(text.startswith(a) for a in normalized) or not any(a.startswith(text) for a in normalized)
+
+
+def wild_answer(text: str) -> str:
+    """The answer in a WILD continuation: the text before its first stop string (:data:`WILD_STOPS`),
+    surrounding whitespace removed.  As in the reference, any ``.`` stops it ("St. Louis" ends at "St")."""
+    cut = min((i for i in (text.find(s) for s in WILD_STOPS) if i >= 0), default=len(text))
+    return text[:cut].strip()
+
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+
+
+def answer_normalize(text: str) -> str:
+    """SQuAD's answer normalisation (the WILD evaluation's): lower case, punctuation removed, the
+    articles a/an/the removed, whitespace collapsed."""
+    text = "".join(ch for ch in text.lower() if ch not in string.punctuation)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def exact_answer(answer: str, answers: Sequence[str]) -> bool:
+    """WILD's exact match: the normalised answer equals one normalised acceptable answer."""
+    said = answer_normalize(answer)
+    return any(said == answer_normalize(a) for a in answers if answer_normalize(a))
+
+
+def contains_answer(answer: str, answers: Sequence[str]) -> bool:
+    """The secondary, lenient match: one normalised acceptable answer appears in the normalised
+    answer as whole words ("born in Paris" contains "Paris"; "Parisian" does not)."""
+    said = f" {answer_normalize(answer)} "
+    return any(f" {a} " in said for a in map(answer_normalize, answers) if a)
+
+
+def wild_tokens(model, tokenizer, prompts: Sequence[str], *, max_tokens: int = WILD_MAX_TOKENS,
+                before: Sequence[list[int] | None] | None = None) -> list[list[int] | None]:
+    """WILD decoding: the greedy token ids after each prompt, all prompts in one batch
+    (:func:`greedy_tokens_within`), each row ending with its first stop string (:data:`WILD_STOPS`)
+    or special token (end of text), after ``max_tokens`` new tokens, or where the context ends.
+    ``None`` for a prompt that leaves no room for a token.  With ``before`` (the same prompts'
+    tokens from the unedited model), a row also ends at its first token that differs from them:
+    whether a locality answer is unchanged is then decided."""
+    limit = _context_limit(_decoder(model))
+    lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    counts = [max(1, min(max_tokens, limit - n)) for n in lengths]
+    special = set(tokenizer.all_special_ids)
+
+    def stop(i: int, ids: list[int]) -> bool:
+        if before is not None and before[i] is not None and ids != before[i][:len(ids)]:
+            return True
+        return ids[-1] in special or any(s in tokenizer.decode(ids[-4:]) for s in WILD_STOPS)
+
+    return greedy_tokens_within(model, tokenizer, prompts, counts, stop=stop)
+
+
+def wild_text(tokenizer, ids: list[int]) -> str:
+    """The WILD answer of decoded ``ids``: the text before the first special token and stop string."""
+    special = set(tokenizer.all_special_ids)
+    cut = next((k for k, t in enumerate(ids) if t in special), len(ids))
+    return wild_answer(tokenizer.decode(ids[:cut]))
+
+
+def wild_answers(model, tokenizer, prompts: Sequence[str], *, max_tokens: int = WILD_MAX_TOKENS) -> list[str | None]:
+    """The WILD answer the model gives after each prompt (:func:`wild_tokens`, :func:`wild_text`)."""
+    return [None if ids is None else wild_text(tokenizer, ids)
+            for ids in wild_tokens(model, tokenizer, prompts, max_tokens=max_tokens)]
 
 
 def case_generator(seed: int, *keys) -> torch.Generator:

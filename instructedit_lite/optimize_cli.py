@@ -9,16 +9,24 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from .instructions import InstructionSet
+import torch
+
+from .base_model import base_config, cache_dir, load_base_model
+from .experiments import editor_configs
+from .instructions import InstructionSet, default_instructions
 from .optimize import SearchConfig, TrialEditor, optimize_instructions, search_records, write_instruction_file
-from .proposers import Proposer
+from .proposers import HTTPChatProposer, LocalChatProposer, Proposer, load_smollm2_chat
+from .real_editors import real_editor_configs, train_real_editors
+from .real_experiments import evaluator
+from .real_model import load_real_model, missing
+from .tasks import is_sentiment, task_names
+from .train import train_editor
+
 
 #: The tasks the real-model search covers by default: a ConvSent record costs about ten fact
 #: records to score on SmolLM2 (21 response rows through the vocabulary head; chapter 10 measures
 #: it), so it joins only with ``--tasks`` (and chapter 10's ``full = True``).
 def _fact_tasks() -> tuple[str, ...]:
-    from .tasks import is_sentiment, task_names
-
     return tuple(t for t in task_names() if not is_sentiment(t))
 
 
@@ -32,9 +40,6 @@ def embedded_trial(base, trained, config: SearchConfig, start: InstructionSet | 
     of the embedded base model, scoring on :func:`~instructedit_lite.optimize.search_records`; its scores are
     cached under
     :func:`~instructedit_lite.base_model.cache_dir`."""
-    from .base_model import cache_dir
-    from .instructions import default_instructions
-
     key = f"{base.config.key()}-{trained.config.key()}"
     return TrialEditor(trained.editor, base.model, base.tokenizer, search_records(base.world, config),
                        start or default_instructions(), key=key,
@@ -47,9 +52,6 @@ def real_trial(real, trained, config: SearchConfig, start: InstructionSet | None
     :class:`~instructedit_lite.real_model.RealModel`), editing through the frozen-prefix engine;
     the search records are the val split of the published files after the editor's own validation
     records (``config.skip`` must not be smaller: checked).  Start: the data's instructions."""
-    from .base_model import cache_dir
-    from .real_experiments import evaluator
-
     if config.skip < trained.config.n_val:
         raise ValueError(f"real_trial: config.skip={config.skip} would search on the {trained.config.n_val} val "
                          "records that picked the editor's checkpoint; use skip >= the editor's n_val")
@@ -64,8 +66,6 @@ def make_proposer(kind: str = "smollm2", *, url: str | None = None, model: str |
     """``"smollm2"``: :class:`~instructedit_lite.proposers.LocalChatProposer` on SmolLM2-135M-Instruct
     (loaded on its first proposal, so a fully cached rerun never loads it); ``"http"``: an
     OpenAI-compatible endpoint (``url``, ``model``)."""
-    from .proposers import HTTPChatProposer, LocalChatProposer, load_smollm2_chat
-
     if kind == "smollm2":
         return LocalChatProposer(loader=load_smollm2_chat, name="SmolLM2-135M-Instruct")
     if kind == "http":
@@ -101,20 +101,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def cmd_optimize_instructions(args, stream=None) -> int:
     """Body of ``instructedit-lite optimize-instructions``: search, write ``--out``, print a JSON summary."""
-    import torch
-
-    from .base_model import base_config, cache_dir, load_base_model
-    from .experiments import editor_configs
-    from .train import train_editor
-
     torch.set_num_threads(1)
     tasks = tuple(args.tasks) if args.tasks else (REAL_TASKS if args.model == "smollm2" else SearchConfig.tasks)
     config = SearchConfig(rounds=args.rounds, candidates=args.candidates, patience=args.patience,
                           n_val=args.n_val, seed=args.seed, tasks=tasks)
     if args.model == "smollm2":
-        from .real_editors import real_editor_configs, train_real_editors
-        from .real_model import load_real_model, missing
-
         if missing(args.data):
             raise ValueError("--model smollm2 needs: " + " | ".join(missing(args.data)))
         real = load_real_model(args.data, args.seed, progress=not args.quiet)

@@ -9,8 +9,16 @@ depends only on its own inputs and seeds, so the results are those of running th
 
 from __future__ import annotations
 
+import concurrent.futures as cf
+import multiprocessing
 import os
+import pickle
 from typing import Any, Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .progress import bar_disabled
 
 __all__ = ["cores", "map_in_processes"]
 
@@ -22,10 +30,6 @@ def cores() -> int:
 
 
 def _call(fn: Callable, threads: int, payload: bytes) -> Any:
-    import pickle
-
-    import torch
-
     torch.set_num_threads(threads)
     return fn(*pickle.loads(payload))
 
@@ -41,13 +45,6 @@ def map_in_processes(fn: Callable, jobs: Sequence[tuple], processes: int, *, thr
     each job's tensors are copies (never memory shared with this process or another job).
     A worker's error is raised here.  ``weights`` (one per job) drive the tqdm bar.
     """
-    import concurrent.futures as cf
-    import multiprocessing
-    import pickle
-
-    from tqdm.auto import tqdm
-
-    from .progress import bar_disabled
     weights = list(weights) if weights is not None else [1] * len(jobs)
     results: list[Any] = [None] * len(jobs)
     # spawn, not fork: a forked child of a process that already ran torch's thread pool can hang.

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import pandas as pd
 
+from .methods import method_colors
+from .tasks import is_sentiment, task_colors
+
+
 def __getattr__(name: str):
     # ``METHOD_COLORS`` (one colour per editing method, colour-blind safe, Okabe-Ito based) and
     # ``TASK_COLORS`` come from the method and task registries, read on every access (PEP 562).
     if name == "METHOD_COLORS":
-        from .methods import method_colors
-
         return method_colors()
     if name == "TASK_COLORS":
-        from .tasks import task_colors
-
         return task_colors()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
@@ -40,7 +40,6 @@ def record_table(record, title: str | None = None) -> pd.DataFrame:
             for i, probe in enumerate(probes):
                 answers = " | ".join(probe.answers[:3]) + (" | ..." if len(probe.answers) > 3 else "")
                 rows.append((f"{group}.{kind}[{i}]", f"{probe.prompt} → {answers}"))
-    from .tasks import is_sentiment
 
     if is_sentiment(record.task):
         rows += [("topic", record.topic), ("sentiment (wanted)", record.sentiment),

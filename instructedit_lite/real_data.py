@@ -35,6 +35,7 @@ from typing import Callable
 import pandas as pd
 
 from . import loaders
+from .fetch import FILES
 from .instructions import InstructionSet, default_instructions, official_instructions
 from .records import EditRecord, Probe, alternating
 
@@ -70,8 +71,6 @@ def available(folder: str | Path | None = None) -> bool:
 
 
 def _missing_message(folder: Path | None, missing: list[str]) -> str:
-    from .fetch import FILES  # where each file is published
-
     where = "no data folder (pass folder= or set INSTRUCTEDIT_DATA)" if folder is None else f"the data folder {folder}"
     lines = [f"{where} lacks {len(missing)} required file(s):"]
     lines += [f"  {rel}: {FILES[rel].where}" for rel in missing]

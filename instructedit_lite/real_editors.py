@@ -15,16 +15,17 @@ import os
 from typing import Any, Mapping
 
 from . import train as tr
+from .base_model import cache_dir
+from .methods import editor_configs
 from .parallel import cores, map_in_processes
+from .real_model import editor_dir, load_real_model, real_config, train_real_editor
+from .tasks import is_sentiment
 
 __all__ = ["real_editor_configs", "train_real_editors"]
 
 
 def real_editor_configs(seed: int = 0, size: str = "default") -> dict[str, tr.TrainConfig]:
     """Name → SmolLM2 configuration of every editor a registered method needs (in registry order)."""
-    from .methods import editor_configs
-    from .real_model import real_config
-
     return {name: real_config(c.regime, c.tasks, size=size, seed=seed, method=c.method)
             for name, c in editor_configs(seed).items()}
 
@@ -32,15 +33,12 @@ def real_editor_configs(seed: int = 0, size: str = "default") -> dict[str, tr.Tr
 def _cost(config: tr.TrainConfig) -> float:
     """A run's expected cost in fact steps (uniform mixing), for the order and the progress bar:
     a ConvSent step costs about three (chapter 7's table of step costs)."""
-    from .tasks import is_sentiment
-
     return config.steps * (1 + 2 * sum(map(is_sentiment, config.tasks)) / len(config.tasks))
 
 
 def _train_in_worker(config_dict: dict[str, Any], folder: str, seed: int, cache: str) -> dict[str, Any]:
     """One worker of :func:`train_real_editors`: load the model and the data, train one editor."""
     os.environ["INSTRUCTEDIT_CACHE"] = cache  # one torch thread: map_in_processes sets it
-    from .real_model import load_real_model, train_real_editor
 
     real = load_real_model(folder, seed, progress=False)
     return train_real_editor(tr.TrainConfig.from_dict(config_dict), real, progress=False).summary
@@ -54,9 +52,6 @@ def train_real_editors(configs: Mapping[str, tr.TrainConfig], real, *, processes
     cache, checkpoints and resume) and depends only on its configuration and seed.  Default
     processes: ``min(cores, editors still to train)``.  Returns name → TrainedEditor.
     """
-    from .base_model import cache_dir
-    from .real_model import editor_dir, train_real_editor
-
     todo = {n: c for n, c in configs.items() if not (editor_dir(c, real) / "summary.json").exists()}
     processes = processes or min(cores(), len(todo) or 1)
     if len(todo) > 1 and processes > 1:

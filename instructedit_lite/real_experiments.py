@@ -15,6 +15,7 @@ rest to :mod:`~instructedit_lite.experiments` and :mod:`~instructedit_lite.claim
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -22,6 +23,10 @@ from . import experiments as ex
 from . import real_model as rm
 from . import tasks as _tasks
 from . import train as tr
+from .engine import lowest_block
+from .generation import WILD_MAX_TOKENS
+from .parallel import cores
+from .real_editors import real_editor_configs, train_real_editors
 
 __all__ = ["BASELINE_OPTIONS", "baseline_options", "scaling_configs", "balance_configs", "methods_for", "evaluator", "Evaluator",
            "reproduce_real", "N_CASES", "N_CASES_SMOKE", "FLUENCY_CASES"]
@@ -35,8 +40,6 @@ def baseline_options(weight_names: Sequence[str] | None = None, *, smoke: bool =
     SmolLM2 it rarely reaches its stopping loss, and 200 steps cost 17-27 s per edit on one core
     against 5-10 s (measured on two CounterFact and two ConvSent records: reliability 1.00 / 0.78
     with 200 steps, 1.00 / 0.70 with 50; chapter 8).  ``smoke``: two steps for every baseline (tests only)."""
-    from .engine import lowest_block
-
     names = rm.edited_weights() if weight_names is None else list(weight_names)
     lowest = lowest_block(names, "model.layers")  # ValueError unless every name is in a block
     highest = max(int(n.split(".")[2]) for n in names)
@@ -103,14 +106,10 @@ def methods_for(real: rm.RealModel, trained: Mapping[str, tr.TrainedEditor], *, 
 
 def reproduce_real(out_dir, *, folder=None, smoke: bool = False, seed: int = 0, n_cases: int | None = None,
                    processes: int | None = None, progress: bool = True, fluency_cases: int | None = None,
-                   fluency: str = "easyedit", generation: bool = True) -> dict[str, Any]:
+                   fluency: str = "easyedit", generation: bool = True,
+                   wild_tokens: int = WILD_MAX_TOKENS) -> dict[str, Any]:
     """``reproduce`` on SmolLM2 and the real records of ``folder`` (default ``$INSTRUCTEDIT_DATA``):
     chapter 7's editors (trained or loaded), every method, experiments 1-3 with their verdicts."""
-    import time
-
-    from .parallel import cores
-    from .real_editors import real_editor_configs, train_real_editors
-
     start = time.perf_counter()
     real = rm.load_real_model(folder, seed, progress=progress)
     load_seconds = time.perf_counter() - start
@@ -126,5 +125,5 @@ def reproduce_real(out_dir, *, folder=None, smoke: bool = False, seed: int = 0, 
                         records=records,
                         processes=processes or cores(),
                         fluency_cases=FLUENCY_CASES if fluency_cases is None else fluency_cases, fluency=fluency,
-                        generation=generation, base_key=real.key,
+                        generation=generation, wild_tokens=wild_tokens, base_key=real.key,
                         timings={"base_model_s": load_seconds, "editors_s": train_seconds})

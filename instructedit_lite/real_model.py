@@ -12,6 +12,7 @@ embedded editors.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import tempfile
@@ -23,24 +24,34 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from . import engine as eng
 from . import mend as mend_module
+from . import real_data, smollm2
 from . import train as tr
+from .architectures import LLAMA
+from .atomic import atomic_write_text
+from .base_model import cache_dir
 from .config import jsonable
+from .instructions import default_instructions
 from .mend import MendConfig
-from .train.loop import _frozen
+from .progress import bar_disabled
+from .real_data import OPTIONAL, REQUIRED, RealData
 from .records import EditRecord
+from .smollm2 import load_smollm2, smollm2_dir
 from .text import prompt_target_batch, teacher_forced
+from .train.loop import _frozen
 
-#: The paper's LLaMA choice, applied to SmolLM2's 30 blocks: the MLP matrices of the last three.
-EDITED_BLOCKS = (27, 28, 29)
-EDITED_MATRICES = ("gate_proj", "up_proj", "down_proj")
+#: The paper's LLaMA choice, applied to SmolLM2's blocks: the MLP matrices of the last three.
+EDITED_BLOCKS = tuple(range(smollm2.DEPTH - 3, smollm2.DEPTH))
+EDITED_MATRICES = (*LLAMA.mlp_in, LLAMA.mlp_out)
 
 
-def edited_weights(n_layers: int = 30, n_last: int = 3) -> list[str]:
-    """``model.layers.{i}.mlp.{gate,up,down}_proj.weight`` for the last ``n_last`` of ``n_layers`` blocks."""
-    return [f"model.layers.{i}.mlp.{m}.weight" for i in range(n_layers - n_last, n_layers) for m in EDITED_MATRICES]
+def edited_weights(n_layers: int = smollm2.DEPTH, n_last: int = 3) -> list[str]:
+    """The LLaMA profile's ``model.layers.{i}.mlp.{gate,up,down}_proj.weight`` for the last ``n_last`` of
+    ``n_layers`` blocks (:meth:`~instructedit_lite.architectures.Profile.edited_weights`)."""
+    return LLAMA.edited_weights(n_layers, n_last)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -77,8 +88,6 @@ class WithLocality:
 
 def missing(folder: str | Path | None = None) -> list[str]:
     """What the real-model chapter lacks, one message each (empty when it can run)."""
-    from . import real_data, smollm2
-
     out = []
     if not smollm2.smollm2_available():
         out.append(smollm2.INSTALL_HINT)
@@ -90,8 +99,6 @@ def missing(folder: str | Path | None = None) -> list[str]:
 
 def data_key(source) -> str:
     """Short hash of the records source: its files (name and sha256), seed, split shares and instructions."""
-    from .real_data import OPTIONAL, REQUIRED
-
     files = {}
     for rel in sorted({r for rels in REQUIRED.values() for r in rels} | set(OPTIONAL)):
         path = source.folder / rel
@@ -104,9 +111,6 @@ def data_key(source) -> str:
 
 def load_real_model(folder: str | Path | None = None, seed: int = 0, *, progress: bool = True) -> RealModel:
     """SmolLM2-135M-Instruct (float32, eval) and the real records of ``folder`` (default ``$INSTRUCTEDIT_DATA``)."""
-    from .real_data import RealData
-    from .smollm2 import load_smollm2, smollm2_dir
-
     source = RealData(folder, seed)  # first: missing data fails before the slow model load
     start = time.perf_counter()
     model, tokenizer = load_smollm2(progress=progress)
@@ -159,9 +163,6 @@ def recall(model, tokenizer, records: Sequence[EditRecord], *, extra_tokens: int
     continuation of as many tokens as the truth has plus ``extra_tokens``, a looser test that
     accepts "the French language" for "French".
     """
-    from tqdm.auto import tqdm
-    from .progress import bar_disabled
-
     rows = []
     by_task: dict[str, list[EditRecord]] = {}
     for rec in records:
@@ -245,8 +246,6 @@ def training_rows(config: tr.TrainConfig, tokenizer, train_records: Mapping[str,
                   val_records: Mapping[str, list[EditRecord]], instructions=None) -> list[list[int]]:
     """Token rows a run of ``config`` feeds the model: every scheduled step's and every validation's."""
     if config.instructed and instructions is None:
-        from .instructions import default_instructions
-
         instructions = default_instructions()
     examples = []
     plan = tr.schedule(config, {t: len(r) for t, r in train_records.items()})
@@ -269,8 +268,6 @@ def training_rows(config: tr.TrainConfig, tokenizer, train_records: Mapping[str,
 def editor_dir(config: tr.TrainConfig, real: RealModel) -> Path:
     """``cache_dir()/editor-<real key>-<config key>``: the real-model twin of
     :func:`~instructedit_lite.train.editor_dir`."""
-    from .base_model import cache_dir
-
     return cache_dir() / f"editor-{real.key}-{config.key()}"
 
 
@@ -283,8 +280,6 @@ def train_real_editor(config: tr.TrainConfig, real: RealModel, *, cache: bool = 
     ``"prefix_bytes"``).  ``use_engine=False`` trains on the plain model (the same editor, slower).
     Cached runs resume from their checkpoint like :func:`~instructedit_lite.train.train_editor`.
     """
-    from .atomic import atomic_write_text
-
     folder = editor_dir(config, real)
     if cache and (folder / "summary.json").exists():
         return tr.load_trained_editor(folder, real.model)
@@ -333,8 +328,6 @@ def engine_check(real: RealModel, engine: eng.PrefixEngine, config: tr.TrainConf
                  examples: Sequence[tr.EditExample]) -> pd.DataFrame:
     """One meta-training step per example on the plain model and through the engine (scored positions):
     the largest absolute difference of the losses and the largest relative difference of a gradient."""
-    import copy
-
     rows = []
     with _frozen(real.model):
         editor = tr.make_editor(config, real.model, generator=torch.Generator().manual_seed(config.seed))
@@ -368,8 +361,6 @@ def step_costs(real: RealModel, engine: eng.PrefixEngine, config: tr.TrainConfig
     """Seconds per meta-training step, per example: on the plain model, through the engine (its prefixes
     already cached), and one forward+backward of the whole model on the edit rows (the unit of the
     ``step_ratio``)."""
-    import copy
-
     rows = []
     with _frozen(real.model):
         editor = tr.make_editor(config, real.model, generator=torch.Generator().manual_seed(config.seed))

@@ -31,10 +31,15 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from .baselines import GRACE
 from .editors import Editor, MendMethod, WeightEditor, edit_rows, flagged_batch, unlikely_rows
+from .engine import PrefixEngine, model_inputs, scored_batch
 from .evaluate import generate
+from .mend import applied
+from .metrics import fluency
+from .progress import bar_disabled
 from .records import EditRecord
 from .text import IGNORE, prompt_target_batch
 
@@ -85,8 +90,6 @@ def answer_predictions(model: nn.Module, tokenizer, rows: Sequence[Row], batch_s
     three edited blocks at every position), and the rows go in batches of similar length, at most
     16 each (the edited blocks run on the padding too: docs/measurements.md). A plain model gets
     the full logits of the rows in their order, as before."""
-    from .engine import PrefixEngine, model_inputs, scored_batch
-
     engine = isinstance(model, PrefixEngine)
     order = list(range(len(rows)))
     if engine:
@@ -171,11 +174,6 @@ def sequential_editing(method: Editor, model: nn.Module, tokenizer, records: Seq
     else NaN); ``edit_seconds`` (total so far). The model is bit-identical to the original after
     the call, also on errors, and GRACE's codebook is empty.
     """
-    from tqdm.auto import tqdm
-    from .progress import bar_disabled
-
-    from .metrics import fluency
-
     _check_fact_records(records, "sequential_editing")
     if every < 1:
         raise ValueError(f"sequential_editing: every must be >= 1, got {every}")
@@ -257,8 +255,6 @@ def batch_editing(method: Editor, model: nn.Module, tokenizer, records: Sequence
     """Reliability, generalization and locality (against the original model) of k edits made in one
     update, for each k in ``ks``: up to ``max_groups`` disjoint groups of k records each. One row per
     (k, group); the model is restored exactly after each group."""
-    from .mend import applied
-
     _check_fact_records(records, "batch_editing")
     rows = []
     for k in ks:

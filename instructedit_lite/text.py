@@ -12,6 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
+
+from .progress import bar_disabled
 
 IGNORE = -100
 
@@ -73,9 +76,6 @@ def shifted_predictions(logits: torch.Tensor, labels: torch.Tensor) -> tuple[tor
 def teacher_forced(model, tokenizer, prompts: list[str], targets: list[str], *, batch_size: int = 128,
                    progress: bool = False) -> TeacherForced:
     """Feed ``prompt + " " + target``; score the argmax at each target position."""
-    from tqdm.auto import tqdm
-    from .progress import bar_disabled
-
     device = next(model.parameters()).device
     accuracy: list[float] = []
     exact: list[bool] = []

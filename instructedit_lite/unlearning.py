@@ -26,11 +26,17 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from .baselines import FTM
 from .editors import Editor, FittedWeightEditor
+from .evaluate import generate, locality_rows
+from .ike import answer_logits, locality_scores
 from .mend import only_these_require_grad
+from .progress import bar_disabled
 from .records import EditRecord, RecordError
+from .text import prompt_target_batch, target_logprob, teacher_forced
+from .train import unlikelihood_loss
 
 __all__ = ["REFUSAL", "forget_record", "known_facts", "UnlikelihoodConfig", "Unlikelihood", "evaluate_unlearning",
            "summarize_unlearning"]
@@ -56,8 +62,6 @@ def known_facts(model, tokenizer, records: Sequence[EditRecord], *, limit: int |
     scans only as far as it needs); the result is the first ``limit`` of the full scan's (up to
     rounding: the chunks are batched apart).
     """
-    from .text import teacher_forced
-
     with_old = [r for r in records if r.ground_truth]
     if limit is None:
         if not with_old:
@@ -106,9 +110,6 @@ class Unlikelihood(FittedWeightEditor):
 
     @torch.enable_grad()
     def fit(self, model: nn.Module, tokenizer, record: EditRecord) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        from .text import prompt_target_batch
-        from .train import unlikelihood_loss
-
         cfg = self.config
         if not record.ground_truth:
             raise RecordError(record.source or "<memory>", record.index, "ground_truth", "nothing to forget")
@@ -137,14 +138,10 @@ class Unlikelihood(FittedWeightEditor):
 
 
 def _old_answer_logprob(model, tokenizer, prompts: Sequence[str], old: str) -> list[float]:
-    from .text import target_logprob
-
     return target_logprob(model, tokenizer, list(prompts), [old] * len(prompts), reduction="sum") if prompts else []
 
 
 def _greedy_starts_with(model, tokenizer, prompt: str, answer: str) -> bool:
-    from .evaluate import generate
-
     n = len(tokenizer(" " + answer, add_special_tokens=False)["input_ids"])
     return generate(model, tokenizer, prompt, n).strip().casefold().startswith(answer.strip().casefold())
 
@@ -167,12 +164,6 @@ def evaluate_unlearning(methods: Sequence[Editor], model, tokenizer, records: Se
     same for every method; ``after``: inside the edit, on the method's prepared probes), columns from the probes (see module docstring) plus
     ``locality`` and ``drawdown`` (after only) and ``edit_seconds``.
     """
-    from tqdm.auto import tqdm
-    from .progress import bar_disabled
-
-    from .evaluate import locality_rows
-    from .ike import answer_logits, locality_scores
-
     rows = []
     for record in tqdm(records, desc="unlearning", disable=bar_disabled(progress)):
         forget = forget_record(record, target)

@@ -1,12 +1,12 @@
 """The frozen-prefix engine gives the plain model's logits, MEND edits, meta-losses and meta-gradients
-(within float32 tolerance) on a tiny GPT-2 and a tiny LLaMA, and really skips the lower blocks."""
+(within float32 tolerance) on a tiny GPT-2 and tiny LLaMA, Mistral and Qwen2 models, and really skips
+the lower blocks."""
 
 import copy
 
 import pytest
 import torch
-from tiny import convsent_record, fact_record, tiny_model, tiny_tokenizer
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny import DECODERS, convsent_record, fact_record, tiny_decoder, tiny_model, tiny_tokenizer
 
 import instructedit_lite.train as tr
 from instructedit_lite.engine import PrefixEngine, gather_positions, model_inputs, scored_batch
@@ -22,18 +22,10 @@ def tokenizer():
     return tiny_tokenizer()
 
 
-def tiny_llama(tokenizer, seed: int = 0):
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=True, pad_token_id=0, bos_token_id=0, eos_token_id=0)
-    return LlamaForCausalLM(config).eval()
-
-
-@pytest.fixture(params=["gpt2", "llama"])
+@pytest.fixture(params=["gpt2", *DECODERS])
 def setup(request, tokenizer):
     """(model, engine, weight names): edits in the top two of four blocks, so two are cached."""
-    model = tiny_model(tokenizer, n_layer=4) if request.param == "gpt2" else tiny_llama(tokenizer)
+    model = tiny_model(tokenizer, n_layer=4) if request.param == "gpt2" else tiny_decoder(tokenizer, request.param)
     names = default_weight_names(model, n_last=2)
     return model, PrefixEngine(model, names), names
 
@@ -189,10 +181,10 @@ def test_shared_groups_split_sorted_rows_by_their_common_beginning():
     assert [(s, len(m)) for s, m in shared_groups(long, 2)] == [(12, 2), (0, 1)]
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", ["gpt2", *DECODERS])
 def test_shared_prefix_states_equal_the_plain_ones(arch, tokenizer):
     """Rows that share an instruction run it once; their cached states equal a plain pass's."""
-    model = tiny_model(tokenizer, n_layer=4) if arch == "gpt2" else tiny_llama(tokenizer)
+    model = tiny_model(tokenizer, n_layer=4) if arch == "gpt2" else tiny_decoder(tokenizer, arch)
     names = default_weight_names(model, n_last=2)
     instruction = "Task: counterfact. Description: change the fact in the input to the new target. Input:"
     prompts = [f"{instruction} {p}" for p in ("Ada Brun was born in", "Bo Kest works as a", "Cy Lorm")]

@@ -485,3 +485,81 @@ def test_worker_processes_give_the_same_table_row_for_row(model, tok, records):
     two = ev.evaluate_methods(methods, model, tok, records, processes=2, **kwargs)
     assert len(one) == sum(len(r) for r in records.values()) * len(methods)
     pd.testing.assert_frame_equal(one.drop(columns="edit_seconds"), two.drop(columns="edit_seconds"))
+
+
+def test_wild_answers_are_cut_at_a_stop_and_matched_after_normalisation():
+    assert generation.wild_answer(" Paris. It is a city") == "Paris"
+    assert generation.wild_answer(" the Eiffel\nTower") == "the Eiffel"
+    assert generation.wild_answer(" St. Louis") == "St"  # any "." stops, as in the reference
+    assert generation.answer_normalize(' "The  Hague"!') == "hague"  # SQuAD: articles and punctuation go
+    assert generation.exact_answer("the Hague", ["Hague"]) and not generation.exact_answer("Hague, city", ["Hague"])
+    assert generation.contains_answer("born in Paris", ["Paris"]) and not generation.contains_answer("Parisian", ["Paris"])
+    assert not generation.exact_answer("", [""])
+
+
+class SaysTarget(Editor):
+    """Makes the model say the target after any prompt; ``stop``: and then a full stop (the tokens
+    after the target's last one favour "."), else the target again and again."""
+
+    def __init__(self, stop: bool):
+        self.stop, self.name = stop, "says target, stops" if stop else "says target, rambles"
+
+    @contextlib.contextmanager
+    def edited(self, model, tokenizer, record):
+        target = tokenizer(" " + record.target_new, add_special_tokens=False)["input_ids"]
+        period = tokenizer(".", add_special_tokens=False)["input_ids"][0]
+
+        def hook(module, inputs, out):
+            last = (self.ids == target[-1])[..., None].float() if self.stop else 0.0
+            to_target, to_period = torch.zeros(out.shape[-1]), torch.zeros(out.shape[-1])
+            to_target[target[0]], to_period[period] = 100.0, 200.0
+            return out + to_target + last * to_period
+
+        def keep_ids(module, args, kwargs):
+            self.ids = kwargs.get("input_ids", args[0] if args else None)
+
+        handles = [model.register_forward_pre_hook(keep_ids, with_kwargs=True),
+                   model.lm_head.register_forward_hook(hook)]
+        try:
+            yield EditInfo()
+        finally:
+            for h in handles:
+                h.remove()
+
+
+def test_wild_counts_an_answer_only_when_the_model_stops_after_it(model, tok, records):
+    recs = {"counterfact": [dataclasses.replace(r, target_new="great") for r in records["counterfact"]],
+            "convsent": records["convsent"]}
+    assert len(tok(" great", add_special_tokens=False)["input_ids"]) == 1
+    cases = ev.evaluate_methods([Unedited(), SaysTarget(stop=True), SaysTarget(stop=False)], model, tok, recs,
+                                progress=False).set_index("method")
+    facts, sent = cases[cases.task == "counterfact"], cases[cases.task == "convsent"]
+    assert sent[list(ev.WILD_METRICS)].isna().all().all()  # ConvSent: not defined
+    assert (facts.loc["base model", "wild_locality"] == 1.0).all()  # nothing changed
+    assert (facts.loc["base model", "wild_reliability"] == 0.0).all()
+    stops, rambles = facts.loc["says target, stops"], facts.loc["says target, rambles"]
+    assert (stops.wild_reliability == 1.0).all() and (stops.wild_answer == "great").all()
+    # "great great great ...": the prefix check and the contains-match count it, WILD's exact match not
+    assert (rambles.gen_reliability == 1.0).all() and (rambles.wild_contains_reliability == 1.0).all()
+    assert (rambles.wild_reliability == 0.0).all()
+    assert (rambles.wild_answer.str.split().str.len() == generation.WILD_MAX_TOKENS).all()  # it ran to the cap
+    capped = ev.evaluate_methods([SaysTarget(stop=False)], model, tok, {"counterfact": recs["counterfact"]},
+                                 wild_tokens=5, progress=False)
+    assert (capped.wild_answer == " ".join(["great"] * 5)).all()
+
+
+def test_wild_columns_follow_the_generation_switch(model, tok, records):
+    cases = ev.evaluate_methods([Unedited()], model, tok, {"zsre": records["zsre"]}, generation=False,
+                                progress=False)
+    assert cases[list(ev.WILD_METRICS)].isna().all().all() and cases.wild_answer.isna().all()
+    cases = ev.evaluate_methods([Unedited()], model, tok, {"zsre": records["zsre"]}, wild_tokens=0, progress=False)
+    assert cases[list(ev.WILD_METRICS)].isna().all().all() and cases.gen_reliability.notna().all()
+
+
+def test_a_changed_locality_answer_stops_at_its_first_new_token(model, tok, records):
+    record = records["counterfact"][0]
+    before = ev.locality_wild(model, tok, record, max_tokens=8)
+    assert ev.locality_wild(model, tok, record, max_tokens=8, before=before) == before
+    changed = [[t + 1 for t in ids] for ids in before]
+    after = ev.locality_wild(model, tok, record, max_tokens=8, before=changed)
+    assert all(len(ids) == 1 for ids in after)  # decided at the first token

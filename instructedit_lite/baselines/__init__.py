@@ -35,15 +35,8 @@ __all__ = [
 ]
 
 _CLASSES = {"FT-L": FTL, "FT-M": FTM, "GRACE": GRACE, "CaliNet": CaliNet}
-
-
-def __getattr__(name: str):
-    # ``BASELINES`` (the baseline methods' names) is read from the method registry on every access.
-    if name == "BASELINES":
-        from ..methods import baseline_names
-
-        return tuple(n for n in baseline_names() if n in _CLASSES)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+#: The baseline methods' names (each is also registered in :mod:`~instructedit_lite.methods`).
+BASELINES = tuple(_CLASSES)
 
 
 def make_baseline(name: str, **config) -> Editor:

@@ -10,6 +10,7 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor, nn
 
+from ..architectures import profile_for
 from ..config import Config
 from ..editors import EditInfo, Editor, edit_batch
 from ..mend import lm_loss, only_these_require_grad
@@ -92,8 +93,6 @@ class CaliNet(Editor, _Configured):
 
     def _shape(self, model: nn.Module) -> tuple[str, str, bool]:
         """The hooked module's name template, the activation and whether the memory is gated."""
-        from ..architectures import profile_for
-
         cfg = self.config
         needs_profile = cfg.activation is None or cfg.gated is None
         profile = profile_for(model) if needs_profile else None

@@ -7,7 +7,10 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from ..architectures import profile_for
+from ..engine import PrefixEngine, scored_batch
 from ..mend import IGNORE_INDEX
+
 
 def _check(cond: bool, owner: str, option: str, value: Any, why: str) -> None:
     if not cond:
@@ -33,7 +36,6 @@ def module_template(model: nn.Module, template: str | None, part: str) -> str:
     profile's first MLP input, ``c_fc`` for GPT-2, ``gate_proj`` for LLaMA)."""
     if template is not None:
         return template
-    from ..architectures import profile_for
 
     profile = profile_for(model)
     parts = {"mlp": profile.mlp_module(), "mlp_out": profile.mlp_out_module(),
@@ -73,8 +75,6 @@ def scored_for(model: nn.Module, batch: dict[str, Tensor]) -> dict[str, Tensor]:
     """``batch`` with its scored positions when ``model`` is a frozen-prefix engine: the LM head
     then runs only where a label is predicted (on SmolLM2 most of an optimisation step's cost,
     chapter 8), and every loss here gives the same values on the compact logits and labels."""
-    from ..engine import PrefixEngine, scored_batch
-
     return scored_batch(batch) if isinstance(model, PrefixEngine) else batch
 
 

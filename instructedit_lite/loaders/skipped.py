@@ -14,6 +14,8 @@ import re
 import warnings
 from typing import Iterator
 
+import pandas as pd
+
 from ..records import RecordError
 
 #: How many record numbers a summary lists.
@@ -70,8 +72,6 @@ class Skipped(list):
 
     def table(self):
         """One row per dropped item: file, record, field, dropped, reason (a pandas DataFrame)."""
-        import pandas as pd  # only needed by the callers who ask for a table
-
         return pd.DataFrame([{"file": e.source, "record": e.index, "field": e.field, "dropped": what,
                               "reason": e.message} for what, e in self],
                             columns=["file", "record", "field", "dropped", "reason"])
@@ -81,8 +81,6 @@ class Skipped(list):
 
         The rows say what the :class:`SkippedDataWarning` lines say (see :meth:`lines`), as a table.
         """
-        import pandas as pd
-
         return pd.DataFrame([{"file": w.error.source, "dropped": w.dropped, "field": w.field,
                               "items": len(w.errors), "records": record_list(w.records),
                               "first reason": w.error.message} for w in summarise(self)],

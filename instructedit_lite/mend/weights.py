@@ -9,6 +9,7 @@ from typing import Iterator, Mapping
 import torch
 from torch import Tensor, nn
 
+from ..architectures import n_blocks, profile_for
 from ..text import model_inputs as _model_inputs
 
 try:  # GPT-2's linear layer: y = x W + b with W stored as (d_in, d_out).
@@ -116,8 +117,6 @@ def default_weight_names(model: nn.Module, n_last: int = 3) -> list[str]:
     ``model.layers.{i}.mlp.{gate,up,down}_proj.weight``); a model of no known family falls back to
     a scan for ``<blocks>.<i>.mlp.<linear>`` modules.
     """
-    from ..architectures import n_blocks, profile_for
-
     try:
         profile = profile_for(model)
     except ValueError:

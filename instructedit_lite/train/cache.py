@@ -9,10 +9,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+import pandas as pd
+
 from ..atomic import atomic_write_text, building
+from ..base_model import cache_dir, from_spec
 from ..config import jsonable
-from ..parallel import cores, map_in_processes
 from ..mend import MendEditor
+from ..parallel import cores, map_in_processes
 from . import loop
 from .config import TrainConfig
 from .examples import records_for
@@ -40,15 +43,11 @@ class TrainedEditor:
 
 def editor_dir(config: TrainConfig, base) -> Path:
     """``cache_dir()/editor-<base key>-<config key>``."""
-    from ..base_model import cache_dir
-
     return cache_dir() / f"editor-{base.key}-{config.key()}"
 
 
 def load_trained_editor(path: str | os.PathLike, model) -> TrainedEditor:
     """A finished run's folder (``summary.json``, ``editor-best.pt``, tables) as a TrainedEditor."""
-    import pandas as pd
-
     path = Path(path)
     summary = json.loads((path / "summary.json").read_text())
     config = TrainConfig.from_dict(summary["config"])
@@ -64,8 +63,6 @@ def train_editor(config: TrainConfig, base, *, cache: bool = True, progress: boo
     is loaded instead of trained, an interrupted one resumes from its checkpoint.  Without, it
     trains from scratch in a temporary folder.
     """
-    import pandas as pd
-
     train_records, val_records = records_for(config, base.source)
     if cache:
         folder = editor_dir(config, base)
@@ -88,7 +85,6 @@ def _train_in_worker(config_dict: dict[str, Any], spec: tuple, cache: str) -> st
     """Body of one worker process of :func:`train_editors`: rebuild the base model from its
     picklable ``spec`` and train (or load) one cached editor."""
     os.environ["INSTRUCTEDIT_CACHE"] = cache  # one torch thread: map_in_processes sets it
-    from ..base_model import from_spec
 
     base = from_spec(spec)
     trained = train_editor(TrainConfig.from_dict(config_dict), base, progress=False)
@@ -106,8 +102,6 @@ def train_editors(configs: Mapping[str, TrainConfig], base, *, processes: int | 
     result is the same as training them one by one: each editor depends only on its own
     configuration and seed.  Returns name → TrainedEditor.
     """
-    from ..base_model import cache_dir
-
     todo = {name: c for name, c in configs.items() if not (editor_dir(c, base) / "summary.json").exists()}
     processes = processes or min(cores(), len(todo) or 1)
     # A model built in memory (no spec) cannot be rebuilt in another process: train it here.

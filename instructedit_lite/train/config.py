@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Sequence
 
+from ..architectures import profile_named
 from ..config import Config
+from ..ke import KEConfig
 from ..mend import MendConfig
 from ..tasks import task_names, trainable_tasks
 
@@ -107,8 +109,6 @@ class TrainConfig(Config):
         if self.ke is not None and self.method != "ke":
             raise ValueError("TrainConfig.ke is set but method is not 'ke'")
         if self.ke is not None:
-            from ..ke import KEConfig
-
             if isinstance(self.ke, KEConfig):  # stored as its own settings; weights and α come from ``mend``
                 self.ke = {k: v for k, v in self.ke.to_dict().items() if k not in ("weight_names", "alpha_init")}
             self.ke = dict(self.ke)
@@ -154,8 +154,6 @@ class TrainConfig(Config):
 
     def ke_config(self):
         """KE's full :class:`~instructedit_lite.ke.KEConfig` (edited weights and α from ``mend``)."""
-        from ..ke import KEConfig
-
         return KEConfig.from_dict({"weight_names": self.mend.weight_names, "alpha_init": self.mend.alpha_init,
                                    **(self.ke or {})})
 
@@ -174,8 +172,6 @@ def paper_config(profile: str = "gpt2", depth: int = 48, **changes) -> TrainConf
     (:mod:`~instructedit_lite.architectures`: ``"gpt2"``, ``"llama"``) with ``depth`` blocks: MEND
     on the MLP matrices of the last three blocks, rank 1920.  Validation settings are this
     project's (the reference validates on training records).  Keyword arguments override fields."""
-    from ..architectures import profile_named
-
     weights = profile_named(profile).edited_weights(depth)
     values = dict(regime="instruct", tasks=trainable_tasks(), steps=30_000, grad_accum=2, lr=1e-6, alpha_lr=1e-4,
                   c_edit=0.1, c_loc=1.0, edit_loss_input="edit", clip=100.0, mixing="proportional",

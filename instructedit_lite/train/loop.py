@@ -14,14 +14,18 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from ..atomic import atomic_torch_save, atomic_write_text
 from ..config import jsonable
 from ..instructions import InstructionSet, default_instructions
+from ..ke import KEEditor
 from ..mend import MendEditor
 from ..mend.networks import RunningNorm
+from ..progress import bar_disabled
 from ..records import EditRecord
 from .config import TrainConfig
 from .examples import build_example, schedule, task_probabilities
@@ -65,8 +69,6 @@ class TrainResult:
 def make_editor(config: TrainConfig, model, generator: torch.Generator | None = None):
     """The untrained editor of ``config.method`` for ``model``: a MendEditor or a KEEditor."""
     if config.method == "ke":
-        from ..ke import KEEditor
-
         return KEEditor(model, config.ke_config(), generator=generator)
     return MendEditor(model, config.mend, generator=generator)
 
@@ -74,8 +76,6 @@ def make_editor(config: TrainConfig, model, generator: torch.Generator | None = 
 def load_editor(path: str | os.PathLike, model, method: str = "mend"):
     """A saved editor of ``method`` (see :func:`make_editor`) for ``model``."""
     if method == "ke":
-        from ..ke import KEEditor
-
         return KEEditor.load(path, model)
     return MendEditor.load(path, model)
 
@@ -119,9 +119,6 @@ def train(config: TrainConfig, model, tokenizer, *, train_records: Mapping[str, 
     ``val_every`` that ``grad_accum`` divides.  Every process returns the same result; only the
     main one writes files.
     """
-    from tqdm.auto import tqdm
-    from ..progress import bar_disabled
-
     missing = [t for t in config.tasks if t not in train_records]
     if missing:
         raise ValueError(f"train: no training records for {missing}")
@@ -316,8 +313,6 @@ def _check_processes(config: TrainConfig, procs, max_steps_this_call: int | None
 
 
 def _write_tables(out: Path, curves: list[dict], validation: list[dict]) -> None:
-    import pandas as pd
-
     atomic_write_text(out / "curves.csv", pd.DataFrame(curves).to_csv(index=False))
     atomic_write_text(out / "validation.csv", pd.DataFrame(validation).to_csv(index=False))
 

@@ -28,6 +28,7 @@ each other through Accelerate's ``accelerate.PartialState``.
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any, Sequence
 
 import torch
@@ -101,7 +102,5 @@ def current() -> Processes | None:
 def launch_command(processes: int, module: str, args: Sequence[str]) -> list[str]:
     """The command that runs ``python -m module args`` on ``processes`` local processes
     (``torchrun --standalone``: one machine, a free port)."""
-    import sys
-
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
             "-m", module, *args]

@@ -49,6 +49,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..mend.networks import GradientTransform
 from .config import PAPER_CONFIGS, TrainConfig
 
 __all__ = ["ModelSize", "PAPER_SIZES", "editor_parameters", "memory_per_process", "memory_table"]
@@ -80,8 +81,6 @@ def _shapes(config: TrainConfig, size: ModelSize) -> list[tuple[int, int]]:
 def editor_parameters(config: TrainConfig, size: ModelSize) -> int:
     """Parameters of MEND's editor for ``config`` on a model of ``size``: its networks (one per
     shape, built on the meta device) and one step size per edited matrix."""
-    from ..mend.networks import GradientTransform
-
     shapes = _shapes(config, size)
     total = len(shapes)  # the step sizes α
     with torch.device("meta"):

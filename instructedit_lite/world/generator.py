@@ -5,9 +5,10 @@ from __future__ import annotations
 import random
 from functools import cached_property
 
+from ..loaders import CONVSENT_LOCALITY_RESPONSES, CONVSENT_QUESTIONS
 from ..records import EditRecord, Probe, alternating
-from .vocabulary import (NEGATIVE_RESPONSES, OCCUPATIONS, POSITIVE_RESPONSES, RELATIONS, SPLITS, TOPIC_KINDS,
-                         TWO_HOP, WORLD_TASKS, Fact, WorldConfig, _made_up_word, _rng)
+from .vocabulary import (NEGATIVE_RESPONSES, OCCUPATIONS, POSITIVE_RESPONSES, RELATIONS, SPLITS, TOPIC_KINDS, TWO_HOP,
+                         WORLD_TASKS, Fact, WorldConfig, _made_up_word, _rng)
 
 __all__ = ["World"]
 
@@ -164,8 +165,6 @@ class World:
     @cached_property
     def conversations(self) -> dict[str, list[tuple[str, str]]]:
         """The corpus's two (question, response) pairs per topic, in the topic's default sentiment."""
-        from ..loaders import CONVSENT_QUESTIONS
-
         rng = _rng(self.config.seed, "corpus-convsent")
         out = {}
         for topic in self.topics:
@@ -249,8 +248,6 @@ class World:
             source=f"world(seed={self.config.seed})/{task}", index=index)
 
     def _convsent_record(self, topic: str, index: int) -> EditRecord:
-        from ..loaders import CONVSENT_LOCALITY_RESPONSES, CONVSENT_QUESTIONS
-
         rng = _rng(self.config.seed, "record", "convsent", topic)
         wanted = "negative" if self.topic_sentiment[topic] == "positive" else "positive"
         pos, neg = self.sentiment_lines(topic, "positive"), self.sentiment_lines(topic, "negative")
