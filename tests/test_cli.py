@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from instructedit_lite import base_model, bench, cli
+from instructedit_lite import evaluate as ev
 from instructedit_lite import train as tr
 
 
@@ -167,6 +168,12 @@ def test_reproduce_smoke_end_to_end(tmp_path):
     assert {"gen_reliability", "gen_generalization", "gen_portability", "gen_locality", "token_accuracy"} <= set(cases)
     facts = cases[cases.task != "convsent"]
     assert (facts.gen_reliability >= facts.reliability_em - 1e-9).mean() > 0.95  # exact match ⇒ said (ties aside)
+    # and WILD, the field's current protocol, as a third view
+    assert results["settings"]["wild_tokens"] == 50 and "wild_reliability" in markdown
+    assert set(ev.WILD_METRICS) | {"wild_answer"} <= set(cases)
+    assert cases[cases.task == "convsent"].wild_reliability.isna().all()
+    for task in ("counterfact", "wikirecent", "average"):
+        assert 0.0 <= results["multitask"]["InstructEdit"][task]["wild_reliability"] <= 1.0
 
 
 def test_reproduce_passes_the_fluency_cases_on(monkeypatch, tmp_path):
