@@ -109,7 +109,7 @@ from .tasks import is_sentiment, task_names
 from .text import model_inputs, prompt_target_batch
 
 __all__ = ["METRICS", "GEN_METRICS", "WILD_METRICS", "locality_wild", "FLUENCY_MODES", "GEN_EXTRA_TOKENS", "evaluate_case", "evaluate_methods",
-           "summarize", "average_over_tasks", "write_results", "locality_rows", "locality_greedy", "generate",
+           "summarize", "average_over_tasks", "write_results", "locality_rows", "locality_greedy",
            "nested", "timed", "paired_difference"]
 
 #: How fluency text is produced and scored: EasyEdit's ``generate_fast`` convention, or greedy.
@@ -140,22 +140,6 @@ def _forward(model, tokenizer, rows: Sequence[tuple[str, str]]) -> tuple[torch.T
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompt: str, max_new_tokens: int = 100) -> str:
-    """Greedy continuation of ``prompt`` (at most the model's context length), decoded, through
-    ``model.generate`` (a plain Hugging Face model only; evaluation uses
-    :func:`~instructedit_lite.generation.greedy_text`, which works for any model or engine)."""
-    device = next(model.parameters()).device
-    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
-    limit = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 1024)
-    n = min(max_new_tokens, limit - ids.shape[1])
-    if n <= 0:
-        raise ValueError(f"prompt of {ids.shape[1]} tokens leaves no room to generate (context {limit})")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                         do_sample=False, pad_token_id=pad)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-
-
 def _fact_rows(rec: EditRecord) -> list[tuple[str, str, str]]:
     rows = [("reliability", rec.prompt, rec.target_new)]
     rows += [("generalization", r, rec.target_new) for r in rec.rephrase]

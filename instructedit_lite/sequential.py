@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from .baselines import GRACE
 from .editors import Editor, MendMethod, WeightEditor, edit_rows, flagged_batch, unlikely_rows
 from .engine import PrefixEngine, model_inputs, scored_batch
-from .evaluate import generate
+from .generation import greedy_text
 from .mend import applied
 from .metrics import fluency
 from .progress import bar_disabled
@@ -199,7 +199,7 @@ def sequential_editing(method: Editor, model: nn.Module, tokenizer, records: Seq
                 rel = _accuracy(answer_predictions(model, tokenizer, [(r.prompt, r.target_new) for r in done]))
                 gen = _accuracy(answer_predictions(model, tokenizer, [(q, r.target_new) for r in done for q in r.rephrase]))
                 loc = _agreement(pre_locality, answer_predictions(model, tokenizer, loc_rows))
-                texts = [generate(model, tokenizer, p, fluency_tokens) for p in fluency_prompts]
+                texts = [greedy_text(model, tokenizer, p, fluency_tokens) for p in fluency_prompts]
             low, high = bootstrap_interval(rel, seed=seed)
             rows.append({"method": method.name, "n_edits": n,
                          "retention": float(np.mean(rel)) if rel else math.nan,

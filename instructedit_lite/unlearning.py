@@ -30,7 +30,8 @@ from tqdm.auto import tqdm
 
 from .baselines import FTM
 from .editors import Editor, FittedWeightEditor
-from .evaluate import generate, locality_rows
+from .evaluate import locality_rows
+from .generation import greedy_text
 from .ike import answer_logits, locality_scores
 from .mend import only_these_require_grad
 from .progress import bar_disabled
@@ -143,7 +144,7 @@ def _old_answer_logprob(model, tokenizer, prompts: Sequence[str], old: str) -> l
 
 def _greedy_starts_with(model, tokenizer, prompt: str, answer: str) -> bool:
     n = len(tokenizer(" " + answer, add_special_tokens=False)["input_ids"])
-    return generate(model, tokenizer, prompt, n).strip().casefold().startswith(answer.strip().casefold())
+    return greedy_text(model, tokenizer, prompt, n).strip().casefold().startswith(answer.strip().casefold())
 
 
 def _probe_case(model, tokenizer, rec: EditRecord, old: str) -> dict[str, float]:
