@@ -94,10 +94,10 @@ import torch
 from tqdm.auto import tqdm
 
 from . import metrics
+from .answers import GEN_EXTRA_TOKENS, gen_scores, locality_greedy, locality_wild, wild_scores
 from .editors import Editor
 from .engine import PrefixEngine, scored_batch
-from .generation import (WILD_MAX_TOKENS, begins_with, case_generator, contains_answer, decided, exact_answer,
-                         greedy_text, greedy_tokens_within, sample_text, wild_answers, wild_tokens)
+from .generation import WILD_MAX_TOKENS, case_generator, greedy_text, sample_text
 from .parallel import map_in_processes
 from .progress import bar_disabled
 from .records import EditRecord
@@ -114,8 +114,6 @@ __all__ = ["METRICS", "GEN_METRICS", "WILD_METRICS", "locality_wild", "FLUENCY_M
 
 #: How fluency text is produced and scored: EasyEdit's ``generate_fast`` convention, or greedy.
 FLUENCY_MODES = ("easyedit", "greedy")
-#: Greedy tokens decoded beyond an answer's own length (its tokens in context may differ).
-GEN_EXTRA_TOKENS = 2
 
 
 def locality_rows(record: EditRecord) -> list[tuple[str, str]]:
@@ -147,14 +145,6 @@ def _fact_rows(rec: EditRecord) -> list[tuple[str, str, str]]:
     return rows
 
 
-def _gen_rows(rec: EditRecord) -> list[tuple[str, str, tuple[str, ...]]]:
-    """``(kind, prompt, acceptable answers)`` of the generation-success rows of a fact record."""
-    rows = [("reliability", rec.prompt, (rec.target_new,))]
-    rows += [("generalization", r, (rec.target_new,)) for r in rec.rephrase]
-    rows += [("portability", p.prompt, p.answers) for p in rec.portability_probes]
-    return rows
-
-
 def _convsent_rows(rec: EditRecord) -> list[tuple[str, str, str]]:
     rows = [("token_accuracy", rec.prompt, rec.target_new)]
     for kind, questions in (("reliability", [rec.prompt]), ("generalization", list(rec.rephrase))):
@@ -162,10 +152,6 @@ def _convsent_rows(rec: EditRecord) -> list[tuple[str, str, str]]:
             rows += [(f"{kind}/{q_index}/wanted", question, r) for r in rec.wanted_responses]
             rows += [(f"{kind}/{q_index}/unwanted", question, r) for r in rec.unwanted_responses]
     return rows
-
-
-def _n_tokens(tokenizer, answer: str) -> int:
-    return len(tokenizer(" " + answer.strip(), add_special_tokens=False)["input_ids"])
 
 
 def _fact_scores(kinds: list[str], logits, labels, pre_logits=None) -> dict[str, float]:
@@ -202,80 +188,6 @@ def _convsent_scores(kinds: list[str], logits, labels, pre_logits) -> dict[str, 
     return out
 
 
-def locality_greedy(model, tokenizer, record: EditRecord,
-                    before: list[list[int]] | None = None) -> list[list[int]] | None:
-    """The greedy answer to each locality probe (as many tokens as the probe's answer); None for
-    ConvSent, whose generation success is not defined (module docstring).  With ``before`` (the
-    unedited model's answers) a row stops at its first token that differs from them."""
-    if is_sentiment(record.task) or not record.locality_probes:
-        return None
-    probes = record.locality_probes
-    stop = None if before is None else (lambda i, ids: ids[-1] != before[i][len(ids) - 1])
-    counts = [_n_tokens(tokenizer, p.answer) for p in probes]
-    return greedy_tokens_within(model, tokenizer, [p.prompt for p in probes], counts, stop=stop)
-
-
-def _answer_text(tokenizer, ids: list[int]) -> str:
-    """The greedy answer's text: its tokens up to the first end-of-text token, decoded."""
-    eos = tokenizer.eos_token_id
-    if eos is not None and eos in ids:
-        ids = ids[: ids.index(eos)]
-    return tokenizer.decode(ids, skip_special_tokens=True)
-
-
-def _gen_scores(model, tokenizer, rec: EditRecord, pre_greedy) -> dict[str, float]:
-    out = dict.fromkeys(GEN_METRICS, math.nan)
-    if is_sentiment(rec.task):
-        return out
-    rows = _gen_rows(rec)
-    counts = [max(_n_tokens(tokenizer, a) for a in answers) + GEN_EXTRA_TOKENS for _, _, answers in rows]
-
-    def stop(i: int, ids: list[int]) -> bool:  # the answer is decided: more tokens cannot change it
-        return ids[-1] == tokenizer.eos_token_id or decided(_answer_text(tokenizer, ids), rows[i][2])
-
-    # a prompt too long for the context with its answer (an in-context edit) is not scored: NaN
-    generated = greedy_tokens_within(model, tokenizer, [p for _, p, _ in rows], counts, stop=stop)
-    hits = [(kind, begins_with(_answer_text(tokenizer, ids), answers))
-            for (kind, _, answers), ids in zip(rows, generated) if ids is not None]
-    for kind in ("reliability", "generalization", "portability"):
-        values = [h for k, h in hits if k == kind]
-        out[f"gen_{kind}"] = float(np.mean(values)) if values else math.nan
-    if pre_greedy is not None:
-        post = locality_greedy(model, tokenizer, rec, before=pre_greedy)
-        same = [a == b for a, b in zip(pre_greedy, post) if a is not None and b is not None]
-        out["gen_locality"] = float(np.mean(same)) if same else math.nan
-    return out
-
-
-def locality_wild(model, tokenizer, record: EditRecord, *, max_tokens: int = WILD_MAX_TOKENS,
-                  before: list[list[int] | None] | None = None) -> list[list[int] | None] | None:
-    """The WILD token ids of each locality probe's answer (None for ConvSent, as
-    :func:`locality_greedy`); with ``before``, a row stops at its first token that differs."""
-    if is_sentiment(record.task) or not record.locality_probes:
-        return None
-    return wild_tokens(model, tokenizer, [p.prompt for p in record.locality_probes], max_tokens=max_tokens,
-                       before=before)
-
-
-def _wild_scores(model, tokenizer, rec: EditRecord, pre_wild, max_tokens: int) -> tuple[dict[str, float], str | None]:
-    """The ``wild_*`` columns and the WILD answer to the edit prompt."""
-    out = dict.fromkeys(WILD_METRICS, math.nan)
-    if is_sentiment(rec.task):
-        return out, None
-    rows = _gen_rows(rec)
-    said = wild_answers(model, tokenizer, [p for _, p, _ in rows], max_tokens=max_tokens)
-    for kind in ("reliability", "generalization", "portability"):
-        pairs = [(a, answers) for (k, _, answers), a in zip(rows, said) if k == kind and a is not None]
-        if pairs:
-            out[f"wild_{kind}"] = float(np.mean([exact_answer(a, answers) for a, answers in pairs]))
-            out[f"wild_contains_{kind}"] = float(np.mean([contains_answer(a, answers) for a, answers in pairs]))
-    if pre_wild is not None:
-        post = locality_wild(model, tokenizer, rec, max_tokens=max_tokens, before=pre_wild)
-        same = [a == b for a, b in zip(pre_wild, post) if a is not None and b is not None]
-        out["wild_locality"] = float(np.mean(same)) if same else math.nan
-    return out, said[0]
-
-
 def _fluency(model, tokenizer, rec: EditRecord, record: EditRecord, tokens: int, mode: str, seed: int):
     if mode == "easyedit":
         text = sample_text(model, tokenizer, rec.prompt, max_out_len=tokens,
@@ -291,7 +203,8 @@ def evaluate_case(method: Editor, model, tokenizer, record: EditRecord, *, pre_l
     """One test case: edit, score, undo.
 
     ``pre_locality`` / ``pre_greedy`` / ``pre_wild``: the unedited model's logits on
-    :func:`locality_rows`, its :func:`locality_greedy` and its :func:`locality_wild` answers
+    :func:`locality_rows`, its :func:`~instructedit_lite.answers.locality_greedy` and its
+    :func:`~instructedit_lite.answers.locality_wild` answers
     (computed here if not given).  ``generation``: also score what the edited model says, by
     generation success (``gen_*``) and WILD (``wild_*``; its answer to the edit prompt in the
     ``wild_answer`` column), whose answers stop after at most ``wild_tokens`` new tokens (0: no
@@ -326,9 +239,9 @@ def evaluate_case(method: Editor, model, tokenizer, record: EditRecord, *, pre_l
     with method.edited(model, tokenizer, rec) as info:
         logits, labels = _forward(model, tokenizer, score_pairs)
         post_locality, loc_labels = _forward(model, tokenizer, loc_rows)
-        gen = _gen_scores(model, tokenizer, rec, pre_greedy) if generation else dict.fromkeys(GEN_METRICS, math.nan)
-        wild_scores, said = (_wild_scores(model, tokenizer, rec, pre_wild, wild_tokens) if wild
-                             else (dict.fromkeys(WILD_METRICS, math.nan), None))
+        gen = gen_scores(model, tokenizer, rec, pre_greedy) if generation else dict.fromkeys(GEN_METRICS, math.nan)
+        wild_cols, said = (wild_scores(model, tokenizer, rec, pre_wild, wild_tokens) if wild
+                           else (dict.fromkeys(WILD_METRICS, math.nan), None))
         text, fluency_score = (_fluency(model, tokenizer, rec, record, fluency_tokens, fluency, seed)
                                if fluency_tokens else (None, math.nan))
     scores = (_convsent_scores if sentiment else _fact_scores)(kinds, logits, labels, pre_scores)
@@ -339,7 +252,7 @@ def evaluate_case(method: Editor, model, tokenizer, record: EditRecord, *, pre_l
     scores["locality"] = float(metrics.agreement(pre_locality, post_locality, loc_labels).mean())
     scores["drawdown"] = float(metrics.drawdown(pre_locality, post_locality, loc_labels).mean())
     scores.update(gen)
-    scores.update(wild_scores)
+    scores.update(wild_cols)
     scores["fluency"] = fluency_score
     return {"method": method.name, "task": record.task, "case": record.index, "subject": record.subject,
             **{m: scores[m] for m in METRICS}, "edit_seconds": info.seconds, "generated": text, "wild_answer": said,

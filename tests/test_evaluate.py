@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
+from instructedit_lite import answers
 from instructedit_lite import evaluate as ev
 from instructedit_lite import generation, metrics
 from instructedit_lite.editors import EditInfo, Editor, MendMethod, Unedited, WeightEditor
@@ -306,6 +307,27 @@ def test_generation_success_of_the_unedited_and_of_a_strong_edit(model, tok, rec
     assert (facts.gen_reliability >= facts.reliability_em).all()
 
 
+@contextlib.contextmanager
+def logits_shifted_by_input(model, bias):
+    """Hooks that add ``bias(input_ids, vocab size)`` to the model's logits at every position (a
+    hook-based edit that sees the whole sequence, as the evaluation decodes such edits)."""
+    seen = {}
+
+    def keep_ids(module, args, kwargs):
+        seen["ids"] = kwargs.get("input_ids", args[0] if args else None)
+
+    def shift(module, inputs, out):
+        return out + bias(seen["ids"], out.shape[-1])
+
+    handles = [model.register_forward_pre_hook(keep_ids, with_kwargs=True),
+               model.lm_head.register_forward_hook(shift)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 class SecondTokenOnly(Editor):
     """Makes the target's second token the argmax right after its first one, and nothing else: the
     teacher-forced score gives half credit, the model never says the answer."""
@@ -316,22 +338,13 @@ class SecondTokenOnly(Editor):
     def edited(self, model, tokenizer, record):
         first, second = tokenizer(" " + record.target_new, add_special_tokens=False)["input_ids"][:2]
 
-        def hook(module, inputs, out):
-            after_first = (self.ids == first).float()[..., None]
-            bias = torch.zeros(out.shape[-1])
-            bias[second] = 100.0
-            return out + after_first * bias
+        def bias(ids, vocab):
+            to_second = torch.zeros(vocab)
+            to_second[second] = 100.0
+            return (ids == first).float()[..., None] * to_second
 
-        def keep_ids(module, args, kwargs):
-            self.ids = kwargs.get("input_ids", args[0] if args else None)
-
-        handles = [model.register_forward_pre_hook(keep_ids, with_kwargs=True),
-                   model.lm_head.register_forward_hook(hook)]
-        try:
+        with logits_shifted_by_input(model, bias):
             yield EditInfo()
-        finally:
-            for h in handles:
-                h.remove()
 
 
 def test_teacher_forcing_flatters_and_generation_does_not(model, tok, records):
@@ -400,13 +413,13 @@ def test_stopping_early_gives_the_same_generation_success(model, tok, records):
     for method in (Unedited(), TargetBias()):
         for rec in (records["counterfact"] + records["zsre"]):
             rec = method.prepare(dataclasses.replace(rec, target_new="great") if rec.index % 2 else rec)
-            rows = ev._gen_rows(rec)
-            counts = [max(ev._n_tokens(tok, a) for a in ans) + ev.GEN_EXTRA_TOKENS for _, _, ans in rows]
+            rows = answers.gen_rows(rec)
+            counts = [max(answers.answer_tokens(tok, a) for a in ans) + answers.GEN_EXTRA_TOKENS for _, _, ans in rows]
             with method.edited(model, tok, rec):
                 full = generation.greedy_tokens(model, tok, [p for _, p, _ in rows], counts)
-                scores = ev._gen_scores(model, tok, rec, None)
+                scores = answers.gen_scores(model, tok, rec, None)
             for kind in ("reliability", "generalization", "portability"):
-                hits = [generation.begins_with(ev._answer_text(tok, ids), ans)
+                hits = [generation.begins_with(answers.answer_text(tok, ids), ans)
                         for (k, _, ans), ids in zip(rows, full) if k == kind]
                 assert scores[f"gen_{kind}"] == pytest.approx(sum(hits) / len(hits))
 
@@ -509,22 +522,14 @@ class SaysTarget(Editor):
         target = tokenizer(" " + record.target_new, add_special_tokens=False)["input_ids"]
         period = tokenizer(".", add_special_tokens=False)["input_ids"][0]
 
-        def hook(module, inputs, out):
-            last = (self.ids == target[-1])[..., None].float() if self.stop else 0.0
-            to_target, to_period = torch.zeros(out.shape[-1]), torch.zeros(out.shape[-1])
+        def bias(ids, vocab):
+            last = (ids == target[-1])[..., None].float() if self.stop else 0.0
+            to_target, to_period = torch.zeros(vocab), torch.zeros(vocab)
             to_target[target[0]], to_period[period] = 100.0, 200.0
-            return out + to_target + last * to_period
+            return to_target + last * to_period
 
-        def keep_ids(module, args, kwargs):
-            self.ids = kwargs.get("input_ids", args[0] if args else None)
-
-        handles = [model.register_forward_pre_hook(keep_ids, with_kwargs=True),
-                   model.lm_head.register_forward_hook(hook)]
-        try:
+        with logits_shifted_by_input(model, bias):
             yield EditInfo()
-        finally:
-            for h in handles:
-                h.remove()
 
 
 def test_wild_counts_an_answer_only_when_the_model_stops_after_it(model, tok, records):
