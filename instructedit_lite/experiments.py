@@ -30,7 +30,7 @@ import torch
 from . import methods as _methods
 from . import tasks as _tasks
 from .atomic import atomic_write_text
-from .base_model import base_config, load_base_model
+from .baselines import baseline_options
 from .claims import claim_rows, claims_json, experiment_claims
 from .config import jsonable as _jsonable
 from .editors import Editor, PerTaskMethod
@@ -40,6 +40,8 @@ from .figure4 import (ANALYSIS_STEPS, BALANCE_STEPS, BALANCED, UNBALANCED, balan
 from .generation import WILD_MAX_TOKENS
 from .instructions import InstructionSet, default_instructions
 from .methods import SINGLE, UNSEEN, MethodContext
+from .models import load_model
+from .parallel import cores
 from .records import EditRecord, Probe
 from .tables import nested
 from .train import TrainConfig, TrainedEditor, learning_problem, train_editors
@@ -48,14 +50,23 @@ __all__ = ["editor_configs", "scaling_configs", "balance_configs", "ANALYSIS_STE
            "paper_weights", "UNBALANCED", "BALANCED",
            "build_methods", "methods_not_learned", "not_learned_among", "PerTaskMethod",
            "evaluation_records", "main_evaluation", "multitask_table", "holdout_table", "unseen_table",
-           "N_CASES", "N_CASES_SMOKE", "SMOKE_RESPONSES", "FLUENCY_CASES", "UNSEEN", "SINGLE", "COMPARED", "GENERATION_COLUMNS"]
+           "EVALUATION", "N_CASES", "N_CASES_SMOKE", "SMOKE_RESPONSES", "FLUENCY_CASES", "UNSEEN", "SINGLE", "COMPARED", "GENERATION_COLUMNS"]
 
-#: Test cases per task in the book (and in ``reproduce``), and in smoke mode (two: a paired
-#: difference and its interval need two cases; each more costs every method one edit per task).
-N_CASES = 50
-N_CASES_SMOKE = 2
-#: Cases per task whose generated text is scored for fluency (generation is the slow part).
-FLUENCY_CASES = 5
+#: What ``reproduce`` (and the chapters) evaluate on each scale: test records per task by default
+#: and in smoke mode, cases per task scored for fluency, and the responses a smoke run's ConvSent
+#: records keep.  Embedded: 50 per task; smoke two (a paired difference and its interval need two
+#: cases; each more costs every method one edit per task); fluency on 5 (generation is the slow
+#: part).  Real (SmolLM2): all methods take about 19 s of one core per fact record and 54 s per
+#: ConvSent record (chapter 8), so five per task keep chapter 8 near its 10-minute budget (``full``:
+#: 100); fluency is not a column of the paper's Table 3 and 100 generated tokens cost about 4.6 s
+#: of one core per case and method, so none by default (``reproduce --fluency-cases N``).
+EVALUATION: dict[str, dict[str, Any]] = {
+    "embedded": {"n_cases": 50, "n_cases_smoke": 2, "fluency_cases": 5, "smoke_responses": None},
+    "real": {"n_cases": 5, "n_cases_smoke": 1, "fluency_cases": 0, "smoke_responses": 2},
+}
+N_CASES = EVALUATION["embedded"]["n_cases"]
+N_CASES_SMOKE = EVALUATION["embedded"]["n_cases_smoke"]
+FLUENCY_CASES = EVALUATION["embedded"]["fluency_cases"]
 
 
 def __getattr__(name: str):
@@ -66,9 +77,11 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def editor_configs(seed: int = 0, smoke: bool = False) -> dict[str, TrainConfig]:
-    """The meta-trained editors of chapters 4 and 5, by name (those the registered methods need)."""
-    return _methods.editor_configs(seed, smoke)
+def editor_configs(seed: int = 0, smoke: bool = False, *, size: str | None = None,
+                   model: Any = "embedded") -> dict[str, TrainConfig]:
+    """The meta-trained editors of chapters 4 and 5 (``model="smollm2"`` or a loaded real model:
+    chapter 7), by name: those the registered methods need."""
+    return _methods.editor_configs(seed, smoke, size=size, model=model)
 
 
 def methods_not_learned(trained: Mapping[str, TrainedEditor]) -> dict[str, str]:
@@ -95,14 +108,20 @@ def not_learned_among(trained: Mapping[str, TrainedEditor], names: Sequence[str]
 
 def build_methods(trained: Mapping[str, TrainedEditor], *, instructions: InstructionSet | None = None,
                   baselines: Sequence[str] | None = None, base=None,
-                  options: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Editor]:
+                  options: Mapping[str, Mapping[str, Any]] | None = None, smoke: bool = False) -> dict[str, Editor]:
     """Every registered method that can be built, by name, in registry order: the compared set
     (``COMPARED``), InstructEdit with the held-out instruction (``UNSEEN``) and the
     single-task editors (``SINGLE``).  Meta-trained methods are built only when their editors
     are in ``trained`` (the CLI trains only what it evaluates); ``baselines`` limits the baselines
-    (default: all); ``base`` and ``options`` (method → config overrides) reach the builders."""
-    ctx = MethodContext(base=base, trained=trained, instructions=instructions or default_instructions(),
-                        options=options or {})
+    (default: all).  ``instructions`` default to ``base``'s (its data's own); ``options`` (method →
+    config overrides) default to :func:`~instructedit_lite.baselines.baseline_options` for ``base``
+    and the editors' weights (``smoke``: the baselines' smoke settings)."""
+    if instructions is None:
+        instructions = base.instructions() if base is not None else default_instructions()
+    if options is None:
+        weights = next(iter(trained.values())).config.mend.weight_names if trained else None
+        options = baseline_options(base, weights, smoke=smoke)
+    ctx = MethodContext(base=base, trained=trained, instructions=instructions, options=options)
     out: dict[str, Editor] = {}
     for method in _methods.registered():
         if method.family == "baseline" and baselines is not None and method.name not in baselines:
@@ -256,50 +275,52 @@ GENERATION_COLUMNS = ["reliability", "reliability_em", "gen_reliability", "wild_
                       "locality", "gen_locality", "wild_locality"]
 
 
-def reproduce(out_dir, *, smoke: bool = False, seed: int = 0, n_cases: int | None = None,
-              processes: int | None = None, progress: bool = True, base=None,
+def reproduce(out_dir, *, model: Any = "embedded", data=None, smoke: bool = False, seed: int = 0,
+              n_cases: int | None = None, processes: int | None = None, progress: bool = True,
               fluency_cases: int | None = None, fluency: str = "easyedit", generation: bool = True,
-              wild_tokens: int = WILD_MAX_TOKENS,
-              trained: Mapping[str, TrainedEditor] | None = None, methods: Mapping[str, Editor] | None = None,
-              records: Mapping[str, list[EditRecord]] | None = None, base_key: str | None = None,
-              timings: Mapping[str, float] | None = None) -> dict[str, Any]:
-    """The book's editors and experiments end to end for ``base`` (a
-    :class:`~instructedit_lite.base_model.BaseModel`; default: the embedded model of world ``seed``):
-    train (or load) the editors, evaluate every registered method, and write ``out_dir/results.json``,
-    ``out_dir/results.md`` and the per-case table ``out_dir/cases.csv`` (each written atomically), with
-    the teacher-forced, the generation-success and the WILD columns (``generation``; WILD answers of
-    at most ``wild_tokens`` tokens), fluency by the
-    ``fluency`` convention (``instructedit_lite.evaluate.FLUENCY_MODES``) and the verdicts of
-    experiments 1-3 (:func:`~instructedit_lite.claims.experiment_claims`).  ``trained``,
-    ``methods``, ``records`` (and ``base_key``, ``timings`` already spent): given by a caller that
-    prepared them (the real model: :func:`~instructedit_lite.real_experiments.reproduce_real`).
-    ``processes``: editors trained, and with ``methods`` given cases evaluated, that many at a time.
-    Returns the results dictionary."""
+              wild_tokens: int = WILD_MAX_TOKENS, base=None, trained: Mapping[str, TrainedEditor] | None = None,
+              methods: Mapping[str, Editor] | None = None,
+              records: Mapping[str, list[EditRecord]] | None = None) -> dict[str, Any]:
+    """The book's editors and experiments end to end for ``model`` (``"embedded"``, ``"smollm2"``, a
+    Hugging Face name or folder: :func:`~instructedit_lite.models.load_model`, with ``data`` and
+    ``seed``; or a loaded ``base``): train (or load) every editor a registered method needs,
+    evaluate every registered method on the first test records of each task (:data:`EVALUATION`),
+    and write ``out_dir/results.json``, ``out_dir/results.md`` and the per-case table
+    ``out_dir/cases.csv`` (each written atomically), with the teacher-forced, the
+    generation-success and the WILD columns (``generation``; WILD answers of at most
+    ``wild_tokens`` tokens), fluency by the ``fluency`` convention
+    (``instructedit_lite.evaluate.FLUENCY_MODES``) and the verdicts of experiments 1-3
+    (:func:`~instructedit_lite.claims.experiment_claims`).  ``processes``: editors trained that
+    many at a time (default: the cores); on the real scale the cases are shared out over as many
+    processes.  ``trained``, ``methods`` and ``records``: given by a caller that prepared them
+    (e.g. a test with an editor that cannot learn).  Returns the results dictionary."""
     out = Path(out_dir)
-    n_cases = n_cases or (N_CASES_SMOKE if smoke else N_CASES)
-    timings = dict(timings or {})
+    timings: dict[str, float] = {}
     start = time.perf_counter()
     if base is None:
-        base = load_base_model(base_config(seed, smoke=smoke), progress=progress)
+        base = load_model(model, data=data, seed=seed, size="smoke" if smoke else "default", progress=progress)
         timings["base_model_s"] = time.perf_counter() - start
-
+    sizes = EVALUATION[base.scale]
+    n_cases = n_cases or (sizes["n_cases_smoke"] if smoke else sizes["n_cases"])
+    start = time.perf_counter()
     if trained is None:
-        start = time.perf_counter()
-        trained = train_editors(editor_configs(seed, smoke), base, processes=processes, progress=progress)
+        trained = train_editors(editor_configs(seed, smoke, model=base), base, processes=processes,
+                                progress=progress)
         timings["editors_s"] = time.perf_counter() - start
     torch.set_num_threads(1)  # evaluation edits one case at a time: small matrices, one thread is fastest
 
     start = time.perf_counter()
-    parallel = {}
     if methods is None:
-        methods = build_methods(trained, base=base)
-    elif processes and processes > 1:
-        parallel = {"processes": processes}
-    records = records if records is not None else evaluation_records(base.source, n_cases)
-    if fluency_cases is None:  # generation is the slow part: one case per task in smoke mode
-        fluency_cases = 1 if smoke else min(FLUENCY_CASES, n_cases)
-    cases = main_evaluation(methods, base, records, fluency_cases=fluency_cases, progress=progress,
-                            fluency=fluency, generation=generation, wild_tokens=wild_tokens, seed=seed, **parallel)
+        methods = build_methods(trained, base=base, smoke=smoke)
+    if records is None:
+        records = evaluation_records(base.world, n_cases, responses=sizes["smoke_responses"] if smoke else None)
+    if fluency_cases is None:  # generation is the slow part: at most one case per task in smoke mode
+        fluency_cases = min(sizes["fluency_cases"], 1 if smoke else n_cases)
+    parallel = {"processes": processes or cores()} if base.scale == "real" else {}
+    weights = next(iter(trained.values())).config.mend.weight_names if trained else None
+    cases = main_evaluation(methods, base.for_editing(weights), records,
+                            fluency_cases=fluency_cases, progress=progress, fluency=fluency, generation=generation,
+                            wild_tokens=wild_tokens, seed=seed, **parallel)
     timings["evaluation_s"] = time.perf_counter() - start
     per_method_seconds = cases.groupby("method")["edit_seconds"].mean()
 
@@ -309,7 +330,7 @@ def reproduce(out_dir, *, smoke: bool = False, seed: int = 0, n_cases: int | Non
     not_learned = methods_not_learned(trained)
     claims = experiment_claims(cases, seed=seed, not_learned=not_learned)
     results = {
-        "settings": {"smoke": smoke, "seed": seed, "cases_per_task": n_cases, "base_model": base_key or base.key,
+        "settings": {"smoke": smoke, "seed": seed, "cases_per_task": n_cases, "base_model": base.key, "model": base.info.get("name", "embedded"),
                      "fluency": fluency, "fluency_cases": fluency_cases, "generation_success": generation,
                      "wild_tokens": wild_tokens if generation else 0,
                      "editors": {name: {"config_key": t.config.key(), "train_seconds": t.summary["train_seconds"],
@@ -325,7 +346,8 @@ def reproduce(out_dir, *, smoke: bool = False, seed: int = 0, n_cases: int | Non
         "timings": _jsonable({**timings, "mean_edit_seconds": per_method_seconds.to_dict()}),
     }
     markdown = "\n\n".join([
-        f"# instructedit-lite reproduce ({'smoke' if smoke else 'full'}: {n_cases} test cases per task, seed {seed})",
+        f"# instructedit-lite reproduce ({base.info.get('name', 'embedded')}, {'smoke' if smoke else 'full'}: "
+        f"{n_cases} test cases per task, seed {seed})",
         f"Fluency: {fluency} convention on {fluency_cases} case(s) per task "
         f"({'top-5 sampling, 100 tokens counting the prompt' if fluency == 'easyedit' else '100 greedy tokens'}).",
         "## Multi-task editing (Table 3 analogue)", _markdown(multi[RESULT_COLUMNS]),

@@ -7,6 +7,8 @@ trains it on the paper's unbalanced and balanced task mixes, on the same budget 
 
 from __future__ import annotations
 
+from typing import Any
+
 from . import tasks as _tasks
 from .train import TrainConfig, default_config
 
@@ -20,18 +22,20 @@ __all__ = ["ANALYSIS_STEPS", "BALANCE_STEPS", "scaling_configs", "paper_weights"
 ANALYSIS_STEPS = 1000
 
 
-def scaling_configs(seed: int = 0, smoke: bool = False, steps: int | None = None, *,
-                    make=default_config) -> dict[int, TrainConfig]:
+def scaling_configs(seed: int = 0, smoke: bool = False, steps: int | None = None, *, size: str | None = None,
+                    model: Any = "embedded") -> dict[int, TrainConfig]:
     """InstructEdit trained on 1, 2, ... tasks, adding them in the tasks' ``scaling_rank`` order
     (the paper's: Recent, + CounterFact, + ConvSent), with the same number of edits each
-    (``steps``; default: the book's, so the last one is chapter 4's InstructEdit).  ``make``: the
-    configuration maker (the real model's: :func:`~instructedit_lite.real_experiments.scaling_configs`)."""
+    (``steps``; default: the book's, so the last one is chapter 4's InstructEdit).  ``model`` and
+    ``size``: as in :func:`~instructedit_lite.train.default_config` (on SmolLM2 the last one is
+    chapter 7's InstructEdit)."""
     trainable = _tasks.trainable_tasks()
     order = sorted(trainable, key=lambda t: _tasks.get_task(t).scaling_rank)
     n_all = len(order)
     changes = {} if steps is None else {"steps": steps}
-    return {n: make("instruct", tuple(order[:n]), seed=seed, smoke=smoke, **changes) if n < n_all
-            else make("instruct", seed=seed, smoke=smoke, **changes) for n in range(1, n_all + 1)}
+    changes.update(seed=seed, smoke=smoke, size=size, model=model)
+    return {n: default_config("instruct", tuple(order[:n]), **changes) if n < n_all
+            else default_config("instruct", **changes) for n in range(1, n_all + 1)}
 
 
 def paper_weights(balanced: bool = False) -> dict[str, float]:
@@ -54,8 +58,8 @@ UNBALANCED = "unbalanced (paper's data)"
 BALANCED = "balanced (ConvSent 1,427)"
 
 
-def balance_configs(seed: int = 0, smoke: bool = False, steps: int | None = None, *,
-                    make=default_config) -> dict[str, TrainConfig]:
+def balance_configs(seed: int = 0, smoke: bool = False, steps: int | None = None, *, size: str | None = None,
+                    model: Any = "embedded") -> dict[str, TrainConfig]:
     """InstructEdit trained with the paper's unbalanced task mix (ConvSent 88% of the edits) and
     with its balanced one (41%) on the same budget of fact edits.
 
@@ -66,10 +70,11 @@ def balance_configs(seed: int = 0, smoke: bool = False, steps: int | None = None
     would measure that rather than the balance.  Records, seed and every other setting are the same
     (:func:`paper_weights`)."""
     changes = {} if steps is None else {"steps": steps}
+    common = dict(seed=seed, smoke=smoke, size=size, model=model)
     unbalanced, balanced = paper_weights(), paper_weights(balanced=True)
-    kept = make("instruct", seed=seed, smoke=smoke, task_weights=balanced, **changes)
+    kept = default_config("instruct", task_weights=balanced, **common, **changes)
     longer = round(kept.steps * sum(unbalanced.values()) / sum(balanced.values()))
-    return {UNBALANCED: make("instruct", seed=seed, smoke=smoke, task_weights=unbalanced, steps=longer),
+    return {UNBALANCED: default_config("instruct", task_weights=unbalanced, steps=longer, **common),
             BALANCED: kept}
 
 

@@ -55,15 +55,8 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence, pad_se
 
 from .atomic import atomic_torch_save
 from .config import Config
+from .mend import WeightInfo, _key, default_weight_names, edit_loss, only_these_require_grad, weight_info
 from .text import model_inputs as _model_inputs
-from .mend import (
-    WeightInfo,
-    _key,
-    default_weight_names,
-    edit_loss,
-    only_these_require_grad,
-    weight_info,
-)
 
 __all__ = ["KEConfig", "KEEditor", "ConditionEncoder", "ConditionedWeight", "FORMAT", "FORMAT_VERSION"]
 

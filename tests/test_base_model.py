@@ -9,6 +9,7 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from instructedit_lite import base_model as bm
+from instructedit_lite import models
 from instructedit_lite.atomic import atomic_save_dir
 
 
@@ -110,19 +111,19 @@ def test_hf_loader_finds_the_default_edited_layers(tmp_path, arch):
         expected = [f"model.layers.{i}.mlp.{m}.weight" for i in (1, 2, 3) for m in ("gate_proj", "up_proj", "down_proj")]
     model.save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
-    base = bm.load_hf_model(str(tmp_path))
+    base = models.load_hf_model(str(tmp_path))
     loaded, tokenizer, names = base.as_tuple()
     assert sorted(names) == sorted(expected)
     assert tokenizer.pad_token is not None and tokenizer.padding_side == "right"
     assert isinstance(base, bm.BaseModel) and base.key.startswith("hf-") and base.profile.name == arch
-    assert bm.load_hf_model(str(tmp_path)).key == base.key  # the cache key is stable
+    assert models.load_hf_model(str(tmp_path)).key == base.key  # the cache key is stable
     import pickle
 
-    rebuilt = bm.from_spec(pickle.loads(pickle.dumps(base.spec)))  # what a training worker does
+    rebuilt = models.from_spec(pickle.loads(pickle.dumps(base.spec)))  # what a training worker does
     assert rebuilt.key == base.key and rebuilt.profile is base.profile
 
 
 def test_hf_loader_offline_error_says_what_to_do(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(OSError, match="load_base_model"):
-        bm.load_hf_model("gpt2-xl-not-downloaded-here")
+    with pytest.raises(OSError, match="load_model"):
+        models.load_hf_model("gpt2-xl-not-downloaded-here")

@@ -166,30 +166,28 @@ def test_evaluate_in_context_without_generation(tok):
 
 @pytest.fixture(scope="module")
 def real():
-    from instructedit_lite import real_model as rm
+    from instructedit_lite import models
 
-    if rm.missing():
-        pytest.skip("the real model or the real data is missing: " + "; ".join(rm.missing()))
-    return rm.load_real_model(progress=False)
+    if models.missing():
+        pytest.skip("the real model or the real data is missing: " + "; ".join(models.missing()))
+    return models.load_model("smollm2", progress=False)
 
 
 @pytest.mark.smollm2
 def test_unlikelihood_on_smollm2_edits_the_last_down_projection(real):
-    from instructedit_lite import real_model as rm
-
     model, tokenizer = real.model, real.tokenizer
-    assert profile_for(model).mlp_out in rm.EDITED_MATRICES
+    assert f".mlp.{profile_for(model).mlp_out}." in real.weight_names()[-1]
     rec = next(r for r in real.world.records("counterfact", "test") if r.ground_truth)
     deltas, _ = Unlikelihood(steps=1).fit(model, tokenizer, rec)
-    assert list(deltas) == [f"model.layers.{rm.EDITED_BLOCKS[-1]}.mlp.down_proj.weight"]
+    assert list(deltas) == [real.weight_names()[-1]] == ["model.layers.29.mlp.down_proj.weight"]
 
 
 @pytest.mark.smollm2
 def test_a_short_stream_on_smollm2_through_the_engine_restores_the_model(real):
-    from instructedit_lite import real_experiments as rx
+    from instructedit_lite.baselines import baseline_options
 
-    engine = rx.evaluator(real).model
-    options = rx.baseline_options(smoke=True)["FT-M"]
+    engine = real.for_editing().model
+    options = baseline_options(real, smoke=True)["FT-M"]
     method = FTM(**options, eps=None, lr=1e-3)
     stream = [real.world.records(t, "test")[0] for t in ("counterfact", "wikirecent", "zsre")]
     before = {n: p.detach().clone() for n, p in real.model.named_parameters() if ".mlp." in n}

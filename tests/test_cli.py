@@ -9,8 +9,9 @@ from types import SimpleNamespace
 
 import pandas as pd
 import pytest
+from test_real_data import folder  # noqa: F401  (the fixture data folder in the published layout)
 
-from instructedit_lite import base_model, bench, cli
+from instructedit_lite import base_model, bench, cli, models
 from instructedit_lite import evaluate as ev
 from instructedit_lite import train as tr
 
@@ -18,7 +19,7 @@ from instructedit_lite import train as tr
 def fake_base():
     return SimpleNamespace(info={"recall_trained": 0.97, "recall_held_out": 0.86, "losses": [1.0], "config": {}},
                            path=Path("/nowhere/base-model-x"), key="x", source=None, world=None, model=None,
-                           tokenizer=None)
+                           tokenizer=None, scale="embedded")
 
 
 def test_pretrain_prints_recall_as_json(monkeypatch):
@@ -44,7 +45,7 @@ def test_train_parses_and_dispatches_to_the_cache(monkeypatch):
                    "best": {"step": 4, "val_loss": 1.0, "val_reliability": 0.9, "reliability/counterfact": 0.9}}
         return SimpleNamespace(summary=summary, path=Path("/cache/editor-x-y"))
 
-    monkeypatch.setattr(base_model, "load_base_model", lambda *a, **kw: fake_base())
+    monkeypatch.setattr(models, "load_model", lambda *a, **kw: fake_base())
     monkeypatch.setattr(tr, "train_editor", fake_train_editor)
     out = io.StringIO()
     argv = ["train", "--regime", "single", "--tasks", "wikirecent", "--smoke", "--steps", "7", "--seed", "3",
@@ -67,7 +68,7 @@ def test_train_with_out_folder_calls_train(monkeypatch, tmp_path):
                    "initial": {"val_loss": 1.0, "val_reliability": 0.0, "val_locality": 1.0}, "best": {"val_loss": 1.0}}
         return SimpleNamespace(summary=summary)
 
-    monkeypatch.setattr(base_model, "load_base_model", lambda *a, **kw: fake_base())
+    monkeypatch.setattr(models, "load_model", lambda *a, **kw: fake_base())
     monkeypatch.setattr(tr, "records_for", lambda config, source: ({}, {}))
     monkeypatch.setattr(tr, "train", fake_train)
     out = io.StringIO()
@@ -91,11 +92,13 @@ def test_bad_arguments(capsys):
 
 
 def test_bench_prints_and_writes_json(monkeypatch, tmp_path):
-    monkeypatch.setattr(bench, "edit_cost", lambda **kw: {"edit_s": 0.02, "fwd_bwd_s": 0.01, "ratio": 2.0, **kw})
+    monkeypatch.setattr(bench, "load_model", lambda name, **kw: SimpleNamespace(scale="embedded", name=name))
+    monkeypatch.setattr(bench, "edit_cost", lambda base, **kw: {"edit_s": 0.02, "fwd_bwd_s": 0.01, "ratio": 2.0,
+                                                                "model": base.name, **kw})
     out, target = io.StringIO(), tmp_path / "sub" / "cost.json"
     assert cli.main(["bench", "--out", str(target), "--repeats", "3"], stream=out) == 0
     written = json.loads(target.read_text())
-    assert written["ratio"] == 2.0 and written["repeats"] == 3
+    assert written["ratio"] == 2.0 and written["repeats"] == 3 and written["model"] == "embedded"
     assert "edit / forward+backward = 2.00" in out.getvalue()
     # the module entry point takes the same arguments
     monkeypatch.setattr("sys.stdout", io.StringIO())
@@ -118,7 +121,7 @@ def tiny_base():
 
 
 def test_evaluate_a_baseline_writes_summary_and_cases(monkeypatch, tmp_path):
-    monkeypatch.setattr(base_model, "load_base_model", lambda *a, **kw: tiny_base())
+    monkeypatch.setattr(models, "load_model", lambda *a, **kw: tiny_base())
     out = io.StringIO()
     target = tmp_path / "ftm.json"
     argv = ["evaluate", "--method", "FT-M", "--task", "counterfact", "--n", "2", "--fluency-cases", "0",
@@ -134,7 +137,7 @@ def test_evaluate_a_baseline_writes_summary_and_cases(monkeypatch, tmp_path):
 
 
 def test_evaluate_rejects_a_bad_count(monkeypatch, capsys):
-    monkeypatch.setattr(base_model, "load_base_model", lambda *a, **kw: tiny_base())
+    monkeypatch.setattr(models, "load_model", lambda *a, **kw: tiny_base())
     assert cli.main(["evaluate", "--method", "base model", "--task", "zsre", "--n", "0", "--quiet"]) == 2
     assert "--n must be >= 1" in capsys.readouterr().err
     with pytest.raises(SystemExit):
@@ -176,30 +179,40 @@ def test_reproduce_smoke_end_to_end(tmp_path):
         assert 0.0 <= results["multitask"]["InstructEdit"][task]["wild_reliability"] <= 1.0
 
 
-def test_reproduce_passes_the_fluency_cases_on(monkeypatch, tmp_path):
-    """``--fluency-cases`` reaches both reproduce paths; unset, each path keeps its own default (None)."""
-    from instructedit_lite import experiments, real_experiments
+def test_reproduce_passes_the_model_and_the_fluency_cases_on(monkeypatch, tmp_path, folder):  # noqa: F811
+    """``--model`` and ``--seed`` reach the one loader, ``--fluency-cases`` the one reproduce; unset,
+    the model's scale keeps its own default (None: experiments.EVALUATION)."""
+    from instructedit_lite import experiments
 
-    seen = []
+    seen, loaded = [], []
     fake = {"headline": {}, "claims": {}, "timings": {}}
     monkeypatch.setattr(experiments, "reproduce", lambda out, **kw: seen.append(kw) or fake)
-    monkeypatch.setattr(real_experiments, "reproduce_real", lambda out, **kw: seen.append(kw) or fake)
+    monkeypatch.setattr(models, "load_model", lambda name, **kw: loaded.append((name, kw["seed"])) or name)
+    monkeypatch.setattr(models.smollm2, "smollm2_available", lambda: True)
+    data = folder
     stream = io.StringIO()
     assert cli.main(["reproduce", "--out", str(tmp_path), "--fluency-cases", "3", "--quiet"], stream=stream) == 0
-    assert cli.main(["reproduce", "--model", "smollm2", "--out", str(tmp_path), "--quiet"], stream=stream) == 0
-    assert cli.main(["reproduce", "--model", "smollm2", "--out", str(tmp_path), "--fluency-cases", "2",
+    assert cli.main(["reproduce", "--model", "smollm2", "--data", str(data), "--out", str(tmp_path), "--seed", "2",
                      "--quiet"], stream=stream) == 0
+    assert cli.main(["reproduce", "--model", "smollm2", "--data", str(data), "--out", str(tmp_path),
+                     "--fluency-cases", "2", "--quiet"], stream=stream) == 0
     assert [kw["fluency_cases"] for kw in seen] == [3, None, 2]
-    assert real_experiments.FLUENCY_CASES == 0  # the real model's default: fluency is not in Table 3
+    assert [kw["base"] for kw in seen] == ["embedded", "smollm2", "smollm2"]
+    assert loaded == [("embedded", 0), ("smollm2", 2), ("smollm2", 0)]
+    assert experiments.EVALUATION["real"]["fluency_cases"] == 0  # fluency is not in Table 3
+    # without the published files: one line naming what is missing, no traceback
+    assert cli.main(["reproduce", "--model", "smollm2", "--data", str(tmp_path / "nowhere"), "--out",
+                     str(tmp_path), "--quiet"], stream=stream) == 2
 
 
 def test_help_texts_state_the_declared_smoke_sizes():
     # the parser stays free of heavy imports, so its help spells the sizes out: they must match
-    from instructedit_lite import experiments, real_experiments
+    from instructedit_lite import experiments
 
     sub = next(a for a in cli.build_parser()._actions if a.choices and "reproduce" in a.choices).choices
     smoke_help = next(a.help for a in sub["pretrain"]._actions if "--smoke" in a.option_strings)
     assert f"({base_model.SMOKE_STEPS}) steps" in smoke_help
     n_help = next(a.help for a in sub["reproduce"]._actions if "--n" in a.option_strings)
-    assert f"default {experiments.N_CASES}, smoke {experiments.N_CASES_SMOKE}:" in n_help
-    assert f"smollm2: {real_experiments.N_CASES}, smoke {real_experiments.N_CASES_SMOKE}:" in n_help
+    sizes = experiments.EVALUATION
+    assert f"embedded {sizes['embedded']['n_cases']}, smoke {sizes['embedded']['n_cases_smoke']};" in n_help
+    assert f"a real model {sizes['real']['n_cases']}, smoke {sizes['real']['n_cases_smoke']})" in n_help

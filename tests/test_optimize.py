@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from instructedit_lite import optimize as opt
-from instructedit_lite import optimize_cli
+from instructedit_lite import cli
+from instructedit_lite.proposers import make_proposer
 from instructedit_lite.instructions import default_instructions, official_instructions
 from instructedit_lite.mend import MendConfig, MendEditor
 from instructedit_lite.proposers import Proposer, to_brackets
@@ -172,25 +173,25 @@ def test_search_records_are_val_records_after_the_skipped_ones():
 
 def test_cli_rejects_what_it_cannot_do(capsys, tmp_path):
     # SmolLM2 without the published files: a clear error naming what is missing, not a traceback
-    assert optimize_cli.optimize_instructions_main(["--model", "smollm2", "--out", "x.json",
-                                                    "--data", str(tmp_path / "nowhere")]) == 2
+    assert cli.main(["optimize-instructions", "--model", "smollm2", "--out", "x.json",
+                     "--data", str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err
     assert "--model smollm2 needs:" in err and "nowhere" in err
     with pytest.raises(ValueError, match="unknown proposer"):
-        optimize_cli.make_proposer("gpt")
+        make_proposer("gpt")
     with pytest.raises(ValueError, match="--url"):
-        optimize_cli.make_proposer("http")
+        make_proposer("http")
     with pytest.raises(ValueError, match="rounds must be >= 1"):
         opt.SearchConfig(rounds=0)
 
 
-def test_real_trial_refuses_the_records_that_picked_the_checkpoint():
+def test_trial_refuses_the_records_that_picked_the_checkpoint():
     class Trained:
         class config:
             n_val = 6
 
     with pytest.raises(ValueError, match="skip >= the editor's n_val"):
-        optimize_cli.real_trial(None, Trained(), opt.SearchConfig(skip=5))
+        opt.trial_editor(None, Trained(), opt.SearchConfig(skip=5))
 
 
 def test_real_parts_fit_together_when_every_proposal_is_garbage(trial_parts, tmp_path):

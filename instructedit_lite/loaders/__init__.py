@@ -42,15 +42,12 @@ so a stray space would become a token of its own), and a probe kind with no prob
 wiki_recent) is left out, so ``bool(record.portability)`` says whether there is anything to test.
 """
 
-from .formats import (
-    CONVSENT_LOCALITY_RESPONSES, CONVSENT_QUESTIONS, load_convsent, load_counterfact_mend, load_knowedit,
-    load_zsre_mend,
-)
+from .formats import (CONVSENT_LOCALITY_RESPONSES, CONVSENT_QUESTIONS, load_convsent, load_counterfact_mend,
+                      load_knowedit, load_zsre_mend)
 from .instruction_file import load_instruction_file
 from .reading import FORMATS, ON_ERROR, OTHER_FORMATS, sniff_format
-from .real_files import (
-    ENV_VAR, INSTRUCTION_FILE, REAL_FILES, available_real_files, data_dir, load_real, load_real_instructions,
-)
+from .real_files import (ENV_VAR, INSTRUCTION_FILE, REAL_FILES, available_real_files, data_dir, load_real,
+                         load_real_instructions)
 from .skipped import Skipped, SkippedDataWarning, collect_skipped
 
 __all__ = [

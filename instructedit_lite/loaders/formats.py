@@ -12,10 +12,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..records import EditRecord, Probe, RecordError, alternating
-from .reading import (
-    Fields, answers_value, check_options, check_task, keys_hint, load_each, probe_groups, read_list, rephrases,
-    short, text_value, unicode_problem,
-)
+from .reading import (Fields, answers_value, check_options, check_task, keys_hint, load_each, probe_groups, read_list,
+                      rephrases, short, text_value, unicode_problem)
 from .skipped import Drops
 
 #: ConvSent edit questions; ``{topic}`` is the topic.  Record ``i`` uses entry ``i % 12``.

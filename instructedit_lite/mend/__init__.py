@@ -34,8 +34,8 @@ followed, each a fix of a known pitfall:
 from .editor import (FORMAT_VERSION, EditFactors, MendEditor, _key, capture_factors, keep_nonzero_rows,
                      time_edit_vs_forward_backward)
 from .networks import MODES, BlockStack, GradientTransform, LowRankBlock, MendConfig, RunningNorm
-from .weights import (IGNORE_INDEX, Conv1D, WeightInfo, applied, default_weight_names, functional_forward, lm_loss,
-                      edit_loss, only_these_require_grad, unlikelihood_loss, weight_info)
+from .weights import (IGNORE_INDEX, Conv1D, WeightInfo, applied, default_weight_names, edit_loss, functional_forward,
+                      lm_loss, only_these_require_grad, unlikelihood_loss, weight_info)
 
 __all__ = ["FORMAT_VERSION", "MODES", "IGNORE_INDEX", "lm_loss", "edit_loss", "unlikelihood_loss", "MendConfig", "WeightInfo", "weight_info",
            "default_weight_names", "RunningNorm", "LowRankBlock", "BlockStack", "GradientTransform", "EditFactors",

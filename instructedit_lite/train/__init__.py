@@ -40,8 +40,8 @@ from .cache import (LEARNING_MARGIN, TrainedEditor, editor_dir, learning_problem
 from .config import (EDIT_LOSS_INPUTS, METHODS, MIXINGS, PAPER_CONFIGS, REGIMES, TRAIN_VERSION, TrainConfig,
                      default_config, paper_config)
 from .examples import EditExample, build_example, records_for, schedule, task_probabilities
-from .losses import edit_loss, locality_kl, meta_losses, unlikelihood_loss
 from .loop import CHECKPOINT, CHECKPOINT_FORMAT, TrainResult, load_editor, make_editor, train
+from .losses import edit_loss, locality_kl, meta_losses, unlikelihood_loss
 from .validation import validate
 
 __all__ = [

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -12,13 +14,17 @@ from typing import Any, Mapping
 import pandas as pd
 
 from ..atomic import atomic_write_text, building
-from ..base_model import cache_dir, from_spec
 from ..config import jsonable
+from ..engine import PrefixEngine
 from ..mend import MendEditor
+from ..models import from_spec
 from ..parallel import cores, map_in_processes
+from ..paths import cache_dir
+from ..tasks import is_sentiment
 from . import loop
 from .config import TrainConfig
 from .examples import records_for
+from .prefix import training_rows
 
 __all__ = ["TrainedEditor", "editor_dir", "load_trained_editor", "train_editor", "train_editors", "learning_problem",
            "LEARNING_MARGIN"]
@@ -56,29 +62,52 @@ def load_trained_editor(path: str | os.PathLike, model) -> TrainedEditor:
                          pd.read_csv(path / "validation.csv"), summary, path, loaded=True)
 
 
-def train_editor(config: TrainConfig, base, *, cache: bool = True, progress: bool = True) -> TrainedEditor:
-    """Train an editor for ``base`` (a :class:`~instructedit_lite.base_model.BaseModel`), or load it.
+def train_editor(config: TrainConfig, base, *, cache: bool = True, progress: bool = True,
+                 engine: PrefixEngine | None = None, use_engine: bool | None = None) -> TrainedEditor:
+    """Train an editor for ``base`` (a :class:`~instructedit_lite.base_model.BaseModel`) on its
+    records (``base.world``), or load it.
 
     With ``cache`` the run lives in :func:`editor_dir`: a finished run (``summary.json`` present)
-    is loaded instead of trained, an interrupted one resumes from its checkpoint.  Without, it
-    trains from scratch in a temporary folder.
+    is loaded instead of trained, an interrupted one resumes from its checkpoint, and a second
+    process asking for the same editor waits for the first.  Without, it trains from scratch in a
+    temporary folder.  A real-scale model trains through the frozen-prefix engine
+    (``use_engine``, default: ``base.scale == "real"``; ``engine``: one to reuse, its cached
+    prefixes included); the one-off prefix computation is timed apart (``summary["prefix_seconds"]``,
+    ``"prefix_rows"``, ``"prefix_bytes"``).
     """
-    train_records, val_records = records_for(config, base.source)
-    if cache:
-        folder = editor_dir(config, base)
-        with building(folder):  # another process training the same editor: wait, then load it
+    folder = editor_dir(config, base)
+    with contextlib.ExitStack() as stack:
+        if cache:
+            stack.enter_context(building(folder))  # another process training the same editor: wait, then load it
             if (folder / "summary.json").exists():
                 return load_trained_editor(folder, base.model)
+        out = folder if cache else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="instructedit-train-")))
+        train_records, val_records = records_for(config, base.world)
+        instructions = base.instructions() if config.instructed else None
+        model, extra = base.model, {}
+        if base.scale == "real" if use_engine is None else use_engine:
+            engine = engine if engine is not None else PrefixEngine(base.model, config.mend.weight_names, key=base.key)
+            rows = training_rows(config, base.tokenizer, train_records, val_records, instructions)
+            start = time.perf_counter()
+            new = engine.precompute(rows, progress=progress)
+            extra = {"prefix_seconds": time.perf_counter() - start, "prefix_rows": new, "engine": True,
+                     "prefix_bytes": engine.cache.nbytes, "prefix_bytes_per_token": engine.cache.bytes_per_token()}
+            model = engine
+        if cache:
             atomic_write_text(folder / "config.json", json.dumps(config.to_dict(), indent=1))
-            result = loop.train(config, base.model, base.tokenizer, train_records=train_records,
-                                val_records=val_records, out_dir=folder, progress=progress)
-        return TrainedEditor(result.editor, config, pd.DataFrame(result.curves), pd.DataFrame(result.validation),
-                             jsonable(result.summary), folder)
-    with tempfile.TemporaryDirectory(prefix="instructedit-train-") as tmp:
-        result = loop.train(config, base.model, base.tokenizer, train_records=train_records, val_records=val_records,
-                       out_dir=tmp, progress=progress)
+        result = loop.train(config, model, base.tokenizer, train_records=train_records, val_records=val_records,
+                            out_dir=out, instructions=instructions, progress=progress)
+        summary = jsonable({**result.summary, **extra})
+        if extra and result.finished:
+            atomic_write_text(Path(out) / "summary.json", json.dumps(summary, indent=1))
     return TrainedEditor(result.editor, config, pd.DataFrame(result.curves), pd.DataFrame(result.validation),
-                         jsonable(result.summary), None)
+                         summary, folder if cache else None)
+
+
+def _cost(config: TrainConfig) -> float:
+    """A run's expected cost in fact steps (uniform mixing), for the order and the progress bar:
+    a ConvSent step costs about three (chapter 7's table of step costs)."""
+    return config.steps * (1 + 2 * sum(map(is_sentiment, config.tasks)) / len(config.tasks))
 
 
 def _train_in_worker(config_dict: dict[str, Any], spec: tuple, cache: str) -> str:
@@ -95,19 +124,22 @@ def train_editors(configs: Mapping[str, TrainConfig], base, *, processes: int | 
                   progress: bool = True) -> dict[str, TrainedEditor]:
     """Train (or load from the cache) several editors, ``processes`` of them at a time.
 
-    Each run is single-threaded (the embedded model's matrices are too small to gain from more
-    threads), so on a machine with ``n`` cores ``n`` runs go side by side in separate processes
-    (default: ``min(cores, runs still to train)``, cores from ``INSTRUCTEDIT_WORKERS`` when set).
-    Every run goes through :func:`train_editor`, with its cache, checkpoints and resume, so the
-    result is the same as training them one by one: each editor depends only on its own
-    configuration and seed.  Returns name → TrainedEditor.
+    Each run is single-threaded, so on a machine with ``n`` cores ``n`` runs go side by side in
+    separate processes (default: ``min(cores, runs still to train)``, cores from
+    ``INSTRUCTEDIT_WORKERS`` when set), the longest first, so that no core idles at the end beside
+    the longest run; on two cores this uses them better than one run on two threads does
+    (measured: docs/measurements.md).  Every run goes through :func:`train_editor`, with its cache,
+    checkpoints and resume, so the result is the same as training them one by one: each editor
+    depends only on its own configuration and seed.  Returns name → TrainedEditor.
     """
     todo = {name: c for name, c in configs.items() if not (editor_dir(c, base) / "summary.json").exists()}
     processes = processes or min(cores(), len(todo) or 1)
     # A model built in memory (no spec) cannot be rebuilt in another process: train it here.
     if len(todo) > 1 and processes > 1 and getattr(base, "spec", None) is not None:
-        map_in_processes(_train_in_worker, [(c.to_dict(), base.spec, str(cache_dir())) for c in todo.values()],
-                         processes, desc="editors", progress=progress)  # a worker's error is raised here
+        order = sorted(todo.values(), key=_cost, reverse=True)
+        map_in_processes(_train_in_worker, [(c.to_dict(), base.spec, str(cache_dir())) for c in order],
+                         processes, desc="editors", weights=[_cost(c) for c in order],
+                         progress=progress)  # a worker's error is raised here
     return {name: train_editor(c, base, progress=progress) for name, c in configs.items()}
 
 
