@@ -34,7 +34,9 @@ BOOK_OUT := $(if $(filter 0,$(SEED)),.,_build/seed$(SEED))
 REPO_URL ?=
 BOOK_CONFIG := $(if $(REPO_URL),--config _build/_config.repo.yml,)
 
-.PHONY: install test unit notebooks book lab spread bench clean
+.PHONY: install test unit notebooks book lab spread bench verify clean
+# The models `make verify` verifies (each writes results/<model>/; see instructedit_lite/verify.py).
+VERIFY_MODELS ?= embedded smollm2
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -85,6 +87,10 @@ spread: install
 
 bench: install
 	$(BIN)/python -m instructedit_lite.bench
+
+# The verification run (hours, resumable: run it again after an interruption); commit results/.
+verify: install
+	for model in $(VERIFY_MODELS); do $(BIN)/instructedit-lite verify --model $$model || exit 1; done
 
 clean:
 	rm -rf _build .cache

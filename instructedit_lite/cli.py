@@ -8,6 +8,7 @@
     instructedit-lite reproduce [--smoke] --out DIR [--n N] [--processes P] [--fluency greedy] [--no-generation]
                                 [--wild-tokens N]
     instructedit-lite fetch-data DIR
+    instructedit-lite verify --model embedded [--seeds 0 1 2] [--records N] [--device cuda] [--check]
     instructedit-lite optimize-instructions --model embedded --rounds N --out FILE
                             [--proposer smollm2|http --url URL --api-model NAME]
 
@@ -108,7 +109,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="WILD answers stop after at most this many new tokens (default 50, the reference's)")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     o = _add_optimize_parser(sub)
-    for command in (p, t, e, r, o):
+    v = sub.add_parser("verify", help="the run that decides the paper's claims over seeds; writes "
+                                      "results/<model>/verification.json and cases.csv (resumable)")
+    v.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default: verify.PLAN's, 0 1 2)")
+    v.add_argument("--records", type=int, default=None,
+                   help="test records per task for every comparison a claim rests on (default 150)")
+    v.add_argument("--baseline-records", type=int, default=None,
+                   help="test records per task for the baselines, first seed only (default 50)")
+    v.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    v.add_argument("--out", type=Path, default=Path("results"), help="the results folder (default results/)")
+    v.add_argument("--size", choices=("verify", "smoke"), default="verify",
+                   help="the editors: trained until validation stops improving (verify), or the smoke ones (tests)")
+    v.add_argument("--processes", type=int, default=None, help="editors trained and cases evaluated side by side")
+    v.add_argument("--chunk", type=int, default=None, help="cases evaluated between two writes of the journal")
+    v.add_argument("--work", type=Path, default=None, help="the journal folder (default: under the cache)")
+    v.add_argument("--check", action="store_true",
+                   help="only compare the recorded bundles with what the code declares today; exit 1 when stale")
+    v.add_argument("--quiet", action="store_true", help="no progress bar")
+    for command in (p, t, e, r, o, v):
         command.add_argument("--model", default="embedded",
                              help="'embedded' (default), 'smollm2', or a Hugging Face model name or folder")
         command.add_argument("--data", type=Path, default=None,
@@ -336,9 +354,25 @@ def cmd_optimize_instructions(args, stream) -> int:
     return 0
 
 
+def cmd_verify(args, stream) -> int:
+    from . import verify
+
+    if args.check:
+        return verify.main_check(args.out, stream)
+    bundle = verify.verify(args.model, seeds=args.seeds, records=args.records, baseline_records=args.baseline_records,
+                           data=args.data, device=args.device, out=args.out, size=args.size, processes=args.processes,
+                           chunk=args.chunk, work=args.work, command="instructedit-lite " + " ".join(args.argv),
+                           progress=not args.quiet)
+    _print_json({"out": str(args.out), "commit": bundle["commit"], "seeds": bundle["seeds"],
+                 "claims": {k: {f: c.get(f) for f in ("verdict", "estimate", "low", "high", "n", "mde")}
+                            for k, c in bundle["claims"].items()},
+                 "wall_seconds": bundle["wall_seconds"]}, stream)
+    return 0
+
+
 COMMANDS = {"pretrain": cmd_pretrain, "train": cmd_train, "bench": cmd_bench, "evaluate": cmd_evaluate,
             "reproduce": cmd_reproduce, "fetch-data": cmd_fetch_data,
-            "optimize-instructions": cmd_optimize_instructions}
+            "optimize-instructions": cmd_optimize_instructions, "verify": cmd_verify}
 
 
 def main(argv: Sequence[str] | None = None, *, stream=None) -> int:

@@ -40,7 +40,7 @@ __all__ = ["MODELS", "load_model", "load_hf_model", "from_spec", "missing", "dat
 
 #: The names :func:`load_model` knows besides Hugging Face names and folders.
 MODELS = ("embedded", "smollm2")
-SIZES = ("smoke", "default", "full")
+SIZES = ("smoke", "default", "full", "verify")
 
 
 def load_model(name_or_path: str = "embedded", *, data: str | Path | None = None, seed: int = 0,

@@ -34,7 +34,7 @@ def test_reproduce_runs_end_to_end_on_a_tiny_decoder(tmp_path, monkeypatch, arch
 
     monkeypatch.setenv("INSTRUCTEDIT_CACHE", str(tmp_path / "cache"))
     # Smoke editors of a few steps: the point is that every piece runs on LLaMA modules.
-    monkeypatch.setitem(train_config.SIZES[scale], "smoke", (4, 2, 2))
+    monkeypatch.setitem(train_config.SIZES[scale], "smoke", (4, 2, 2, 0))
     base = tiny_base(arch, scale)
     assert base.profile.name == arch
     assert base.weight_names()[0] == "model.layers.1.mlp.gate_proj.weight"

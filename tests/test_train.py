@@ -546,3 +546,22 @@ def test_trained_editor_beats_untrained_on_held_out_records(tmp_path, monkeypatc
     assert after["val_reliability"] > before["val_reliability"] + 0.4
     assert after["val_locality"] > 0.7
     assert after["val_loss"] < before["val_loss"]
+
+
+def test_early_stopping_keeps_the_best_and_ends_the_run(tokenizer, tmp_path, monkeypatch):
+    """``patience``: the run ends after that many validations without a lower loss than the kept
+    editor's, is finished (its files written) and says so; without it, every step runs."""
+    losses = iter([9.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0])  # step 0, then 2 (best), 4, 6 (no gain) ...
+
+    def scripted(*args, **kwargs):
+        return {"val_loss": next(losses), "val_reliability": 0.5, "val_locality": 1.0}
+
+    monkeypatch.setattr(tr.loop, "validate", scripted)
+    config = tiny_config(steps=12, val_every=2, checkpoint_every=2, patience=2)
+    assert config.key() != tiny_config(steps=12, val_every=2, checkpoint_every=2).key()
+    result = run(config, tokenizer, out_dir=tmp_path)
+    assert result.finished and result.summary["early_stopped"] and result.summary["steps"] == 6
+    assert result.summary["best_step"] == 2 and [v["step"] for v in result.validation] == [0, 2, 4, 6]
+    assert json.loads((tmp_path / "summary.json").read_text())["early_stopped"]
+    with pytest.raises(ValueError, match="patience must be >= 0"):
+        tiny_config(patience=-1)

@@ -55,6 +55,8 @@ class TrainConfig(Config):
     ``checkpoint_every``: edits between checkpoints (not part of :meth:`~instructedit_lite.config.Config.key`).
     ``statistics``: when MEND's running normalisation takes in an edit's rows (``STATISTICS``;
     ``"per_step"`` is needed to train on several processes, and is in the key only when set).
+    ``patience``: stop early after that many validations in a row without a lower validation
+    loss than the kept editor's (0, the default: run all ``steps``; in the key only when set).
     """
 
     regime: str = "instruct"
@@ -84,6 +86,7 @@ class TrainConfig(Config):
     #: ``weight_names``/``alpha_init``, which come from ``mend``; see :meth:`ke_config`); ``method="ke"`` only.
     ke: Any = None
     statistics: str = "per_edit"
+    patience: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.mend, Mapping):
@@ -121,6 +124,8 @@ class TrainConfig(Config):
                              "falls between optimiser steps")
         if self.mixing not in MIXINGS:
             raise ValueError(f"TrainConfig.mixing must be one of {MIXINGS}, got {self.mixing!r}")
+        if self.patience < 0:
+            raise ValueError(f"TrainConfig.patience must be >= 0 (0: no early stopping), got {self.patience!r}")
         for name in ("steps", "grad_accum", "val_every", "n_val", "checkpoint_every", "n_responses", "max_locality"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)!r}")
@@ -162,6 +167,8 @@ class TrainConfig(Config):
         data = {k: v for k, v in self.to_dict().items() if k not in _NOT_IN_KEY}
         if data["statistics"] == "per_edit":  # the default predates the field: keep the caches valid
             del data["statistics"]
+        if not data["patience"]:  # likewise
+            del data["patience"]
         if data["method"] == "mend":  # MEND keys predate the method field: keep their caches valid
             del data["method"], data["ke"]
         return {"version": TRAIN_VERSION, **data}
@@ -205,15 +212,20 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "real": dict(grad_accum=2, lr=1e-4, alpha_lr=1e-4, c_edit=0.1, c_loc=1.0, clip=100.0, edit_loss_input="edit",
                  n_responses=2, max_locality=2, mixing="uniform"),
 }
-#: Edits, validation interval and validation records per task (checkpoints at each validation) by
-#: scale and size.  Embedded: a single-task editor plateaus after 500-750 edits of its task, so it
-#: makes half as many (1,000) outside smoke runs; ``"smoke"`` trains a few dozen edits (fast
-#: notebook tests: enough for a single-task editor to move, not to plateau).  Real: ``"default"``
-#: fits chapter 7's budget on two cores (step costs measured in chapter 7, through the engine about
-#: a third of a plain step), ``"full"`` ten times as many, ``"smoke"`` one update of the editor.
-SIZES: dict[str, dict[str, tuple[int, int, int]]] = {
-    "embedded": {"smoke": (40, 20, 6), "default": (2000, 400, 20), "full": (2000, 400, 20)},
-    "real": {"smoke": (2, 2, 1), "default": (120, 40, 6), "full": (1200, 200, 24)},
+#: Edits, validation interval, validation records per task and early-stopping patience
+#: (validations without a lower loss; 0: none) by scale and size; checkpoints at each validation.
+#: Embedded: a single-task editor plateaus after 500-750 edits of its task, so it makes half as
+#: many (1,000) at the default and full sizes; ``"smoke"`` trains a few dozen edits (fast notebook
+#: tests: enough for a single-task editor to move, not to plateau).  Real: ``"default"`` fits
+#: chapter 7's budget on two cores (step costs measured in chapter 7, through the engine about a
+#: third of a plain step), ``"full"`` ten times as many, ``"smoke"`` one update of the editor.
+#: ``"verify"`` (the verification run, :mod:`~instructedit_lite.verify`): until validation on 50
+#: records per task stops improving, within a cap.
+SIZES: dict[str, dict[str, tuple[int, int, int, int]]] = {
+    "embedded": {"smoke": (40, 20, 6, 0), "default": (2000, 400, 20, 0), "full": (2000, 400, 20, 0),
+                 "verify": (2500, 500, 50, 2)},
+    "real": {"smoke": (2, 2, 1, 0), "default": (120, 40, 6, 0), "full": (1200, 200, 24, 0),
+             "verify": (1200, 200, 50, 2)},
 }
 _RANK = 64
 #: KE's step sizes act on raw (unnormalised) gradients, which on SmolLM2 want |α| of a few 1e-2: at
@@ -228,8 +240,8 @@ _NAMED_MODELS = {"smollm2": ("llama", 30)}
 def default_config(regime: str = "instruct", tasks: Sequence[str] | str | None = None, *,
                    smoke: bool = False, size: str | None = None, model: Any = "embedded", **changes) -> TrainConfig:
     """The book's editor configuration for ``model`` (``"embedded"``, ``"smollm2"`` or a loaded
-    :class:`~instructedit_lite.base_model.BaseModel`) at ``size`` (``"smoke"``, ``"default"`` or
-    ``"full"``; ``smoke=True`` is ``size="smoke"``), from :data:`SETTINGS` and :data:`SIZES`.
+    :class:`~instructedit_lite.base_model.BaseModel`) at ``size`` (``"smoke"``, ``"default"``,
+    ``"full"`` or ``"verify"``; ``smoke=True`` is ``size="smoke"``), from :data:`SETTINGS` and :data:`SIZES`.
 
     ``tasks`` defaults to the training tasks (``"single"`` needs exactly one).  A real-scale model
     edits the MLP matrices of its last three blocks.  Further keyword arguments override fields.
@@ -252,12 +264,12 @@ def default_config(regime: str = "instruct", tasks: Sequence[str] | str | None =
         scale, weights = model.scale, (None if model.scale == "embedded" else model.weight_names())
     if size not in SIZES[scale]:
         raise ValueError(f"default_config: size must be one of {sorted(SIZES[scale])}, got {size!r}")
-    steps, val_every, n_val = SIZES[scale][size]
-    if scale == "embedded" and regime == "single" and size != "smoke":
+    steps, val_every, n_val, patience = SIZES[scale][size]
+    if scale == "embedded" and regime == "single" and size in ("default", "full"):
         steps //= 2
     mend = MendConfig(rank=_RANK) if weights is None else MendConfig(rank=_RANK, weight_names=weights)
     values = dict(SETTINGS[scale], steps=steps, val_every=val_every, n_val=n_val, checkpoint_every=val_every,
-                  mend=mend)
+                  patience=patience, mend=mend)
     if changes.get("method") == "ke" and scale in _KE_ALPHA_LR:
         values["alpha_lr"] = _KE_ALPHA_LR[scale]
     values.update(changes)

@@ -189,6 +189,11 @@ def train(config: TrainConfig, model, tokenizer, *, train_records: Mapping[str, 
         if step > 0 and (best is None or metrics["val_loss"] < best["val_loss"]):
             best = {"step": step, "val_loss": metrics["val_loss"], "metrics": row, "state": _cpu_state(editor)}
 
+    def patience_spent() -> bool:
+        """``config.patience`` validations in a row after the kept one, none with a lower loss."""
+        return bool(config.patience) and best is not None and \
+            sum(v["step"] > best["step"] for v in validation) >= config.patience
+
     def optimizer_step() -> float:
         nonlocal skipped, optimizer_steps
         norm = torch.nn.utils.clip_grad_norm_(params, config.clip)
@@ -210,7 +215,7 @@ def train(config: TrainConfig, model, tokenizer, *, train_records: Mapping[str, 
     with _frozen(model):
         if not validation:  # the untrained editor: the baseline of the curves
             run_validation()
-        while step < stop_at:
+        while step < stop_at and not patience_spent():
             start = time.perf_counter()
             task, index = plan[step]
             if procs is None or procs.mine(step):
@@ -261,7 +266,7 @@ def train(config: TrainConfig, model, tokenizer, *, train_records: Mapping[str, 
                 seconds += time.perf_counter() - start
                 bar.set_postfix(loss=f"{running:.3f}" if running is not None else "nan",
                                 val=f"{validation[-1]['val_loss']:.3f}", skipped=skipped)
-            if step % config.checkpoint_every == 0 or step == stop_at:
+            if step % config.checkpoint_every == 0 or step == stop_at or patience_spent():
                 checkpoint()
     bar.close()
 
@@ -281,8 +286,9 @@ def train(config: TrainConfig, model, tokenizer, *, train_records: Mapping[str, 
         "train_sizes": sizes, "val_sizes": {t: len(v) for t, v in val_records.items()},
         "task_probabilities": task_probabilities(config, sizes),
         "alphas": {_short(n): editor.alpha(n).item() for n in editor.infos},
+        "early_stopped": step < config.steps and patience_spent(),
     }
-    finished = step >= config.steps
+    finished = step >= config.steps or patience_spent()
     if finished and out is not None and (procs is None or procs.is_main):
         best_editor.save(out / "editor-best.pt")
         final_editor.save(out / "editor-final.pt")
