@@ -20,6 +20,9 @@ forward+backward of the *whole* model (every parameter requires grad, as one fin
   rank (top level) and at every rank (``steps``);
 * bytes per cached row and per token, the one-off prefix cost per row, and how much of it the
   instruction prefix takes (the most that sharing the prefix's computation could save);
+* ``eval_case_ratio``: one evaluated InstructEdit case (the edit through the engine, every score
+  with the prefix and WILD generations, the undo) over ``fwd_bwd_4x40_s``: the unit of the
+  verification run's cost;
 * bf16 autocast (on a CPU with native bf16, or with ``--bf16 on``): the step's time, and the
   cosine between its editor gradients and float32's.
 
@@ -44,7 +47,9 @@ import torch
 
 from . import train as tr
 from .atomic import atomic_write_text
+from .editors import MendMethod
 from .engine import PrefixEngine, scored_batch
+from .evaluate import evaluate_case
 from .instructions import default_instructions, maybe_instruct
 from .mend import MendConfig, MendEditor, applied, lm_loss, time_edit_vs_forward_backward
 from .models import load_model
@@ -225,6 +230,17 @@ def engine_costs(base, *, repeats: int = 5, ranks: Sequence[int] = (1920, 64), t
     out["step_ratio"], out["step_ratio_rank"] = top["step_ratio"], max(ranks)
     out["engine_speedup"], out["engine_speedup_rank"] = small["engine_speedup"], min(ranks)
 
+    # One evaluated case (what the verification run repeats thousands of times): an InstructEdit
+    # edit of a CounterFact-style record through the engine, every score (teacher-forced, prefix
+    # and WILD generation, locality) and the undo, over one forward+backward of the whole model.
+    case_editor = MendEditor(model, MendConfig(rank=min(ranks), weight_names=names),
+                             generator=torch.Generator().manual_seed(0)).eval()
+    method = MendMethod(case_editor, "InstructEdit", instructions=instructions)
+    record = example_record(1)
+    out["eval_case_s"] = median_time(lambda: evaluate_case(method, engine, tokenizer, record), repeats,
+                                     "one evaluated case, engine")
+    out["eval_case_ratio"] = out["eval_case_s"] / out["fwd_bwd_4x40_s"]
+
     # The cache, and the one-off cost of filling it.
     out["cached_rows"] = len(engine.cache)
     out["bytes_per_cached_row"] = engine.cache.nbytes / max(1, len(engine.cache))
@@ -293,7 +309,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def from_args(args, stream=None) -> dict[str, Any]:
-    """:func:`run` with the options of :func:`add_arguments`."""
+    """:func:`run` with the options ``add_arguments`` declares."""
     return run(args.out, model=args.model, repeats=args.repeats, threads=args.threads, engine=args.engine,
                ranks=args.ranks, bf16={"auto": None, "on": True, "off": False}[args.bf16], data=args.data,
                stream=stream, quiet=args.json)

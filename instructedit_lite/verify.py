@@ -5,7 +5,7 @@ decide the claims.  This run repeats experiments 1-3 (multi-task editing, the he
 unseen instructions) over several seeds, with the seed as the unit of replication (on the embedded
 model a seed is a world, its base model and its editors; on a real model a split of the published
 files and the editors), with editors trained until their validation stops improving
-(:data:`~instructedit_lite.train.config.SIZES`' ``"verify"`` row), on enough test records per task
+(the ``"verify"`` size of ``train/config.py``'s ``SIZES``), on enough test records per task
 that an interval can decide a claim (:data:`PLAN`), and decides each claim by the rules of
 :mod:`~instructedit_lite.claims` over seeds and cases.
 

@@ -26,7 +26,7 @@ Validation runs on a fixed subset of the *val* split, disjoint from training, an
 the lowest validation loss is kept.  Checkpoints hold everything needed to resume bit for bit
 (editor with its running statistics, both optimisers, accumulated gradients, step, RNG states,
 curves, best-so-far); :func:`train` resumes from the checkpoint in its output folder.
-:func:`train_editor` caches finished editors under :func:`~instructedit_lite.base_model.cache_dir`.
+:func:`train_editor` caches finished editors under :func:`~instructedit_lite.paths.cache_dir`.
 
 One idea per file: ``config.py`` (the settings), ``examples.py`` (records → rows, the task mix
 and schedule), ``losses.py``, ``validation.py``, ``loop.py`` (training, checkpoints, resume) and

@@ -1,6 +1,6 @@
 """Meta-training through the frozen-prefix engine: the rows to cache, and the engine against the plain model (chapter 7).
 
-A real-scale model (:attr:`~instructedit_lite.base_model.BaseModel.scale`) trains its editors
+A real-scale model (a :class:`~instructedit_lite.base_model.BaseModel` of ``scale="real"``) trains its editors
 through a :class:`~instructedit_lite.engine.PrefixEngine`: :func:`training_rows` lists every token
 row a run will feed the model, the engine computes their states below the edited blocks once, and
 each step then runs only the edited blocks.  :func:`engine_check` shows that a step through the
