@@ -117,7 +117,7 @@ class CaseJournal:
     """Evaluated cases, one JSON line each, appended and synced to disk.
 
     A run killed while writing leaves at most one partial last line, which the next run drops;
-    :meth:`done` says which (method, task, case) rows exist."""
+    ``done()`` says which (method, task, case) rows exist."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
