@@ -163,7 +163,8 @@ def engine_costs(base, *, repeats: int = 5, ranks: Sequence[int] = (1920, 64), t
     (bf16 only on bf16 hardware unless ``bf16``)."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model, tokenizer, names, key = base.model.eval().requires_grad_(False), base.tokenizer, base.weight_names(), base.key
+    model, tokenizer = base.model.eval().requires_grad_(False), base.tokenizer
+    names, key = base.weight_names(), base.key
     engine = PrefixEngine(model, names, key=key)
     instructions = default_instructions()
     bf16 = bf16_hardware() if bf16 is None else bf16

@@ -300,8 +300,8 @@ def cmd_evaluate(args, stream) -> int:
 def cmd_reproduce(args, stream) -> int:
     from .experiments import reproduce
 
-    results = reproduce(args.out, base=load_base(args, seed=args.seed), smoke=args.smoke, seed=args.seed, n_cases=args.n,
-                        processes=args.processes, progress=not args.quiet, fluency=args.fluency,
+    results = reproduce(args.out, base=load_base(args, seed=args.seed), smoke=args.smoke, seed=args.seed,
+                        n_cases=args.n, processes=args.processes, progress=not args.quiet, fluency=args.fluency,
                         fluency_cases=args.fluency_cases, generation=not args.no_generation,
                         wild_tokens=args.wild_tokens)
     _print_json({"out": str(args.out), "headline": results["headline"], "claims": results["claims"],

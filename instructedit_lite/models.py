@@ -45,7 +45,8 @@ SIZES = ("smoke", "default", "full", "verify")
 
 def load_model(name_or_path: str = "embedded", *, data: str | Path | None = None, seed: int = 0,
                size: str = "default", progress: bool = True) -> BaseModel:
-    """The model ``name_or_path`` with the records it is edited on, as a :class:`~instructedit_lite.base_model.BaseModel`.
+    """The model ``name_or_path`` with the records it is edited on, as a
+    :class:`~instructedit_lite.base_model.BaseModel`.
 
     * ``"embedded"``: the world of ``seed`` and the GPT-2 pretrained on it (``size="smoke"``: the
       same world and architecture after a short pretraining, for tests);
@@ -83,8 +84,9 @@ def _shape(model) -> dict:
 def load_hf_model(name_or_path: str, *, source=None, local_files_only: bool | None = None, dtype=None,
                   device=None) -> BaseModel:
     """A Hugging Face causal LM and its tokenizer by name (``gpt2-xl``, ``meta-llama/Llama-2-7b-hf``)
-    or local path, as a real-scale :class:`~instructedit_lite.base_model.BaseModel` whose records come from ``source`` (e.g.
-    ``real_data.RealData(folder)``; ``None`` for a model only scored, never trained or evaluated).
+    or local path, as a real-scale :class:`~instructedit_lite.base_model.BaseModel` whose records
+    come from ``source`` (e.g. ``real_data.RealData(folder)``; ``None`` for a model only scored,
+    never trained or evaluated).
 
     The cache key is a hash of the name, the dtype and the model's configuration
     (:func:`load_model` adds the data's).  ``.as_tuple()`` gives ``(model, tokenizer,

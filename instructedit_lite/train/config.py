@@ -241,7 +241,8 @@ def default_config(regime: str = "instruct", tasks: Sequence[str] | str | None =
                    smoke: bool = False, size: str | None = None, model: Any = "embedded", **changes) -> TrainConfig:
     """The book's editor configuration for ``model`` (``"embedded"``, ``"smollm2"`` or a loaded
     :class:`~instructedit_lite.base_model.BaseModel`) at ``size`` (``"smoke"``, ``"default"``,
-    ``"full"`` or ``"verify"``; ``smoke=True`` is ``size="smoke"``), from the tables ``SETTINGS`` and ``SIZES`` of ``train/config.py``.
+    ``"full"`` or ``"verify"``; ``smoke=True`` is ``size="smoke"``), from the tables ``SETTINGS``
+    and ``SIZES`` of ``train/config.py``.
 
     ``tasks`` defaults to the training tasks (``"single"`` needs exactly one).  A real-scale model
     edits the MLP matrices of its last three blocks.  Further keyword arguments override fields.

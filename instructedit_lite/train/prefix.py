@@ -1,4 +1,4 @@
-"""Meta-training through the frozen-prefix engine: the rows to cache, and the engine against the plain model (chapter 7).
+"""Meta-training through the frozen-prefix engine: the rows to cache; the engine against the plain model (chapter 7).
 
 A real-scale model (a :class:`~instructedit_lite.base_model.BaseModel` of ``scale="real"``) trains its editors
 through a :class:`~instructedit_lite.engine.PrefixEngine`: :func:`training_rows` lists every token
