@@ -234,8 +234,12 @@ def cmd_train(args, stream) -> int:
                          "train at a time")
     if args.threads:
         torch.set_num_threads(args.threads)
+    # a configuration asked for by the model's name is checked before the (slow) load; another
+    # model's needs the loaded model (its edited weights come from its architecture profile)
+    by_name = args.model if args.model in ("embedded", "smollm2") else None
+    config = train_config_from_args(args, by_name) if by_name else None
     base = load_base(args)
-    config = train_config_from_args(args, base)
+    config = config or train_config_from_args(args, base)
     if procs is not None and torch.cuda.is_available():  # one GPU per process (untested here: no GPU)
         base.model.to(procs.state.device)
     if args.out is not None:

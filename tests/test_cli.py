@@ -78,7 +78,9 @@ def test_train_with_out_folder_calls_train(monkeypatch, tmp_path):
     assert seen["config"].steps == tr.default_config("instruct").steps
 
 
-def test_bad_arguments(capsys):
+def test_bad_arguments(capsys, monkeypatch):
+    # a bad configuration is reported before any model is loaded (loading may mean pretraining)
+    monkeypatch.setattr(models, "load_model", lambda *a, **kw: pytest.fail("loaded a model"))
     with pytest.raises(SystemExit):
         cli.main(["train", "--regime", "sometimes"])
     with pytest.raises(SystemExit):
