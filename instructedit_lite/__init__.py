@@ -27,7 +27,8 @@ Modules, each one idea:
 - :mod:`~instructedit_lite.metrics` and :mod:`~instructedit_lite.evaluate`: the paper's metrics, one edit per case;
 - :mod:`~instructedit_lite.experiments`: the book's editors, methods and experiments, ``reproduce``;
 - :mod:`~instructedit_lite.claims`: the paper's claims as verdict rules (chapters 5, 6 and 8);
-- :mod:`~instructedit_lite.verify`: the verification run over seeds, its committed bundles and their check;
+- :mod:`~instructedit_lite.verify` and :mod:`~instructedit_lite.bundles`: the verification run over seeds; its
+  committed bundles and their check;
 - :mod:`~instructedit_lite.sequential`: lifelong (sequential) and batch editing, locality against the original model;
 - :mod:`~instructedit_lite.ike`: IKE, in-context editing with retrieved demonstrations (no weight change);
 - :mod:`~instructedit_lite.unlearning`: edits that remove a fact (refusal target, unlikelihood);

@@ -236,7 +236,9 @@ def cmd_train(args, stream) -> int:
         torch.set_num_threads(args.threads)
     # a configuration asked for by the model's name is checked before the (slow) load; another
     # model's needs the loaded model (its edited weights come from its architecture profile)
-    by_name = args.model if args.model in ("embedded", "smollm2") else None
+    from .models import MODELS
+
+    by_name = args.model if args.model in MODELS else None
     config = train_config_from_args(args, by_name) if by_name else None
     base = load_base(args)
     config = config or train_config_from_args(args, base)
@@ -359,10 +361,10 @@ def cmd_optimize_instructions(args, stream) -> int:
 
 
 def cmd_verify(args, stream) -> int:
-    from . import verify
+    from . import bundles, verify
 
     if args.check:
-        return verify.main_check(args.out, stream)
+        return bundles.main_check(args.out, stream)
     bundle = verify.verify(args.model, seeds=args.seeds, records=args.records, baseline_records=args.baseline_records,
                            data=args.data, device=args.device, out=args.out, size=args.size, processes=args.processes,
                            chunk=args.chunk, work=args.work, command="instructedit-lite " + " ".join(args.argv),

@@ -15,21 +15,15 @@ moment resumes where it stopped and ends with the rows an uninterrupted run ends
 depends only on its method, record and seed).  The result is written atomically to
 ``results/<model>/verification.json`` (provenance, plan, configuration hashes, every claim's
 outcome, interval, n and mde, each editor's validation curve, wall time per phase) beside the
-per-case table ``cases.csv`` (gzipped when larger than 5 MB).  :func:`check` (``verify --check``,
-run by ``make test``) compares a bundle's hashes with what the code declares today and names
-what changed and the command that refreshes it.
+per-case table ``cases.csv``; :mod:`~instructedit_lite.bundles` writes, reads and checks it.
 """
 
 from __future__ import annotations
 
-import gzip
-import hashlib
-import io
 import json
 import os
 import platform
 import subprocess
-import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -42,27 +36,22 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
-from .atomic import atomic_write, atomic_write_text
+from .atomic import atomic_write_text
+from .bundles import RESULTS, _evaluation_declaration, _folder, _hash, write_bundle
 from .claims import CLAIMS, claims_json, experiment_claims
 from .evaluate import evaluate_methods
 from .experiments import build_methods, editor_configs, evaluation_records, methods_not_learned
 from .generation import WILD_MAX_TOKENS
 from .methods import get_method
-from .models import MODELS, load_model
+from .models import load_model
 from .parallel import cores
 from .paths import cache_dir
 from .progress import bar_disabled
 from .tasks import trainable_tasks
-from .tables import METRICS
-from .train import TRAIN_VERSION, learning_problem, train_editors
+from .train import learning_problem, train_editors
 
-__all__ = ["PLAN", "VERIFY_VERSION", "RESULTS", "plan_for", "declared_hashes", "CaseJournal", "verify", "check",
-           "load_bundle"]
+__all__ = ["PLAN", "plan_for", "CaseJournal", "verify"]
 
-#: Bumped whenever a change here changes what a verification run produces.
-VERIFY_VERSION = 1
-#: Where the bundles live (one folder per model).
-RESULTS = Path("results")
 #: What the run evaluates on each scale: test records per task for every comparison a claim rests
 #: on (the unedited model and the meta-trained methods: InstructEdit with seen and unseen
 #: instructions, multi-task and single-task MEND, KE), or the whole test split where it is
@@ -75,16 +64,6 @@ PLAN: dict[str, dict[str, Any]] = {
     "embedded": {"records": 150, "baseline_records": 50, "seeds": (0, 1, 2)},
     "real": {"records": 150, "baseline_records": 50, "seeds": (0, 1, 2)},
 }
-#: A bundle's per-case table is gzipped above this size.
-GZIP_ABOVE = 5_000_000
-#: Columns that depend on the machine's load, not on the case (left out of comparisons).
-TIMING_COLUMNS = ("edit_seconds",)
-
-
-def _hash(data: Any) -> str:
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
 def plan_for(model: str, scale: str, *, seeds: Sequence[int] | None = None, records: int | None = None,
              baseline_records: int | None = None, size: str = "verify") -> dict[str, Any]:
     """The run's declared plan: the model, seeds, records per task, the editors' size."""
@@ -93,24 +72,6 @@ def plan_for(model: str, scale: str, *, seeds: Sequence[int] | None = None, reco
             "seeds": [int(s) for s in (seeds if seeds is not None else declared["seeds"])],
             "records": int(records or declared["records"]),
             "baseline_records": int(declared["baseline_records"] if baseline_records is None else baseline_records)}
-
-
-def _editor_keys(model: Any, plan: Mapping[str, Any]) -> dict[str, dict[str, str]]:
-    return {str(seed): {name: c.key() for name, c in editor_configs(seed, size=plan["size"], model=model).items()}
-            for seed in plan["seeds"]}
-
-
-def _evaluation_declaration(plan: Mapping[str, Any]) -> dict[str, Any]:
-    """Everything besides the editors that changes the rows or the verdicts."""
-    return {"verify_version": VERIFY_VERSION, "train_version": TRAIN_VERSION, "metrics": list(METRICS),
-            "wild_tokens": WILD_MAX_TOKENS, "records": plan["records"], "baseline_records": plan["baseline_records"],
-            "claims": [(c.key, c.test, c.target) for c in CLAIMS]}
-
-
-def declared_hashes(model: Any, plan: Mapping[str, Any]) -> dict[str, Any]:
-    """The configuration hashes the code declares today for ``plan``: each editor's configuration
-    key by seed, and one hash of the evaluation's declaration (metrics, WILD cap, records, claims)."""
-    return {"editors": _editor_keys(model, plan), "evaluation": _hash(_evaluation_declaration(plan))}
 
 
 class CaseJournal:
@@ -319,7 +280,7 @@ def verify(model: str = "embedded", *, seeds: Sequence[int] | None = None, recor
         "wall_seconds": {**{k: round(v, 1) for k, v in timings.items()},
                          "this_sitting_s": round(time.perf_counter() - started, 1)},
     }
-    _write_bundle(Path(out) / _folder(model), bundle, cases)
+    write_bundle(Path(out) / _folder(model), bundle, cases)
     return bundle
 
 
@@ -346,72 +307,3 @@ def _claims_summary(claims: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _folder(model: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in model)
-
-
-def _write_bundle(folder: Path, bundle: Mapping[str, Any], cases: pd.DataFrame) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    text = cases.drop(columns=[c for c in TIMING_COLUMNS if c in cases]).to_csv(index=False)
-    data = text.encode()
-    if len(data) > GZIP_ABOVE:
-        atomic_write(folder / "cases.csv.gz", lambda f: f.write(gzip.compress(data, mtime=0)))
-        (folder / "cases.csv").unlink(missing_ok=True)
-    else:
-        atomic_write_text(folder / "cases.csv", text)
-        (folder / "cases.csv.gz").unlink(missing_ok=True)
-    atomic_write_text(folder / "verification.json", json.dumps(bundle, indent=1, default=_plain) + "\n")
-
-
-def load_bundle(model: str = "embedded", results: str | os.PathLike = RESULTS) -> tuple[dict, pd.DataFrame] | None:
-    """``(bundle, cases)`` of ``results/<model>``, or None when no verification has been recorded."""
-    folder = Path(results) / _folder(model)
-    path = folder / "verification.json"
-    if not path.exists():
-        return None
-    bundle = json.loads(path.read_text())
-    table = folder / "cases.csv"
-    if table.exists():
-        cases = pd.read_csv(table)
-    else:
-        cases = pd.read_csv(io.BytesIO(gzip.decompress((folder / "cases.csv.gz").read_bytes())))
-    return bundle, cases
-
-
-def check(results: str | os.PathLike = RESULTS) -> tuple[list[str], list[str]]:
-    """``(problems, notes)``: a problem for every bundle whose recorded hashes differ from what the
-    code declares today (naming the changed part and the command that refreshes it); a note for
-    every declared model without a bundle."""
-    problems, notes = [], []
-    results = Path(results)
-    for name in MODELS:
-        path = results / _folder(name) / "verification.json"
-        if not path.exists():
-            notes.append(f"{name}: no verification recorded ({path}); run `instructedit-lite verify --model {name}`")
-            continue
-        bundle = json.loads(path.read_text())
-        refresh = f"refresh with `{bundle.get('command') or 'instructedit-lite verify --model ' + name}`"
-        today = declared_hashes(name, bundle["plan"])
-        if today["evaluation"] != bundle["hashes"]["evaluation"]:
-            problems.append(f"{path}: the evaluation's declaration changed (metrics, WILD cap, records, claims or "
-                            f"the verification code's version); {refresh}")
-        for seed, recorded in bundle["hashes"]["editors"].items():
-            now = today["editors"].get(seed, {})
-            for editor in sorted(set(recorded) | set(now)):
-                if recorded.get(editor) != now.get(editor):
-                    problems.append(f"{path}: the configuration of editor {editor!r} (seed {seed}) changed "
-                                    f"({recorded.get(editor)} -> {now.get(editor)}); {refresh}")
-    return problems, notes
-
-
-def main_check(results: str | os.PathLike = RESULTS, stream=None) -> int:
-    """``verify --check``: 0 when every recorded bundle is current, 1 (and why) otherwise."""
-    stream = stream or sys.stdout
-    problems, notes = check(results)
-    for line in notes:
-        print(f"note: {line}", file=stream)
-    for line in problems:
-        print(f"stale: {line}", file=stream)
-    if not problems:
-        print(f"verify --check: every recorded bundle under {results} is current", file=stream)
-    return 1 if problems else 0

@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from instructedit_lite import verify
+from instructedit_lite import bundles, verify
 from instructedit_lite.train import config as train_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,7 +61,7 @@ def test_a_killed_run_resumes_to_the_rows_of_an_uninterrupted_one(tmp_path):
     # no baselines asked for (they run on the first seed only, on their own records)
     assert "GRACE" not in a["records_per_task"] and a["with_baselines"] is None
     assert a["records_per_task"]["KE"]["zsre"] == 2 and "zsre" not in a["records_per_task"]["MEND (single-task)"]
-    assert verify.check(tmp_path / "a") == ([], [verify.check(tmp_path / "a")[1][0]])
+    assert bundles.check(tmp_path / "a") == ([], [bundles.check(tmp_path / "a")[1][0]])
 
 
 def test_the_journal_drops_a_half_written_line(tmp_path):
@@ -80,7 +80,7 @@ def _bundle(tmp_path: Path, plan: dict) -> Path:
     folder = tmp_path / "embedded"
     folder.mkdir(parents=True)
     bundle = {"model": "embedded", "plan": plan, "command": "instructedit-lite verify --model embedded",
-              "hashes": verify.declared_hashes("embedded", plan)}
+              "hashes": bundles.declared_hashes("embedded", plan)}
     (folder / "verification.json").write_text(json.dumps(bundle))
     return folder
 
@@ -88,25 +88,25 @@ def _bundle(tmp_path: Path, plan: dict) -> Path:
 def test_check_names_a_changed_editor_configuration_and_the_command(tmp_path, monkeypatch):
     plan = verify.plan_for("embedded", "embedded")
     _bundle(tmp_path, plan)
-    assert verify.check(tmp_path)[0] == []
+    assert bundles.check(tmp_path)[0] == []
     monkeypatch.setitem(train_config.SETTINGS["embedded"], "lr", 3e-4)  # a changed declaration
-    problems, _ = verify.check(tmp_path)
+    problems, _ = bundles.check(tmp_path)
     assert problems and all("refresh with `instructedit-lite verify --model embedded`" in p for p in problems)
     assert any("editor 'InstructEdit' (seed 0) changed" in p for p in problems)
-    assert verify.main_check(tmp_path, stream=open(os.devnull, "w")) == 1
+    assert bundles.main_check(tmp_path, stream=open(os.devnull, "w")) == 1
 
 
 def test_check_names_a_changed_evaluation(tmp_path, monkeypatch):
     _bundle(tmp_path, verify.plan_for("embedded", "embedded"))
-    monkeypatch.setattr(verify, "VERIFY_VERSION", verify.VERIFY_VERSION + 1)
-    problems, _ = verify.check(tmp_path)
+    monkeypatch.setattr(bundles, "VERIFY_VERSION", bundles.VERIFY_VERSION + 1)
+    problems, _ = bundles.check(tmp_path)
     assert len(problems) == 1 and "evaluation's declaration changed" in problems[0]
 
 
 def test_the_committed_bundles_are_current():
     """``verify --check`` on the repository's results: a recorded verification that the code no
     longer matches fails here, naming the command that refreshes it."""
-    problems, _ = verify.check(ROOT / "results")
+    problems, _ = bundles.check(ROOT / "results")
     assert not problems, "\n".join(problems)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Sequence
 
+from .. import smollm2
 from ..architectures import profile_named
 from ..config import Config
 from ..ke import KEConfig
@@ -234,7 +235,7 @@ _RANK = 64
 #: docs/measurements.md).
 _KE_ALPHA_LR = {"real": 1e-3}
 #: The real scale's weights when a configuration is asked for by name, without a loaded model.
-_NAMED_MODELS = {"smollm2": ("llama", 30)}
+_NAMED_MODELS = {"smollm2": ("llama", smollm2.DEPTH)}
 
 
 def default_config(regime: str = "instruct", tasks: Sequence[str] | str | None = None, *,
