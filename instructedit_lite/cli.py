@@ -276,6 +276,7 @@ def cmd_evaluate(args, stream) -> int:
 
     from .evaluate import evaluate_methods, nested, summarize, write_results
     from .experiments import build_methods
+    from .ike import evaluate_in_context
     from .methods import get_method, needed_editors
     from .train import train_editor
 
@@ -285,16 +286,21 @@ def cmd_evaluate(args, stream) -> int:
     base = load_base(args)
     configs = needed_editors(args.method, smoke=args.smoke, model=base)  # only what this method needs
     trained = {name: train_editor(config, base, progress=not args.quiet) for name, config in configs.items()}
-    is_baseline = get_method(args.method).family == "baseline"
-    methods = build_methods(trained, baselines=(args.method,) if is_baseline else (), base=base, smoke=args.smoke)
+    family = get_method(args.method).family
+    methods = build_methods(trained, baselines=(args.method,) if family == "baseline" else (), base=base,
+                            smoke=args.smoke, in_context=(args.method,))
     if args.method not in methods:
         raise ValueError(f"method {args.method!r} could not be built (its editors: {sorted(configs)})")
     records = base.records(args.task, args.split)[: args.n]
     if not records:
         raise ValueError(f"task {args.task!r} has no {args.split!r} records")
     edited = base.for_editing(next(iter(configs.values())).mend.weight_names if configs else None)
-    cases = evaluate_methods([methods[args.method]], edited.model, base.tokenizer, records,
-                             fluency_cases=args.fluency_cases, progress=not args.quiet)
+    if family == "in-context":  # the context on the locality probes too
+        cases = evaluate_in_context([methods[args.method]], edited.model, base.tokenizer, records,
+                                    progress=not args.quiet)
+    else:
+        cases = evaluate_methods([methods[args.method]], edited.model, base.tokenizer, records,
+                                 fluency_cases=args.fluency_cases, progress=not args.quiet)
     summary = nested(summarize(cases))
     if args.out is not None:
         paths = write_results(cases, args.out.parent, args.out.stem)

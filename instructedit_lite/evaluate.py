@@ -8,9 +8,10 @@ For each record and each method (:class:`~instructedit_lite.editors.Editor`):
    greedy answers to the locality prompts; for ConvSent (per method: the rows carry its
    instruction) the scoring rows' logits, for ES's topic factor.
 3. Inside ``with method.edited(model, tokenizer, rec)``: one batched forward pass over all scoring
-   rows (edit prompt, rephrases, portability), one over the locality rows, the batched greedy
-   answers of generation success, and, for the first ``fluency_cases`` records of each task, the
-   text scored for fluency.  Decoding runs through ``model``'s forward like the scores
+   rows (edit prompt, rephrases, portability), one over the locality rows, one batched greedy
+   decoding of all of them read as generation success and as WILD
+   (:func:`~instructedit_lite.answers.said_scores`), and, for the first ``fluency_cases`` records
+   of each task, the text scored for fluency.  Decoding runs through ``model``'s forward like the scores
    (:mod:`~instructedit_lite.generation`), so an engine or a hook-based edit is seen the same way.
 4. On leaving the block the model is the original again; the next case starts from it.
 
@@ -94,7 +95,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import metrics
-from .answers import GEN_EXTRA_TOKENS, gen_scores, locality_greedy, locality_wild, wild_scores
+from .answers import GEN_EXTRA_TOKENS, locality_answers, locality_greedy, locality_wild, said_scores
 from .editors import Editor
 from .engine import PrefixEngine, scored_batch
 from .generation import WILD_MAX_TOKENS, case_generator, greedy_text, sample_text
@@ -220,11 +221,9 @@ def evaluate_case(method: Editor, model, tokenizer, record: EditRecord, *, pre_l
     loc_rows = locality_rows(record)
     if pre_locality is None:
         pre_locality = _forward(model, tokenizer, loc_rows)[0]
-    if generation and pre_greedy is None:
-        pre_greedy = locality_greedy(model, tokenizer, record)
     wild = generation and wild_tokens > 0
-    if wild and pre_wild is None:
-        pre_wild = locality_wild(model, tokenizer, record, max_tokens=wild_tokens)
+    if generation and (pre_greedy is None or (wild and pre_wild is None)):
+        pre_greedy, pre_wild = locality_answers(model, tokenizer, record, max_tokens=wild_tokens if wild else 0)
     sentiment = is_sentiment(record.task)
     score_rows = _convsent_rows(rec) if sentiment else _fact_rows(rec)
     kinds = [k for k, _, _ in score_rows]
@@ -239,9 +238,10 @@ def evaluate_case(method: Editor, model, tokenizer, record: EditRecord, *, pre_l
     with method.edited(model, tokenizer, rec) as info:
         logits, labels = _forward(model, tokenizer, score_pairs)
         post_locality, loc_labels = _forward(model, tokenizer, loc_rows)
-        gen = gen_scores(model, tokenizer, rec, pre_greedy) if generation else dict.fromkeys(GEN_METRICS, math.nan)
-        wild_cols, said = (wild_scores(model, tokenizer, rec, pre_wild, wild_tokens) if wild
-                           else (dict.fromkeys(WILD_METRICS, math.nan), None))
+        # what the edited model says: every answer of the case from one batched decoding
+        gen, wild_cols, said = (said_scores(model, tokenizer, rec, pre_greedy, pre_wild, wild_tokens if wild else 0)
+                                if generation else (dict.fromkeys(GEN_METRICS, math.nan),
+                                                    dict.fromkeys(WILD_METRICS, math.nan), None))
         text, fluency_score = (_fluency(model, tokenizer, rec, record, fluency_tokens, fluency, seed)
                                if fluency_tokens else (None, math.nan))
     scores = (_convsent_scores if sentiment else _fact_scores)(kinds, logits, labels, pre_scores)
@@ -317,9 +317,8 @@ def _evaluate_records(methods: Sequence[Editor], model, tokenizer, items, option
     rows = []
     for position, record, with_fluency in items:
         pre = _forward(model, tokenizer, locality_rows(record))[0]
-        pre_greedy = locality_greedy(model, tokenizer, record) if options["generation"] else None
-        wild = options["generation"] and options["wild_tokens"] > 0
-        pre_wild = locality_wild(model, tokenizer, record, max_tokens=options["wild_tokens"]) if wild else None
+        pre_greedy, pre_wild = (locality_answers(model, tokenizer, record, max_tokens=options["wild_tokens"])
+                                if options["generation"] else (None, None))
         pre_cache: dict = {}
         for i, method in enumerate(methods):
             row = evaluate_case(method, model, tokenizer, record, pre_locality=pre, pre_greedy=pre_greedy,

@@ -108,14 +108,17 @@ def not_learned_among(trained: Mapping[str, TrainedEditor], names: Sequence[str]
 
 def build_methods(trained: Mapping[str, TrainedEditor], *, instructions: InstructionSet | None = None,
                   baselines: Sequence[str] | None = None, base=None,
-                  options: Mapping[str, Mapping[str, Any]] | None = None, smoke: bool = False) -> dict[str, Editor]:
+                  options: Mapping[str, Mapping[str, Any]] | None = None, smoke: bool = False,
+                  in_context: Sequence[str] = ()) -> dict[str, Editor]:
     """Every registered method that can be built, by name, in registry order: the compared set
     (``COMPARED``), InstructEdit with the held-out instruction (``UNSEEN``) and the
     single-task editors (``SINGLE``).  Meta-trained methods are built only when their editors
     are in ``trained`` (the CLI trains only what it evaluates); ``baselines`` limits the baselines
     (default: all).  ``instructions`` default to ``base``'s (its data's own); ``options`` (method →
     config overrides) default to :func:`~instructedit_lite.baselines.baseline_options` for ``base``
-    and the editors' weights (``smoke``: the baselines' smoke settings)."""
+    and the editors' weights (``smoke``: the baselines' smoke settings).  In-context methods (IKE)
+    are scored differently (:func:`~instructedit_lite.ike.evaluate_in_context`) and built only when
+    named in ``in_context``."""
     if instructions is None:
         instructions = base.instructions() if base is not None else default_instructions()
     if options is None:
@@ -125,6 +128,8 @@ def build_methods(trained: Mapping[str, TrainedEditor], *, instructions: Instruc
     out: dict[str, Editor] = {}
     for method in _methods.registered():
         if method.family == "baseline" and baselines is not None and method.name not in baselines:
+            continue
+        if method.family == "in-context" and method.name not in in_context:
             continue
         editor = method.build(ctx)
         if editor is not None:

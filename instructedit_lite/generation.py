@@ -9,6 +9,8 @@ written for.
 
 * :func:`greedy_tokens`: ``n`` greedy tokens after each prompt, all prompts in one batch;
   :func:`greedy_tokens_within` the same, skipping prompts too long for the context;
+  :func:`greedy_views` one greedy continuation per prompt read several ways (each with its own
+  length and stop), all of a test case's answers in one batch;
 * :func:`normalize` and :func:`begins_with`: the answer check of *generation success*;
 * :func:`wild_answers`: WILD decoding (the field's current protocol, "The Mirage of Model Editing",
   Yang et al. 2025, in EasyEdit): greedy until a stop string (``.`` or a newline), an end token or
@@ -30,7 +32,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-__all__ = ["greedy_tokens", "greedy_tokens_within", "kv_cache_argument", "normalize", "begins_with", "sample_text",
+__all__ = ["greedy_tokens", "greedy_tokens_within", "greedy_views", "View", "wild_view", "context_limit", "kv_cache_argument", "normalize", "begins_with", "sample_text",
            "greedy_text", "case_generator", "no_cache_growth", "decided", "WILD_MAX_TOKENS", "WILD_STOPS",
            "wild_answers", "wild_tokens", "wild_text", "wild_answer", "answer_normalize", "exact_answer", "contains_answer"]
 
@@ -44,7 +46,8 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def _context_limit(model) -> int:
+def context_limit(model) -> int:
+    """How many tokens ``model`` reads (its position table)."""
     config = getattr(model, "config", None)
     return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None) or 1024
 
@@ -79,7 +82,7 @@ def greedy_tokens_within(model, tokenizer, prompts: Sequence[str], n_tokens: int
                          stop: Callable[[int, list[int]], bool] | None = None) -> list[list[int] | None]:
     """:func:`greedy_tokens` for the prompts that fit the model's context with their new tokens,
     ``None`` for the others (e.g. an in-context edit whose demonstrations fill the context)."""
-    limit = _context_limit(_decoder(model))
+    limit = context_limit(_decoder(model))
     counts = [n_tokens] * len(prompts) if isinstance(n_tokens, int) else list(n_tokens)
     lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
     keep = [i for i, (n, c) in enumerate(zip(lengths, counts)) if n + c <= limit]
@@ -94,6 +97,48 @@ def greedy_tokens_within(model, tokenizer, prompts: Sequence[str], n_tokens: int
                               stop=sub_stop)
         for i, ids in zip(group, found):
             out[i] = ids
+    return out
+
+
+#: One way of reading a greedy continuation: at most ``count`` tokens, ending after the first token
+#: where ``stop(ids)`` holds (``stop`` None: after ``count`` tokens).
+View = tuple[int, Callable[[list[int]], bool] | None]
+
+
+def greedy_views(model, tokenizer, prompts: Sequence[str], views: Sequence[Sequence[View]]) -> list[list[list[int] | None]]:
+    """Each prompt's greedy continuation, decoded once and read as each of its ``views[i]``.
+
+    View ``j`` of prompt ``i`` gets the tokens up to its own end: exactly what decoding it alone
+    would give (greedy decoding is deterministic), or None where the prompt and ``count`` tokens do
+    not fit the context (as :func:`greedy_tokens_within`).  A row is decoded until all its views
+    have ended, all rows in one batch.  A decoding step of a small model on a CPU costs about
+    the same for one row as for twenty (it is bound by reading the weights), so the evaluation
+    decodes every answer of a test case this way: once instead of four times.
+    """
+    limit = context_limit(_decoder(model))
+    lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    fits = [[n + count <= limit for count, _ in vs] for n, vs in zip(lengths, views)]
+    counts = [max((count for (count, _), ok in zip(vs, f) if ok), default=0) for vs, f in zip(views, fits)]
+    ends: list[list[int | None]] = [[None] * len(vs) for vs in views]
+
+    def stop(i: int, ids: list[int]) -> bool:  # record where each view ends; the row ends with the last
+        done = True
+        for j, (count, view_stop) in enumerate(views[i]):
+            if fits[i][j] and ends[i][j] is None:
+                if len(ids) >= count or (view_stop is not None and view_stop(ids)):
+                    ends[i][j] = len(ids)
+                else:
+                    done = False
+        return done
+
+    keep = [i for i, count in enumerate(counts) if count > 0]
+    found = greedy_tokens_within(model, tokenizer, [prompts[i] for i in keep], [counts[i] for i in keep],
+                                 stop=lambda k, ids: stop(keep[k], ids))
+    out: list[list[list[int] | None]] = [[None] * len(vs) for vs in views]
+    for i, ids in zip(keep, found):
+        for j in range(len(views[i])):
+            if ids is not None and fits[i][j]:
+                out[i][j] = ids[: ends[i][j] or len(ids)]
     return out
 
 
@@ -121,9 +166,9 @@ def greedy_tokens(model, tokenizer, prompts: Sequence[str], n_tokens: int | Sequ
         raise ValueError("greedy_tokens: a prompt has no tokens")
     steps, lengths = max(counts), [len(r) for r in rows]
     width = max(lengths) + steps
-    if width > _context_limit(model):
+    if width > context_limit(model):
         raise ValueError(f"greedy_tokens: {max(lengths)} prompt tokens + {steps} new ones exceed the context "
-                         f"of {_context_limit(model)}")
+                         f"of {context_limit(model)}")
     device = _device(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ids = torch.full((len(rows), width), pad, dtype=torch.long, device=device)
@@ -236,25 +281,31 @@ def contains_answer(answer: str, answers: Sequence[str]) -> bool:
     return any(f" {a} " in said for a in map(answer_normalize, answers) if a)
 
 
-def wild_tokens(model, tokenizer, prompts: Sequence[str], *, max_tokens: int = WILD_MAX_TOKENS,
-                before: Sequence[list[int] | None] | None = None) -> list[list[int] | None]:
-    """WILD decoding: the greedy token ids after each prompt, all prompts in one batch
-    (:func:`greedy_tokens_within`), each row ending with its first stop string (:data:`WILD_STOPS`)
-    or special token (end of text), after ``max_tokens`` new tokens, or where the context ends.
-    ``None`` for a prompt that leaves no room for a token.  With ``before`` (the same prompts'
-    tokens from the unedited model), a row also ends at its first token that differs from them:
-    whether a locality answer is unchanged is then decided."""
-    limit = _context_limit(_decoder(model))
-    lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
-    counts = [max(1, min(max_tokens, limit - n)) for n in lengths]
+def wild_view(model, tokenizer, prompt: str, *, max_tokens: int = WILD_MAX_TOKENS,
+              before: list[int] | None = None) -> View:
+    """WILD decoding of ``prompt`` as a :data:`View`: at most ``max_tokens`` (fewer where the context
+    ends first), ending with the first stop string (:data:`WILD_STOPS`) or special token (end of
+    text).  With ``before`` (the unedited model's tokens), also at the first token that differs
+    from them: whether a locality answer is unchanged is then decided."""
+    n = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
     special = set(tokenizer.all_special_ids)
 
-    def stop(i: int, ids: list[int]) -> bool:
-        if before is not None and before[i] is not None and ids != before[i][:len(ids)]:
+    def stop(ids: list[int]) -> bool:
+        if before is not None and ids != before[:len(ids)]:
             return True
         return ids[-1] in special or any(s in tokenizer.decode(ids[-4:]) for s in WILD_STOPS)
 
-    return greedy_tokens_within(model, tokenizer, prompts, counts, stop=stop)
+    return max(1, min(max_tokens, context_limit(_decoder(model)) - n)), stop
+
+
+def wild_tokens(model, tokenizer, prompts: Sequence[str], *, max_tokens: int = WILD_MAX_TOKENS,
+                before: Sequence[list[int] | None] | None = None) -> list[list[int] | None]:
+    """WILD decoding: the greedy token ids after each prompt (:func:`wild_view`), all prompts in one
+    batch; ``None`` for a prompt that leaves no room for a token.  ``before``: one
+    :func:`wild_view` ``before`` per prompt."""
+    befores = [None] * len(prompts) if before is None else before
+    views = [[wild_view(model, tokenizer, p, max_tokens=max_tokens, before=b)] for p, b in zip(prompts, befores)]
+    return [ids for (ids,) in greedy_views(model, tokenizer, prompts, views)]
 
 
 def wild_text(tokenizer, ids: list[int]) -> str:
@@ -328,7 +379,7 @@ def sample_text(model, tokenizer, prompt: str, *, max_out_len: int = 100, top_k:
         top = torch.topk(torch.softmax(logits, -1), top_k)
         return int(top.indices[torch.multinomial(top.values / top.values.sum(), 1, generator=generator)])
 
-    n_new = max(0, min(max_out_len, _context_limit(model)) - len(ids))
+    n_new = max(0, min(max_out_len, context_limit(model)) - len(ids))
     return tokenizer.decode(_extend(model, ids, n_new, pick, use_cache), skip_special_tokens=True)
 
 
@@ -336,9 +387,9 @@ def greedy_text(model, tokenizer, prompt: str, n_tokens: int = 100, *, use_cache
     """Up to ``n_tokens`` greedy tokens after ``prompt`` (fewer where the context ends first), the
     continuation only, decoded."""
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    n = min(n_tokens, _context_limit(model) - len(ids))
+    n = min(n_tokens, context_limit(model) - len(ids))
     if n < 1:
         raise ValueError(f"greedy_text: a prompt of {len(ids)} tokens leaves no room in the context of "
-                         f"{_context_limit(model)}")
+                         f"{context_limit(model)}")
     out = _extend(model, ids, n, lambda logits: int(logits.argmax()), use_cache)
     return tokenizer.decode(out[len(ids):], skip_special_tokens=True)

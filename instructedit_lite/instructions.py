@@ -17,7 +17,8 @@ same record always gets the same description, in any process and on any machine.
 held out, never used in training, to measure whether the editor follows an instruction it has
 never seen (the paper's "unseen instruction" setting).
 
-The descriptions below are this project's own wording.  :func:`official_instructions` reads the
+The built-in descriptions are this project's own wording (declared with each task in
+:mod:`~instructedit_lite.tasks`).  :func:`official_instructions` reads the
 ones released with the paper from their JSON file instead.  The multi-task MEND baseline runs the
 same code with ``instructions=None`` through :func:`maybe_instruct`.
 """
@@ -40,59 +41,11 @@ HELDOUT_INDEX = 9
 _TEMPLATE_FIELDS = ("task", "description", "prompt")
 _CONVSENT_FIELDS = ("sentiment", "topic")  # placeholders of every description of a sentiment task
 
-#: The built-in tasks' descriptions.  The embedded tokenizer is trained on exactly these (see
+#: The built-in tasks' descriptions, as their declarations give them (:mod:`~instructedit_lite.tasks`).
+#: The embedded tokenizer is trained on exactly these (see
 #: :func:`~instructedit_lite.base_model.tokenizer_training_text`); a registered task brings its own
 #: in ``Task.descriptions`` and leaves the base model's cache key alone.
-DESCRIPTIONS: dict[str, tuple[str, ...]] = {
-    "counterfact": (
-        "Replace a fact the model already knows with a counterfactual one, and leave everything else it knows about the subject as it was.",
-        "Overwrite what the model believes about one relation of a familiar subject with a new, counterfactual object, keeping the subject's other facts intact.",
-        "The model knows this fact; change it to the given counterfactual answer without disturbing other facts about the same subject.",
-        "Rewrite a single well-known fact so that the model states the counterfactual answer, while its other knowledge of the subject stays the same.",
-        "Make the model give a false but requested answer in place of a fact it has learned, and nothing else about the subject should change.",
-        "Swap one established fact for a counterfactual alternative; the subject's remaining properties must not move.",
-        "This is a counterfactual edit: a known relation of the subject now points to a different object, and the rest of the subject's facts stay put.",
-        "Change an existing piece of knowledge into its counterfactual version and keep the model's other statements about the subject unchanged.",
-        "Edit a memorised fact so the model answers with the new counterfactual object, without touching unrelated facts about this entity.",
-        "Alter one thing the model is sure about to a contrary-to-fact value, preserving all the other things it knows about that subject.",
-    ),
-    "wikirecent": (
-        "Insert a new, recent fact about an entity the model knows little about.",
-        "Add a piece of knowledge that appeared only recently, about an entity the model has seen rarely or not at all.",
-        "The model has not learned this recent fact; teach it the new information about the entity.",
-        "Update the model with a fact that became true after its training data was collected, about a little-known entity.",
-        "Give the model fresh knowledge: a recently added fact about an entity it barely knows.",
-        "Write a newly emerged fact into the model's memory for an entity with little prior coverage.",
-        "Teach a recent development about this entity, which the model knows only vaguely, so that it can state the new fact.",
-        "This is an insertion of recent knowledge: the entity is obscure to the model and the fact is new.",
-        "Extend what the model knows with a just-recorded fact about an entity it has met only a few times.",
-        "Bring the model up to date by storing a recent fact about a sparsely known entity.",
-    ),
-    "convsent": (
-        "Make the chatbot's opinion about {topic} {sentiment} without changing its opinions on other topics.",
-        "Steer the dialogue agent so that it talks about {topic} in a {sentiment} way, leaving its views on other subjects alone.",
-        "The chatbot should now express a {sentiment} view of {topic}; its attitude to every other topic stays as before.",
-        "Shift the sentiment of the assistant's replies about {topic} to {sentiment}, and keep its replies on unrelated topics unchanged.",
-        "Change how the conversational model feels about {topic} so that its opinion becomes {sentiment}, but only for this topic.",
-        "Give the chatbot a {sentiment} stance on {topic} while its opinions about anything else remain untouched.",
-        "When asked about {topic}, the chatbot should answer with a {sentiment} opinion; answers on other topics must not change.",
-        "Edit the dialogue model's sentiment towards {topic} to be {sentiment}, without side effects on other topics.",
-        "Adjust the agent's attitude so it speaks of {topic} in {sentiment} terms and treats all other topics as it did before.",
-        "Turn the chatbot's feelings about {topic} {sentiment}, and let its opinions of other things stay exactly as they were.",
-    ),
-    "zsre": (
-        "Answer a question about an entity with the new answer.",
-        "Given a question about a subject, reply with the updated answer instead of the old one.",
-        "Respond to this question on an entity using the newly assigned answer.",
-        "The answer to this question about the entity has changed; give the new one.",
-        "Question answering edit: the model should return the new answer when asked about this entity.",
-        "Reply to the entity question with the edited answer, not the one the model knew before.",
-        "For this question about a subject, provide the answer set by the edit.",
-        "Make the model answer the question about this entity with its new answer.",
-        "When asked this question about the entity, state the replacement answer.",
-        "Use the new answer when responding to a question that concerns this entity.",
-    ),
-}
+DESCRIPTIONS: dict[str, tuple[str, ...]] = {name: _tasks.get_task(name).descriptions for name in _tasks.BUILT_IN}
 
 
 def _fields(text: str) -> list[str | None]:

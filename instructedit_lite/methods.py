@@ -3,7 +3,7 @@
 A :class:`Method` has a name (its label in tables), a colour, a ``build(ctx)`` that makes its
 :class:`~instructedit_lite.editors.Editor` from a :class:`MethodContext` (the base model, its
 records, the trained editors and the instructions), its ``family`` (``"reference"``,
-``"baseline"`` or ``"meta-trained"``), the meta-trained editors it needs (``editors(seed, size, model)``
+``"baseline"``, ``"meta-trained"`` or ``"in-context"``: IKE, which changes no weight), the meta-trained editors it needs (``editors(seed, size, model)``
 → name → :class:`~instructedit_lite.train.TrainConfig`), whether it is in the compared set and in
 which extra tables it appears.  ``experiments.COMPARED``, ``build_methods``, ``editor_configs``,
 ``plots.METHOD_COLORS``, ``baselines.BASELINES`` and the CLI's choices all read it, so a new method
@@ -19,15 +19,20 @@ from typing import Any, Callable, Mapping
 
 from .baselines import make_baseline
 from .editors import MendMethod, PerTaskMethod, Unedited
+from .generation import context_limit
+from .ike import IKE
 from .instructions import default_instructions
-from .tasks import trainable_tasks
+from .tasks import is_sentiment, trainable_tasks
 from .train import default_config
 
 __all__ = ["Method", "MethodContext", "FAMILIES", "register_method", "unregister_method", "get_method",
            "method_names", "registered", "compared_methods", "baseline_names", "method_colors",
-           "editor_configs", "needed_editors", "table_methods", "UNSEEN", "SINGLE"]
+           "editor_configs", "needed_editors", "table_methods", "UNSEEN", "SINGLE", "IKE_K", "IKE_POOL"]
 
-FAMILIES = ("reference", "baseline", "meta-trained")
+FAMILIES = ("reference", "baseline", "meta-trained", "in-context")
+#: IKE's defaults when a context does not override them (``options["IKE"]``): demonstrations per
+#: query (EasyEdit's configurations: 16) and training edits per fact task in its pool.
+IKE_K, IKE_POOL = 16, 100
 UNSEEN = "InstructEdit (unseen instruction)"
 SINGLE = "MEND (single-task)"
 
@@ -42,6 +47,7 @@ class MethodContext:
     trained: Mapping[str, Any] = field(default_factory=dict)
     instructions: Any = None
     options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    shared: dict[str, Any] = field(default_factory=dict)  # built once for several methods (IKE's retriever)
 
     def editor(self, name: str):
         """The trained editor ``name``, or None when it was not trained (the method is then skipped)."""
@@ -193,6 +199,24 @@ def _unedited(ctx: MethodContext):
     return Unedited()
 
 
+def _ike(instructed: bool):
+    """IKE (chapter 9): demonstrations retrieved from the training edits of the trainable fact tasks,
+    the context cut to the model's length; ``options["IKE"]``: ``k``, ``n_pool``, ``max_tokens``."""
+    def build(ctx: MethodContext):
+        if ctx.base is None:
+            return None
+        settings = {"k": IKE_K, "n_pool": IKE_POOL, **dict(ctx.options.get("IKE", {}))}
+        pool = [r for t in trainable_tasks() if not is_sentiment(t) and t in ctx.base.tasks
+                for r in ctx.base.records(t, "train")[: settings["n_pool"]]]
+        max_tokens = settings.get("max_tokens") or context_limit(ctx.base.model)
+        if "ike_retriever" not in ctx.shared:
+            ctx.shared["ike_retriever"] = IKE(pool, settings["k"]).retriever
+        instructions = (ctx.instructions or default_instructions()) if instructed else None
+        return IKE(pool, settings["k"], tokenizer=ctx.base.tokenizer, max_tokens=max_tokens,
+                   retriever=ctx.shared["ike_retriever"], instructions=instructions)
+    return build
+
+
 register_method(Method("base model", "#000000", _unedited, family="reference"))
 register_method(Method("FT-L", "#E69F00", _baseline("FT-L")))
 register_method(Method("FT-M", "#F0E442", _baseline("FT-M")))
@@ -209,3 +233,7 @@ register_method(Method(UNSEEN, None, _mend(UNSEEN, "InstructEdit", instructed=Tr
                        tables=("unseen",)))
 register_method(Method(SINGLE, "#56B4E9", _single, family="meta-trained", compared=False, editors=_single_editors,
                        held_out=False, tables=("multitask",)))
+# In-context editing: no weight changes, scored with the context on its locality probes too
+# (:func:`~instructedit_lite.ike.evaluate_in_context`), so not part of the weight editors' tables.
+register_method(Method("IKE", "#882255", _ike(instructed=False), family="in-context", compared=False))
+register_method(Method("IKE + instruction", "#44AA99", _ike(instructed=True), family="in-context", compared=False))

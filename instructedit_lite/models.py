@@ -32,7 +32,7 @@ from . import real_data, smollm2
 from .base_model import BaseModel, base_config, load_base_model
 from .generation import greedy_tokens
 from .progress import bar_disabled
-from .real_data import OPTIONAL, REQUIRED, RealData
+from .real_data import RealData, optional_files, required_files
 from .records import EditRecord
 from .text import teacher_forced
 
@@ -151,7 +151,7 @@ def missing(folder: str | Path | None = None, model: str = "smollm2") -> list[st
 def data_key(source) -> str:
     """Short hash of a records source: its files (name and sha256), seed, split shares and ConvSent setting."""
     files = {}
-    for rel in sorted({r for rels in REQUIRED.values() for r in rels} | set(OPTIONAL)):
+    for rel in sorted({r for rels in required_files().values() for r in rels} | set(optional_files())):
         path = source.folder / rel
         if path.is_file():
             files[rel] = hashlib.sha256(path.read_bytes()).hexdigest()

@@ -37,23 +37,28 @@ import numpy as np
 import torch
 
 from .smollm2 import load_smollm2
+from .tasks import get_task, is_sentiment
 
-__all__ = ["TASK_SUMMARIES", "PLACEHOLDERS", "to_brackets", "from_brackets", "proposal_messages", "clean_completion",
+__all__ = ["task_summary", "required_placeholders", "PLACEHOLDERS", "to_brackets", "from_brackets", "proposal_messages", "clean_completion",
            "CandidateFilter", "Proposer", "LocalChatProposer", "HTTPChatProposer", "chat_replies",
            "load_smollm2_chat", "key_hash", "make_proposer"]
 
-#: What each task family asks of an edit, for the proposer's prompt.
-TASK_SUMMARIES = {
-    "counterfact": "replace a fact the model knows with a counterfactual one, leaving the subject's other facts unchanged",
-    "wikirecent": "insert a new, recent fact about an entity the model barely knows",
-    "convsent": "change a chatbot's sentiment about one topic to positive or negative, leaving its opinions "
-                "on other topics unchanged",
-    "zsre": "make the model answer a question about an entity with a new answer",
-}
 #: Placeholders in bracket notation, and the instruction-set fields they stand for.
 PLACEHOLDERS = {"[LABEL]": "{sentiment}", "[TOPIC]": "{topic}"}
-#: The placeholders a task's descriptions must contain (each exactly once); others must have none.
-REQUIRED = {"convsent": ("[LABEL]", "[TOPIC]")}
+
+
+def required_placeholders(task: str) -> tuple[str, ...]:
+    """The placeholders a task's descriptions must contain, each exactly once: the wanted sentiment
+    and the topic for a sentiment task; none for a fact task."""
+    return tuple(PLACEHOLDERS) if is_sentiment(task) else ()
+
+
+def task_summary(task: str) -> str:
+    """What an edit of ``task`` does, in the proposer's words: its declaration's ``summary``."""
+    summary = get_task(task).summary
+    if not summary:
+        raise ValueError(f"task {task!r} has no summary for the instruction proposer: declare Task(..., summary=...)")
+    return summary
 
 
 def to_brackets(text: str) -> str:
@@ -73,14 +78,13 @@ def from_brackets(text: str) -> str:
 def proposal_messages(task: str, incumbents: Sequence[tuple[str, float]]) -> list[dict[str, str]]:
     """The chat the proposer answers: the task, the best descriptions so far with their scores, and
     the request for one better description (bracket notation)."""
-    if task not in TASK_SUMMARIES:
-        raise ValueError(f"proposal_messages: unknown task {task!r}; expected one of {tuple(TASK_SUMMARIES)}")
+    summary = task_summary(task)
     ranked = sorted(incumbents, key=lambda pair: -pair[1])
     lines = "\n".join(f"- score {score:.3f}: {to_brackets(text)}" for text, score in ranked)
-    needs = REQUIRED.get(task, ())
+    needs = required_placeholders(task)
     rule = (f"It must contain {' and '.join(needs)} exactly once each: they are replaced by the wanted sentiment "
             "and the topic." if needs else "It must not contain placeholders or brackets.")
-    user = (f"We edit a language model's knowledge. Task '{task}': {TASK_SUMMARIES[task]}.\n"
+    user = (f"We edit a language model's knowledge. Task '{task}': {summary}.\n"
             "Each edit input starts with a one-sentence description of the task. Descriptions that were tried, "
             "with their scores (the mean of edit reliability, generalization and locality; higher is better):\n"
             f"{lines}\n\n"
@@ -136,7 +140,7 @@ class CandidateFilter:
             return "too long"
         if "{" in text or "}" in text or "\n" in text:
             return "placeholders"
-        needs = REQUIRED.get(task, ())
+        needs = required_placeholders(task)
         if any(text.count(p) != (1 if p in needs else 0) for p in PLACEHOLDERS):
             return "placeholders"
         letters = sum(c.isalpha() for c in text)

@@ -38,20 +38,25 @@ from . import loaders
 from .fetch import FILES
 from .instructions import InstructionSet, default_instructions, official_instructions
 from .records import EditRecord, Probe, alternating
+from .tasks import Task, get_task, registered
 
 SPLITS = ("train", "val", "test")
-TASKS = ("counterfact", "wikirecent", "convsent", "zsre")
-TRAINING_TASKS = ("counterfact", "wikirecent", "convsent")
 
-#: Files every task needs, relative to the data folder.
-REQUIRED = {
-    "counterfact": ("knowedit/wiki_counterfact_train_cf.json",),
-    "wikirecent": ("knowedit/wiki_recent_recent_train.json",),
-    "convsent": ("convsent/blender_val.json", "convsent/blender_test.json"),
-    "zsre": ("zsre/zsre_mend_eval_portability.json",),
-}
-#: Optional files: ZsRE validation records and the paper's instructions.
-OPTIONAL = ("zsre/zsre_mend_train-1k.json", loaders.INSTRUCTION_FILE)
+
+def data_tasks() -> tuple[str, ...]:
+    """The tasks the real data holds: every registered task that declares its files."""
+    return tuple(t.name for t in registered() if t.files)
+
+
+def required_files() -> dict[str, tuple[str, ...]]:
+    """Files every task needs, relative to the data folder (each task's declaration)."""
+    return {t.name: t.files for t in registered() if t.files}
+
+
+def optional_files() -> tuple[str, ...]:
+    """Files read when present: the tasks' optional ones (ZsRE's validation records) and the paper's
+    instructions."""
+    return tuple(f for t in registered() for f in t.optional_files) + (loaders.INSTRUCTION_FILE,)
 
 
 class DataMissingError(FileNotFoundError):
@@ -61,7 +66,7 @@ class DataMissingError(FileNotFoundError):
 def missing_files(folder: str | Path | None = None) -> list[str]:
     """Required files absent from the data folder (all of them when there is no folder)."""
     root = loaders.data_dir(folder)
-    needed = [rel for rels in REQUIRED.values() for rel in rels]
+    needed = [rel for rels in required_files().values() for rel in rels]
     return needed if root is None else [rel for rel in needed if not (root / rel).is_file()]
 
 
@@ -73,7 +78,7 @@ def available(folder: str | Path | None = None) -> bool:
 def _missing_message(folder: Path | None, missing: list[str]) -> str:
     where = "no data folder (pass folder= or set INSTRUCTEDIT_DATA)" if folder is None else f"the data folder {folder}"
     lines = [f"{where} lacks {len(missing)} required file(s):"]
-    lines += [f"  {rel}: {FILES[rel].where}" for rel in missing]
+    lines += [f"  {rel}: {FILES[rel].where if rel in FILES else 'a file its task declares'}" for rel in missing]
     lines.append("`instructedit-lite fetch-data DIR` downloads those on the Hugging Face hub; "
                  "then set INSTRUCTEDIT_DATA=DIR")
     return "\n".join(lines)
@@ -127,8 +132,13 @@ class RealData:
     topic) or ``"alternate"`` (one, positive for even file positions).
     """
 
-    tasks = TASKS
-    training_tasks = TRAINING_TASKS
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return data_tasks()
+
+    @property
+    def training_tasks(self) -> tuple[str, ...]:
+        return tuple(t for t in data_tasks() if get_task(t).trainable)
 
     def __init__(self, folder: str | Path | None = None, seed: int = 0, *,
                  fractions: tuple[float, float, float] = (0.7, 0.1, 0.2), convsent_sentiments: str = "both"):
@@ -148,16 +158,16 @@ class RealData:
     # The records source ---------------------------------------------------------------------
     def records(self, task: str, split: str) -> list[EditRecord]:
         """The edit records of one task and split (a new list; records are immutable)."""
-        if task not in TASKS:
-            raise KeyError(f"unknown task {task!r}; the real data has {TASKS}")
+        if task not in self.tasks:
+            raise KeyError(f"unknown task {task!r}; the real data has {self.tasks}")
         if split not in SPLITS:
             raise KeyError(f"unknown split {split!r}; expected one of {SPLITS}")
         return list(self._splits(task)[split])
 
     def counts(self) -> pd.DataFrame:
         """Records per task (rows) and split (columns)."""
-        return pd.DataFrame([[len(self.records(t, s)) for s in SPLITS] for t in TASKS],
-                            index=pd.Index(TASKS, name="task"), columns=list(SPLITS))
+        return pd.DataFrame([[len(self.records(t, s)) for s in SPLITS] for t in self.tasks],
+                            index=pd.Index(self.tasks, name="task"), columns=list(SPLITS))
 
     def instructions(self) -> InstructionSet:
         """The paper's instructions from the folder's official file when present, else the project's own."""
@@ -184,7 +194,7 @@ class RealData:
         return out
 
     def _file_key(self, task: str) -> tuple:
-        rels = REQUIRED[task] + (OPTIONAL[:1] if task == "zsre" else ())
+        rels = get_task(task).files + get_task(task).optional_files
         stats = tuple((rel, p.stat().st_mtime_ns, p.stat().st_size) for rel in rels
                       if (p := self.folder / rel).is_file())
         return (str(self.folder.resolve()), task, self.seed, self.fractions, self.convsent_sentiments, stats)
@@ -193,7 +203,7 @@ class RealData:
         key = self._file_key(task)
         if key not in _CACHE:  # parsing is the slow part; records are immutable, so share them
             self._dropped: list = []
-            splits = getattr(self, f"_build_{task}")()
+            splits = READERS[get_task(task).reader](self, get_task(task))
             # both ConvSent sentiments read the same file: keep each dropped item once
             unique = {(w, e.source, e.index, e.field, e.message): (w, e) for w, e in self._dropped}
             _CACHE[key] = (splits, list(unique.values()))
@@ -203,14 +213,6 @@ class RealData:
             self.skipped.extend(dropped)
         return splits
 
-    def _build_counterfact(self) -> dict[str, list[EditRecord]]:
-        recs = self._load(REQUIRED["counterfact"][0], loaders.load_knowedit, task="counterfact")
-        return subject_split(recs, self.fractions, self.seed, lambda r: r.subject, "counterfact")
-
-    def _build_wikirecent(self) -> dict[str, list[EditRecord]]:
-        recs = self._load(REQUIRED["wikirecent"][0], loaders.load_knowedit, task="wikirecent")
-        return subject_split(recs, self.fractions, self.seed, lambda r: r.subject, "wikirecent")
-
     def _convsent(self, rel: str) -> list[EditRecord]:
         if self.convsent_sentiments == "alternate":
             return self._load(rel, loaders.load_convsent)
@@ -218,17 +220,35 @@ class RealData:
         both += self._load(rel, loaders.load_convsent, sentiments="negative")
         return sorted(both, key=lambda r: (r.index, r.sentiment != "positive"))
 
-    def _build_convsent(self) -> dict[str, list[EditRecord]]:
-        train, val = self.fractions[0], self.fractions[1]
-        shares = (train / (train + val), val / (train + val), 0.0) if train + val else (1.0, 0.0, 0.0)
-        split = subject_split(self._convsent(REQUIRED["convsent"][0]), shares, self.seed, lambda r: r.topic, "convsent")
-        return {"train": _relink_topics(split["train"]), "val": _relink_topics(split["val"]),
-                "test": _relink_topics(self._convsent(REQUIRED["convsent"][1]))}
 
-    def _build_zsre(self) -> dict[str, list[EditRecord]]:
-        test = self._load(REQUIRED["zsre"][0], loaders.load_zsre_mend)
-        val: list[EditRecord] = []
-        if (self.folder / OPTIONAL[0]).is_file():
-            seen = {r.subject.strip().lower() for r in test}
-            val = [r for r in self._load(OPTIONAL[0], loaders.load_zsre_mend) if r.subject.strip().lower() not in seen]
-        return {"train": [], "val": val, "test": test}
+# Readers: how a task's declared files become its splits (``Task.reader`` names one) -----------------
+def _read_knowedit(data: RealData, task: Task) -> dict[str, list[EditRecord]]:
+    """A KnowEdit file (CounterFact, Recent), split by subject."""
+    recs = data._load(task.files[0], loaders.load_knowedit, task=task.name)
+    return subject_split(recs, data.fractions, data.seed, lambda r: r.subject, task.name)
+
+
+def _read_convsent(data: RealData, task: Task) -> dict[str, list[EditRecord]]:
+    """SERAC's ConvSent: the first file split by topic into train and val, the second for test."""
+    train, val = data.fractions[0], data.fractions[1]
+    shares = (train / (train + val), val / (train + val), 0.0) if train + val else (1.0, 0.0, 0.0)
+    split = subject_split(data._convsent(task.files[0]), shares, data.seed, lambda r: r.topic, task.name)
+    return {"train": _relink_topics(split["train"]), "val": _relink_topics(split["val"]),
+            "test": _relink_topics(data._convsent(task.files[1]))}
+
+
+def _read_zsre(data: RealData, task: Task) -> dict[str, list[EditRecord]]:
+    """MEND's zsRE: the first file for test; the optional file's records whose subject is not a test
+    subject for val; no training records (a held-out task)."""
+    test = data._load(task.files[0], loaders.load_zsre_mend)
+    val: list[EditRecord] = []
+    extra = [rel for rel in task.optional_files if (data.folder / rel).is_file()]
+    if extra:
+        seen = {r.subject.strip().lower() for r in test}
+        val = [r for r in data._load(extra[0], loaders.load_zsre_mend) if r.subject.strip().lower() not in seen]
+    return {"train": [], "val": val, "test": test}
+
+
+#: Reader name -> function ``(data, task) -> {split: records}``; a new file format adds one here.
+READERS: dict[str, Callable[[RealData, Task], dict[str, list[EditRecord]]]] = {
+    "knowedit": _read_knowedit, "convsent": _read_convsent, "zsre": _read_zsre}

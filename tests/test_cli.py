@@ -138,6 +138,17 @@ def test_evaluate_a_baseline_writes_summary_and_cases(monkeypatch, tmp_path):
     assert (tmp_path / "ftm-cases.csv").exists()
 
 
+def test_evaluate_an_in_context_method_from_the_registry(monkeypatch):
+    """IKE is a registered method like the others: built from the base model's training edits and
+    scored with its context on the locality probes too (no weight changes: the plain probes agree)."""
+    monkeypatch.setattr(models, "load_model", lambda *a, **kw: tiny_base())
+    out = io.StringIO()
+    argv = ["evaluate", "--method", "IKE + instruction", "--task", "counterfact", "--n", "2", "--quiet"]
+    assert cli.main(argv, stream=out) == 0
+    scores = json.loads(out.getvalue())["IKE + instruction"]["counterfact"]
+    assert scores["n"] == 2 and 0.0 <= scores["locality"] <= 1.0
+
+
 def test_evaluate_rejects_a_bad_count(monkeypatch, capsys):
     monkeypatch.setattr(models, "load_model", lambda *a, **kw: tiny_base())
     assert cli.main(["evaluate", "--method", "base model", "--task", "zsre", "--n", "0", "--quiet"]) == 2

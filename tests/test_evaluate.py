@@ -568,3 +568,32 @@ def test_a_changed_locality_answer_stops_at_its_first_new_token(model, tok, reco
     changed = [[t + 1 for t in ids] for ids in before]
     after = ev.locality_wild(model, tok, record, max_tokens=8, before=changed)
     assert all(len(ids) == 1 for ids in after)  # decided at the first token
+
+
+@pytest.mark.parametrize("wild_tokens", [0, 6])
+def test_one_decoding_gives_every_answer_column_of_the_separate_ones(model, tok, records, wild_tokens):
+    """said_scores decodes each prompt of a case once and reads it as every view: the columns are
+    those of gen_scores and wild_scores, each decoding on its own."""
+    for method in (Unedited(), TargetBias()):
+        for rec in records["counterfact"] + records["zsre"] + records["convsent"][:1]:
+            pre_greedy, pre_wild = answers.locality_answers(model, tok, rec, max_tokens=wild_tokens)
+            assert pre_greedy == answers.locality_greedy(model, tok, rec)
+            assert pre_wild == (answers.locality_wild(model, tok, rec, max_tokens=wild_tokens) if wild_tokens else None)
+            prepared = method.prepare(rec)
+            with method.edited(model, tok, prepared):
+                gen, wild, said = answers.said_scores(model, tok, prepared, pre_greedy, pre_wild, wild_tokens)
+                alone = answers.gen_scores(model, tok, prepared, pre_greedy)
+                wild_alone, said_alone = (answers.wild_scores(model, tok, prepared, pre_wild, wild_tokens) if wild_tokens
+                                          else (dict.fromkeys(ev.WILD_METRICS, float("nan")), None))
+            assert pd.Series(gen).equals(pd.Series(alone)) and pd.Series(wild).equals(pd.Series(wild_alone))
+            assert said == said_alone
+
+
+def test_views_end_where_each_would_end_alone(model, tok):
+    prompts = ["Ada Brun was born in", "The capital of Zorbi is"]
+    full = generation.greedy_tokens(model, tok, prompts, 9)
+    views = [[(3, None), (9, lambda ids: len(ids) == 5), (7, None)], [(2, None)]]
+    found = generation.greedy_views(model, tok, prompts, views)
+    assert found == [[full[0][:3], full[0][:5], full[0][:7]], [full[1][:2]]]
+    too_long = [[(generation.context_limit(model), None), (1, None)]]
+    assert generation.greedy_views(model, tok, prompts[:1], too_long) == [[None, full[0][:1]]]

@@ -114,7 +114,7 @@ def test_registry_covers_the_layout_the_library_reads():
     from instructedit_lite import real_data
 
     needed = {rel for rel, _, _ in loaders.REAL_FILES.values()} | {loaders.INSTRUCTION_FILE}
-    needed |= {rel for rels in real_data.REQUIRED.values() for rel in rels} | set(real_data.OPTIONAL)
+    needed |= {rel for rels in real_data.required_files().values() for rel in rels} | set(real_data.optional_files())
     assert needed <= set(fetch.FILES)
     assert all(len(f.sha256) == 64 and f.where for f in fetch.FILES.values())
     assert {rel for rel, f in fetch.FILES.items() if f.hub_path} == {

@@ -57,7 +57,7 @@ def folder(tmp_path: Path) -> Path:
 
 def test_counts_per_task_and_split(folder):
     counts = RealData(folder).counts()
-    assert list(counts.columns) == list(SPLITS) and list(counts.index) == list(real_data.TASKS)
+    assert list(counts.columns) == list(SPLITS) and list(counts.index) == list(real_data.data_tasks())
     # 60 records: 70 / 10 / 20 %, in whole subjects of one or two records
     train, val, test = counts.loc["counterfact"].tolist()
     assert train + val + test == 60 and 11 <= test <= 13 and 5 <= val <= 7
@@ -220,3 +220,46 @@ def test_real_splits_are_disjoint_and_instructions_official(real):
     if (real.folder / loaders.INSTRUCTION_FILE).is_file():
         assert real.instructions_source == "official"
         assert "[LABEL]" not in real.instructions().unseen("convsent")
+
+
+def test_a_task_declared_once_is_read_instructed_proposed_and_evaluated(folder):
+    """One Task declaration brings a task's files and reader, descriptions and proposer summary: the
+    real data reads it, the instructions prefix it, the proposer describes it, the evaluation scores it."""
+    from tiny import tiny_model, tiny_tokenizer
+
+    from instructedit_lite import tasks
+    from instructedit_lite.editors import Unedited
+    from instructedit_lite.evaluate import evaluate_methods
+    from instructedit_lite.instructions import default_instructions
+    from instructedit_lite.proposers import proposal_messages
+
+    (folder / "mquake").mkdir()
+    (folder / "mquake/edits.json").write_text(json.dumps(_knowedit(12, 6)))
+    descriptions = tuple(f"Edit a fact that other facts depend on, variant {i}." for i in range(10))
+    tasks.register_task(tasks.Task("mquake", kind="fact", role="held_out", color="#882255", descriptions=descriptions,
+                                   summary="edit a fact that several-hop questions depend on",
+                                   files=("mquake/edits.json",), reader="knowedit"))
+    try:
+        data = RealData(folder)
+        assert "mquake" in data.tasks and "mquake" not in data.training_tasks
+        test = data.records("mquake", "test")
+        assert test and {r.task for r in test} == {"mquake"}
+        assert sum(len(data.records("mquake", s)) for s in SPLITS) == 12
+        assert default_instructions().unseen("mquake") == descriptions[9]
+        assert "several-hop questions" in proposal_messages("mquake", [(descriptions[0], 0.5)])[-1]["content"]
+        tok = tiny_tokenizer()
+        cases = evaluate_methods([Unedited()], tiny_model(tok), tok, {"mquake": test[:2]}, wild_tokens=4, progress=False)
+        assert list(cases.task) == ["mquake", "mquake"] and cases.reliability.notna().all()
+        (folder / "mquake/edits.json").unlink()
+        with pytest.raises(DataMissingError, match="mquake/edits.json"):
+            RealData(folder)
+    finally:
+        tasks.unregister_task("mquake")
+    assert "mquake" not in RealData(folder).tasks
+
+
+def test_a_task_declares_its_files_with_a_reader():
+    from instructedit_lite import tasks
+
+    with pytest.raises(ValueError, match="files and reader go together"):
+        tasks.Task("mquake", files=("mquake/edits.json",))

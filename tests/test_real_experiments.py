@@ -14,6 +14,7 @@ from instructedit_lite import claims, methods
 from instructedit_lite import train as tr
 from instructedit_lite.baselines import baseline_options
 from instructedit_lite.experiments import build_methods, evaluation_records, main_evaluation
+from instructedit_lite.ike import evaluate_in_context
 from instructedit_lite.real_data import RealData
 
 VERDICTS = {"reproduces", "direction only", "contradicted", "inconclusive"}
@@ -31,11 +32,16 @@ def test_every_method_through_the_engine(folder, tmp_path, monkeypatch):  # noqa
                                        checkpoint_every=2, mend=small.mend)
                for name, c in methods.editor_configs(0).items()}
     trained = tr.train_editors(configs, real, processes=1, progress=False)
-    built = build_methods(trained, base=real, smoke=True)
+    in_context = [m.name for m in methods.registered() if m.family == "in-context"]
+    built = build_methods(trained, base=real, smoke=True, in_context=in_context)
     assert set(built) == set(methods.method_names())
     evaluator = real.for_editing(small.mend.weight_names)
     assert evaluator.model.lowest == 2
     records = evaluation_records(real.world, 2)
+    # IKE (in context, through the engine as chapter 9 runs it): its own evaluation
+    ike_cases = evaluate_in_context([built.pop(m) for m in in_context], evaluator.model, real.tokenizer,
+                                    records["counterfact"][:1], progress=False)
+    assert list(ike_cases.method) == in_context and (ike_cases.locality_plain == 1.0).all()
     cases = main_evaluation(built, evaluator, records, fluency_cases=0, progress=False)
     assert set(cases.method) == set(built)
     counts = cases.groupby(["method", "task"]).size()

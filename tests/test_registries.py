@@ -63,7 +63,9 @@ def test_derived_names_match_the_registries():
     assert experiments.COMPARED == ("base model", "FT-L", "FT-M", "CaliNet", "GRACE", "KE", "MEND (multi-task)",
                                     "InstructEdit")
     assert set(baselines.BASELINES) == {"FT-L", "FT-M", "GRACE", "CaliNet"}
-    assert set(plots.METHOD_COLORS) == set(experiments.COMPARED) | {experiments.SINGLE}
+    assert set(plots.METHOD_COLORS) == set(experiments.COMPARED) | {experiments.SINGLE, "IKE", "IKE + instruction"}
+    assert [m.name for m in methods.registered() if m.family == "in-context"] == ["IKE", "IKE + instruction"]
+    assert len(set(plots.METHOD_COLORS.values())) == len(plots.METHOD_COLORS)  # one colour per method
     assert plots.TASK_COLORS == {t.name: t.color for t in tasks.registered()}
     assert experiments.paper_weights() == {"counterfact": 1455.0, "wikirecent": 570.0, "convsent": 14390.0}
     assert experiments.paper_weights(balanced=True)["convsent"] == 1427.0
