@@ -18,20 +18,20 @@ Modules, each one idea:
 - :mod:`~instructedit_lite.instructions`: the instruction template and descriptions;
 - :mod:`~instructedit_lite.text`: prompt/target batches and teacher-forced scoring;
 - :mod:`~instructedit_lite.config`: the shared base of the settings dataclasses;
-- :mod:`~instructedit_lite.mend`: the MEND editor;
+- :mod:`~instructedit_lite.editors`: every editing method in one folder, behind one interface (prepare, edit,
+  exact undo): :mod:`~instructedit_lite.editors.mend` (the MEND editor), :mod:`~instructedit_lite.editors.ke`
+  (KE, trained by the same loop), :mod:`~instructedit_lite.editors.baselines` (FT-L, FT-M, GRACE, CaliNet),
+  :mod:`~instructedit_lite.editors.ike` (IKE, in-context editing with retrieved demonstrations, no weight
+  change) and :mod:`~instructedit_lite.editors.unlikelihood` (forgetting);
 - :mod:`~instructedit_lite.train`: meta-training of editors in the three regimes, on both scales (through the
   frozen-prefix engine on a real model), cached, side by side;
-- :mod:`~instructedit_lite.ke`: KE, the edit-conditioned hypernetwork baseline (same training loop);
-- :mod:`~instructedit_lite.editors`: the one editor interface (prepare, edit, exact undo);
-- :mod:`~instructedit_lite.baselines`: FT-L, FT-M, GRACE and CaliNet;
 - :mod:`~instructedit_lite.metrics` and :mod:`~instructedit_lite.evaluate`: the paper's metrics, one edit per case;
 - :mod:`~instructedit_lite.experiments`: the book's editors, methods and experiments, ``reproduce``;
 - :mod:`~instructedit_lite.claims`: the paper's claims as verdict rules (chapters 5, 6 and 8);
 - :mod:`~instructedit_lite.verify` and :mod:`~instructedit_lite.bundles`: the verification run over seeds; its
   committed bundles and their check;
 - :mod:`~instructedit_lite.sequential`: lifelong (sequential) and batch editing, locality against the original model;
-- :mod:`~instructedit_lite.ike`: IKE, in-context editing with retrieved demonstrations (no weight change);
-- :mod:`~instructedit_lite.unlearning`: edits that remove a fact (refusal target, unlikelihood);
+- :mod:`~instructedit_lite.unlearning`: edits that remove a fact (refusal target, unlikelihood), measured;
 - :mod:`~instructedit_lite.proposers` and :mod:`~instructedit_lite.optimize`: the instruction search
   (proposer LMs, filter, trial editor, stop rule; chapter 10);
 - :mod:`~instructedit_lite.analysis`: edit directions, t-SNE and separation measures;

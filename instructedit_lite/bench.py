@@ -3,7 +3,7 @@
 MEND's selling point is that an edit costs about as much as one fine-tuning step: one forward and
 a partial backward pass to get the gradient factors, a small network, and a weight update.
 :func:`edit_cost` times both on the same input (an instruction-prefixed edit of the model's own
-records) with ``instructedit_lite.mend.time_edit_vs_forward_backward``; the editor is untrained
+records) with ``instructedit_lite.editors.mend.time_edit_vs_forward_backward``; the editor is untrained
 (an edit's cost depends on its architecture, not on its weights).
 
 :func:`engine_costs` measures what the frozen-prefix engine saves.  Reference cost: one
@@ -48,10 +48,10 @@ import torch
 from . import train as tr
 from .atomic import atomic_write_text
 from .editors import MendMethod
+from .editors.mend import MendConfig, MendEditor, applied, lm_loss, time_edit_vs_forward_backward
 from .engine import PrefixEngine, scored_batch
 from .evaluate import evaluate_case
 from .instructions import default_instructions, maybe_instruct
-from .mend import MendConfig, MendEditor, applied, lm_loss, time_edit_vs_forward_backward
 from .models import load_model
 from .paths import cache_dir
 from .records import EditRecord, Probe

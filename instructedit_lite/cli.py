@@ -274,9 +274,9 @@ def cmd_bench(args, stream) -> int:
 def cmd_evaluate(args, stream) -> int:
     import torch
 
+    from .editors.ike import evaluate_in_context
     from .evaluate import evaluate_methods, nested, summarize, write_results
     from .experiments import build_methods
-    from .ike import evaluate_in_context
     from .methods import get_method, needed_editors
     from .train import train_editor
 

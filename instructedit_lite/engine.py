@@ -11,7 +11,7 @@ The engine is a drop-in for the model (chapter 7):
 
 * it *shares* the model's modules under the same names, so ``get_parameter``, hooks on the edited
   MLP modules (MEND's capture of u and δ), ``torch.func.functional_call`` with edited weights on
-  the autograd graph, and :func:`~instructedit_lite.mend.applied` all work unchanged;
+  the autograd graph, and :func:`~instructedit_lite.editors.mend.applied` all work unchanged;
 * ``engine(input_ids=..., attention_mask=...)`` returns ``.logits`` of shape (B, T, V) like the
   model (positions on padding are not defined: they hold the logits of a zero hidden state);
 * with ``positions`` (from :func:`scored_batch`, which also rewrites the labels), the LM head runs

@@ -30,10 +30,10 @@ import torch
 from . import methods as _methods
 from . import tasks as _tasks
 from .atomic import atomic_write_text
-from .baselines import baseline_options
 from .claims import claim_rows, claims_json, experiment_claims
 from .config import jsonable as _jsonable
 from .editors import Editor, PerTaskMethod
+from .editors.baselines import baseline_options
 from .evaluate import average_over_tasks, evaluate_methods, summarize
 from .figure4 import (ANALYSIS_STEPS, BALANCE_STEPS, BALANCED, UNBALANCED, balance_configs, fact_edits,  # noqa: F401
                       paper_weights, scaling_configs)
@@ -115,9 +115,9 @@ def build_methods(trained: Mapping[str, TrainedEditor], *, instructions: Instruc
     single-task editors (``SINGLE``).  Meta-trained methods are built only when their editors
     are in ``trained`` (the CLI trains only what it evaluates); ``baselines`` limits the baselines
     (default: all).  ``instructions`` default to ``base``'s (its data's own); ``options`` (method →
-    config overrides) default to :func:`~instructedit_lite.baselines.baseline_options` for ``base``
+    config overrides) default to :func:`~instructedit_lite.editors.baselines.baseline_options` for ``base``
     and the editors' weights (``smoke``: the baselines' smoke settings).  In-context methods (IKE)
-    are scored differently (:func:`~instructedit_lite.ike.evaluate_in_context`) and built only when
+    are scored differently (:func:`~instructedit_lite.editors.ike.evaluate_in_context`) and built only when
     named in ``in_context``."""
     if instructions is None:
         instructions = base.instructions() if base is not None else default_instructions()

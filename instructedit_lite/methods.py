@@ -17,10 +17,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-from .baselines import make_baseline
 from .editors import MendMethod, PerTaskMethod, Unedited
+from .editors.baselines import make_baseline
+from .editors.ike import IKE
 from .generation import context_limit
-from .ike import IKE
 from .instructions import default_instructions
 from .tasks import is_sentiment, trainable_tasks
 from .train import default_config
@@ -234,6 +234,6 @@ register_method(Method(UNSEEN, None, _mend(UNSEEN, "InstructEdit", instructed=Tr
 register_method(Method(SINGLE, "#56B4E9", _single, family="meta-trained", compared=False, editors=_single_editors,
                        held_out=False, tables=("multitask",)))
 # In-context editing: no weight changes, scored with the context on its locality probes too
-# (:func:`~instructedit_lite.ike.evaluate_in_context`), so not part of the weight editors' tables.
+# (:func:`~instructedit_lite.editors.ike.evaluate_in_context`), so not part of the weight editors' tables.
 register_method(Method("IKE", "#882255", _ike(instructed=False), family="in-context", compared=False))
 register_method(Method("IKE + instruction", "#44AA99", _ike(instructed=True), family="in-context", compared=False))

@@ -148,7 +148,7 @@ def _probe_set(start: InstructionSet, task: str, description: str) -> Instructio
 class TrialEditor:
     """Scores a description by editing the search records with it (see the module docstring).
 
-    ``editor`` is a trained InstructEdit :class:`~instructedit_lite.mend.MendEditor`; ``key``
+    ``editor`` is a trained InstructEdit :class:`~instructedit_lite.editors.mend.MendEditor`; ``key``
     names it and the base model (cache key; e.g. ``f"{base.config.key()}-{config.key()}"``).
     Scores are cached in ``cache_file`` (atomic JSON, rewritten after each new description).
     """

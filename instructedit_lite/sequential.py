@@ -33,11 +33,11 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .baselines import GRACE
 from .editors import Editor, MendMethod, WeightEditor, edit_rows, flagged_batch, unlikely_rows
+from .editors.baselines import GRACE
+from .editors.mend import applied
 from .engine import PrefixEngine, model_inputs, scored_batch
 from .generation import greedy_text
-from .mend import applied
 from .metrics import fluency
 from .progress import bar_disabled
 from .records import EditRecord

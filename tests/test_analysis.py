@@ -17,7 +17,7 @@ from matplotlib.colors import to_hex  # noqa: E402
 from instructedit_lite import analysis as an  # noqa: E402
 from instructedit_lite.editors import MendMethod, edit_batch  # noqa: E402
 from instructedit_lite.instructions import default_instructions  # noqa: E402
-from instructedit_lite.mend import MendConfig, MendEditor  # noqa: E402
+from instructedit_lite.editors.mend import MendConfig, MendEditor  # noqa: E402
 from instructedit_lite.plots import TASK_COLORS  # noqa: E402
 from tiny import hand_records, snapshot, tiny_model, tiny_tokenizer  # noqa: E402
 

@@ -13,11 +13,11 @@ import pytest
 import torch
 from tiny import hand_records, snapshot, tiny_model, tiny_tokenizer
 
-from instructedit_lite.baselines import (BASELINES, FTL, FTM, GRACE, CaliNet, Codebook, FTLConfig, FTMConfig,
+from instructedit_lite.editors.baselines import (BASELINES, FTL, FTM, GRACE, CaliNet, Codebook, FTLConfig, FTMConfig,
                                          last_prompt_position_nll, make_baseline, target_nll)
 from instructedit_lite.editors import check_restored, edit_batch
 from instructedit_lite.generation import kv_cache_argument
-from instructedit_lite.mend import lm_loss
+from instructedit_lite.editors.mend import lm_loss
 from instructedit_lite.text import target_logprob, teacher_forced
 
 # Settings that make each method move the tiny model visibly (FT-L's reference box is tiny).

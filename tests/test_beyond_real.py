@@ -15,14 +15,15 @@ from tiny import fact_record, snapshot, tiny_model, tiny_tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from instructedit_lite.architectures import profile_for
-from instructedit_lite.baselines import FTM
+from instructedit_lite.editors.baselines import FTM
 from instructedit_lite.editors import check_restored
 from instructedit_lite.engine import PrefixEngine
 from instructedit_lite.evaluate import GEN_METRICS
-from instructedit_lite.ike import IKE, answer_logits, evaluate_in_context
-from instructedit_lite.mend import default_weight_names
+from instructedit_lite.editors.ike import IKE, answer_logits, evaluate_in_context
+from instructedit_lite.editors.mend import default_weight_names
 from instructedit_lite.sequential import answer_predictions, sequential_editing
-from instructedit_lite.unlearning import Unlikelihood, UnlikelihoodConfig, known_facts
+from instructedit_lite.editors.unlikelihood import Unlikelihood, UnlikelihoodConfig
+from instructedit_lite.unlearning import known_facts
 
 
 def tiny_llama(tokenizer, seed: int = 0):
@@ -184,7 +185,7 @@ def test_unlikelihood_on_smollm2_edits_the_last_down_projection(real):
 
 @pytest.mark.smollm2
 def test_a_short_stream_on_smollm2_through_the_engine_restores_the_model(real):
-    from instructedit_lite.baselines import baseline_options
+    from instructedit_lite.editors.baselines import baseline_options
 
     engine = real.for_editing().model
     options = baseline_options(real, smoke=True)["FT-M"]

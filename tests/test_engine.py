@@ -11,7 +11,7 @@ from tiny import DECODERS, convsent_record, fact_record, tiny_decoder, tiny_mode
 import instructedit_lite.train as tr
 from instructedit_lite.engine import PrefixEngine, gather_positions, model_inputs, scored_batch
 from instructedit_lite.instructions import default_instructions
-from instructedit_lite.mend import MendConfig, MendEditor, default_weight_names, lm_loss
+from instructedit_lite.editors.mend import MendConfig, MendEditor, default_weight_names, lm_loss
 from instructedit_lite.text import prompt_target_batch, shifted_predictions
 
 TOL = dict(rtol=1e-4, atol=1e-5)
@@ -212,7 +212,7 @@ def test_evaluation_through_the_engine_scores_like_the_plain_model(setup, tokeni
 
     from instructedit_lite.editors import MendMethod, Unedited
     from instructedit_lite.evaluate import evaluate_methods
-    from instructedit_lite.ke import KEConfig, KEEditor
+    from instructedit_lite.editors.ke import KEConfig, KEEditor
 
     model, engine, names = setup
     ke = KEEditor(model, KEConfig(weight_names=names, lstm_hidden=8, condition_dim=16, head_hidden=8),

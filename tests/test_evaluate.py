@@ -18,7 +18,7 @@ from instructedit_lite import evaluate as ev
 from instructedit_lite import generation, metrics
 from instructedit_lite.editors import EditInfo, Editor, MendMethod, Unedited, WeightEditor
 from instructedit_lite.instructions import default_instructions
-from instructedit_lite.mend import MendConfig, MendEditor
+from instructedit_lite.editors.mend import MendConfig, MendEditor
 from instructedit_lite.text import prompt_target_batch
 from tiny import hand_records, snapshot, tiny_model, tiny_tokenizer
 
@@ -489,7 +489,7 @@ def test_generalization_ref_is_the_references_fallback_to_the_edit_prompt(model,
 
 
 def test_worker_processes_give_the_same_table_row_for_row(model, tok, records):
-    from instructedit_lite.baselines import FTL, GRACE
+    from instructedit_lite.editors.baselines import FTL, GRACE
 
     editor = MendEditor(model, MendConfig(rank=8, alpha_init=1.0), generator=torch.Generator().manual_seed(0))
     methods = [Unedited(), MendMethod(editor, "MEND"), FTL(steps=3), GRACE(n_iter=5)]

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from tiny import fact_record, snapshot, tiny_model, tiny_tokenizer
 
-from instructedit_lite.baselines import FTM
+from instructedit_lite.editors.baselines import FTM
 from instructedit_lite.editors import check_restored
-from instructedit_lite.ike import (IKE, Retriever, context_cost, context_mediation, demonstrations, evaluate_in_context,
+from instructedit_lite.editors.ike import (IKE, Retriever, context_cost, context_mediation, demonstrations, evaluate_in_context,
                                    fact_line, in_context_locality, query_sentence)
 from instructedit_lite.instructions import default_instructions
 

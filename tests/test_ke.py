@@ -1,4 +1,4 @@
-"""Tests of KnowledgeEditor (instructedit_lite.ke) on tiny random-init GPT-2 / LLaMA models.
+"""Tests of KnowledgeEditor (instructedit_lite.editors.ke) on tiny random-init GPT-2 / LLaMA models.
 
 Each test guards one property: the update formula ``ΔW = α σ(η)(softmax(a)γ_aᵀ ⊙ ∇W +
 softmax(b)γ_bᵀ)`` in the weight's own layout, the identity initialisation (an untrained KE is the
@@ -18,8 +18,8 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from instructedit_lite import train as tr
-from instructedit_lite.ke import FORMAT, KEConfig, KEEditor
-from instructedit_lite.mend import MendConfig, MendEditor, functional_forward, lm_loss
+from instructedit_lite.editors.ke import FORMAT, KEConfig, KEEditor
+from instructedit_lite.editors.mend import MendConfig, MendEditor, functional_forward, lm_loss
 from tiny import convsent_record, fact_record, tiny_tokenizer
 
 torch.set_num_threads(1)

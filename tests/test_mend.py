@@ -1,4 +1,4 @@
-"""Tests of the MEND editor (instructedit_lite.mend) on tiny random-init GPT-2 and LLaMA models.
+"""Tests of the MEND editor (instructedit_lite.editors.mend) on tiny random-init GPT-2 and LLaMA models.
 
 Each test guards one property of faithful MEND or one pitfall of the reference implementations
 (paper-notes §4 and §9): Conv1D vs Linear orientation, clamp vs relu, running statistics that
@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from instructedit_lite.mend import (
+from instructedit_lite.editors.mend import (
     LowRankBlock,
     MendConfig,
     MendEditor,
@@ -591,7 +591,7 @@ def test_timing_helper_leaves_model_and_editor_unchanged(gpt2, batch):
 
 
 def test_running_norm_ignores_non_finite_rows():
-    from instructedit_lite.mend import RunningNorm
+    from instructedit_lite.editors.mend import RunningNorm
 
     norm = RunningNorm(3).train()
     rows = torch.tensor([[1.0, 2.0, 3.0], [float("nan"), 0.0, 0.0], [3.0, 4.0, float("inf")], [5.0, 6.0, 7.0]])

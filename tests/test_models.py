@@ -15,10 +15,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from instructedit_lite import methods, models
 from instructedit_lite import train as tr
 from instructedit_lite.base_model import BaseModel
-from instructedit_lite.baselines import GRACE_STEPS, baseline_options
+from instructedit_lite.editors.baselines import GRACE_STEPS, baseline_options
 from instructedit_lite.figure4 import balance_configs, scaling_configs
 from instructedit_lite.generation import greedy_tokens
-from instructedit_lite.mend import MendConfig
+from instructedit_lite.editors.mend import MendConfig
 from instructedit_lite.real_data import RealData
 from instructedit_lite.records import EditRecord
 

@@ -15,7 +15,7 @@ from instructedit_lite import optimize as opt
 from instructedit_lite import cli
 from instructedit_lite.proposers import make_proposer
 from instructedit_lite.instructions import default_instructions, official_instructions
-from instructedit_lite.mend import MendConfig, MendEditor
+from instructedit_lite.editors.mend import MendConfig, MendEditor
 from instructedit_lite.proposers import Proposer, to_brackets
 from tiny import hand_records, snapshot, tiny_model, tiny_tokenizer
 

@@ -92,7 +92,7 @@ def test_edits_are_dealt_out_in_turn_and_bad_splits_are_refused():
 
 
 def test_statistics_parts_merge_to_the_running_update():
-    from instructedit_lite.mend.networks import RunningNorm
+    from instructedit_lite.editors.mend.networks import RunningNorm
 
     rows = [torch.randn(5, 3, generator=torch.Generator().manual_seed(i)) for i in range(3)]
     at_once, later = RunningNorm(3), RunningNorm(3)

@@ -12,9 +12,9 @@ from tiny import tiny_tokenizer
 
 from instructedit_lite import claims, methods
 from instructedit_lite import train as tr
-from instructedit_lite.baselines import baseline_options
+from instructedit_lite.editors.baselines import baseline_options
 from instructedit_lite.experiments import build_methods, evaluation_records, main_evaluation
-from instructedit_lite.ike import evaluate_in_context
+from instructedit_lite.editors.ike import evaluate_in_context
 from instructedit_lite.real_data import RealData
 
 VERDICTS = {"reproduces", "direction only", "contradicted", "inconclusive"}
@@ -56,7 +56,7 @@ def test_every_method_through_the_engine(folder, tmp_path, monkeypatch):  # noqa
 @pytest.mark.parametrize("name", ["FT-L", "FT-M", "CaliNet", "GRACE"])
 def test_baselines_through_the_engine_equal_the_plain_model(folder, name):  # noqa: F811
     """The engine runs the LM head only at scored positions: the same edit, the same scores."""
-    from instructedit_lite.baselines import make_baseline
+    from instructedit_lite.editors.baselines import make_baseline
     from instructedit_lite.engine import PrefixEngine
     from instructedit_lite.evaluate import evaluate_case
 

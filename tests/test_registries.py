@@ -56,7 +56,8 @@ def test_other_cache_keys_are_pinned():
 
 
 def test_derived_names_match_the_registries():
-    from instructedit_lite import baselines, records, train
+    from instructedit_lite import records, train
+    from instructedit_lite.editors import baselines
 
     assert records.TASKS == ("counterfact", "wikirecent", "convsent", "zsre")
     assert train.TRAINABLE_TASKS == ("counterfact", "wikirecent", "convsent")
@@ -161,7 +162,7 @@ def test_a_registered_task_trains_and_evaluates(tmp_path, monkeypatch):
     from tiny import fact_record, tiny_model, tiny_tokenizer
 
     from instructedit_lite.instructions import default_instructions
-    from instructedit_lite.mend import MendConfig
+    from instructedit_lite.editors.mend import MendConfig
     from instructedit_lite.train import default_config, train_editor
 
     monkeypatch.setenv("INSTRUCTEDIT_CACHE", str(tmp_path))
@@ -232,7 +233,7 @@ def test_gated_calinet_memory_starts_as_identity_and_edits():
     from tiny import fact_record, tiny_tokenizer
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from instructedit_lite.baselines import CaliNet
+    from instructedit_lite.editors.baselines import CaliNet
 
     tok = tiny_tokenizer()
     torch.manual_seed(0)
@@ -253,7 +254,7 @@ def test_gated_calinet_memory_starts_as_identity_and_edits():
 
 
 def test_ke_settings_are_a_keconfig_and_keep_the_default_key():
-    from instructedit_lite.ke import KEConfig
+    from instructedit_lite.editors.ke import KEConfig
     from instructedit_lite.train import default_config
 
     plain = default_config("multi", method="ke")

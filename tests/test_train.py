@@ -20,7 +20,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from instructedit_lite import train as tr
 from instructedit_lite.base_model import BaseModel, train_tokenizer
 from instructedit_lite.instructions import DESCRIPTIONS, TEMPLATE, default_instructions
-from instructedit_lite.mend import MendConfig, edit_loss, lm_loss
+from instructedit_lite.editors.mend import MendConfig, edit_loss, lm_loss
 from instructedit_lite.records import EditRecord, Probe, alternating
 from instructedit_lite.text import IGNORE
 
@@ -304,7 +304,7 @@ def test_mend_edit_of_convsent_uses_the_unlikelihood_rows(tokenizer):
 
 def test_meta_losses_of_a_null_edit(tokenizer):
     """With every α = 0 the edit changes nothing: L_loc is 0 and L_e is the unedited model's loss."""
-    from instructedit_lite.mend import MendEditor
+    from instructedit_lite.editors.mend import MendEditor
 
     model = tiny_model(tokenizer)
     model.requires_grad_(False)
@@ -531,7 +531,7 @@ def test_train_editor_caches(tokenizer, tmp_path, monkeypatch):
 def test_trained_editor_beats_untrained_on_held_out_records(tmp_path, monkeypatch):
     """REAL TRAINING (about 20-30 s): a smoke-sized single-task run on the smoke runs' base model."""
     from instructedit_lite.base_model import base_config, load_base_model
-    from instructedit_lite.mend import MendEditor
+    from instructedit_lite.editors.mend import MendEditor
 
     base = load_base_model(base_config(smoke=True), progress=False)
     config = tr.default_config("single", "counterfact", smoke=True)

@@ -7,12 +7,13 @@ import pytest
 import torch
 from tiny import fact_record, snapshot, tiny_model, tiny_tokenizer
 
-from instructedit_lite.baselines import FTM
+from instructedit_lite.editors.baselines import FTM
 from instructedit_lite.editors import check_restored
-from instructedit_lite.ike import IKE
+from instructedit_lite.editors.ike import IKE
 from instructedit_lite.records import RecordError
 from instructedit_lite.text import target_logprob
-from instructedit_lite.unlearning import (REFUSAL, Unlikelihood, evaluate_unlearning, forget_record, known_facts,
+from instructedit_lite.editors.unlikelihood import Unlikelihood
+from instructedit_lite.unlearning import (REFUSAL, evaluate_unlearning, forget_record, known_facts,
                                           summarize_unlearning)
 
 

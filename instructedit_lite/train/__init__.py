@@ -11,8 +11,8 @@ One meta-training step takes one edit record (batch of one edit, as in the paper
 1. ``pre``: logits of the unedited model on the record's locality rows (``prompt + " " + answer``,
    never instruction-prefixed), under ``torch.no_grad``.
 2. The edit rows (``prompt + " " + target_new``, instruction-prefixed in ``"instruct"``) go through
-   :meth:`~instructedit_lite.mend.MendEditor.compute_deltas`, which gives ``ΔW`` on the autograd graph of the editor.
-3. ``L_e``: token-mean NLL of the target under the edited model (:func:`~instructedit_lite.mend.functional_forward`), on
+   :meth:`~instructedit_lite.editors.mend.MendEditor.compute_deltas`, which gives ``ΔW`` on the autograd graph of the editor.
+3. ``L_e``: token-mean NLL of the target under the edited model (:func:`~instructedit_lite.editors.mend.functional_forward`), on
    the edit input (default, as in EasyEdit's InstructEdit) or on a rephrase (original MEND).
    ConvSent: NLL of responses of the wanted sentiment plus the unlikelihood ``−mean log(1 − p)``
    of the tokens of responses of the other sentiment; the instruction prefix is kept.

@@ -15,8 +15,8 @@ import pandas as pd
 
 from ..atomic import atomic_write_text, building
 from ..config import jsonable
+from ..editors.mend import MendEditor
 from ..engine import PrefixEngine
-from ..mend import MendEditor
 from ..models import from_spec
 from ..parallel import cores, map_in_processes
 from ..paths import cache_dir

@@ -8,8 +8,8 @@ from typing import Any, Mapping, Sequence
 from .. import smollm2
 from ..architectures import profile_named
 from ..config import Config
-from ..ke import KEConfig
-from ..mend import MendConfig
+from ..editors.ke import KEConfig
+from ..editors.mend import MendConfig
 from ..tasks import task_names, trainable_tasks
 
 __all__ = ["TrainConfig", "default_config", "paper_config", "PAPER_CONFIGS", "REGIMES", "EDIT_LOSS_INPUTS",
@@ -83,7 +83,7 @@ class TrainConfig(Config):
     mend: MendConfig = field(default_factory=MendConfig)
     #: ``"mend"`` (MEND, InstructEdit) or ``"ke"`` (KnowledgeEditor, trained with the same loop).
     method: str = "mend"
-    #: KE's hyper-parameters (a :class:`~instructedit_lite.ke.KEConfig`, kept as its fields other than
+    #: KE's hyper-parameters (a :class:`~instructedit_lite.editors.ke.KEConfig`, kept as its fields other than
     #: ``weight_names``/``alpha_init``, which come from ``mend``; see :meth:`ke_config`); ``method="ke"`` only.
     ke: Any = None
     statistics: str = "per_edit"
@@ -159,7 +159,7 @@ class TrainConfig(Config):
         return {"mend": MendConfig}
 
     def ke_config(self):
-        """KE's full :class:`~instructedit_lite.ke.KEConfig` (edited weights and α from ``mend``)."""
+        """KE's full :class:`~instructedit_lite.editors.ke.KEConfig` (edited weights and α from ``mend``)."""
         return KEConfig.from_dict({"weight_names": self.mend.weight_names, "alpha_init": self.mend.alpha_init,
                                    **(self.ke or {})})
 

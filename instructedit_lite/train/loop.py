@@ -21,10 +21,10 @@ from tqdm.auto import tqdm
 
 from ..atomic import atomic_torch_save, atomic_write_text
 from ..config import jsonable
+from ..editors.ke import KEEditor
+from ..editors.mend import MendEditor
+from ..editors.mend.networks import RunningNorm
 from ..instructions import InstructionSet, default_instructions
-from ..ke import KEEditor
-from ..mend import MendEditor
-from ..mend.networks import RunningNorm
 from ..progress import bar_disabled
 from ..records import EditRecord
 from .config import TrainConfig

@@ -8,8 +8,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from ..editors.mend import MendEditor, edit_loss, functional_forward, unlikelihood_loss
 from ..engine import PrefixEngine, scored_batch
-from ..mend import MendEditor, edit_loss, functional_forward, unlikelihood_loss
 from ..text import IGNORE, model_inputs, prompt_target_batch
 from .config import TrainConfig
 from .examples import EditExample, Row

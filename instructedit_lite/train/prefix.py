@@ -18,8 +18,8 @@ import pandas as pd
 import torch
 
 from .. import engine as eng
+from ..editors.mend import lm_loss
 from ..instructions import default_instructions
-from ..mend import lm_loss
 from ..records import EditRecord
 from ..text import prompt_target_batch
 from .config import TrainConfig

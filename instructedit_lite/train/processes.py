@@ -12,7 +12,7 @@ process each edit's rows enter the statistics at once (``TrainConfig.statistics=
 the second edit of a step is normalised with the first one's rows.  Several processes cannot
 reproduce that order, so they train with ``statistics="per_step"``: every edit of a step is
 normalised with the statistics as they were at the step's start, and at the step each process's
-parts (:meth:`~instructedit_lite.mend.RunningNorm.part`) are merged in the order of the edits.
+parts (:meth:`~instructedit_lite.editors.mend.RunningNorm.part`) are merged in the order of the edits.
 One process with ``"per_step"`` computes the same editor, up to the order in which the gradients
 are summed; a test checks it on two CPU processes.
 

@@ -49,7 +49,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..mend.networks import GradientTransform
+from ..editors.mend.networks import GradientTransform
 from .config import PAPER_CONFIGS, TrainConfig
 
 __all__ = ["ModelSize", "PAPER_SIZES", "editor_parameters", "memory_per_process", "memory_table"]

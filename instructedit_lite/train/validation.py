@@ -7,8 +7,8 @@ from typing import Mapping
 import numpy as np
 import torch
 
+from ..editors.mend import MendEditor, applied
 from ..instructions import InstructionSet
-from ..mend import MendEditor, applied
 from ..metrics import agreement, mean_logprob, token_accuracy
 from ..records import EditRecord
 from ..text import model_inputs
@@ -28,7 +28,7 @@ def validate(model, editor: MendEditor, tokenizer, records: Mapping[str, list[Ed
     """Mean validation loss and edit success over ``records`` (task → records), editor in eval mode.
 
     Per record: the meta-training losses (no gradient, running statistics frozen), then the edit
-    applied in place (:func:`~instructedit_lite.mend.applied`, exact restore): reliability =
+    applied in place (:func:`~instructedit_lite.editors.mend.applied`, exact restore): reliability =
     teacher-forced token accuracy of ``target_new`` after the (instructed) edit prompt,
     generalization = the same on the rephrases, locality = fraction of locality answer positions whose argmax
     is unchanged.

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ..config import Config
+from ...config import Config
 
 __all__ = ["MODES", "MendConfig", "RunningNorm", "LowRankBlock", "BlockStack", "GradientTransform"]
 

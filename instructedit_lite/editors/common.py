@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from ..architectures import profile_for
 from ..engine import PrefixEngine, scored_batch
-from ..mend import IGNORE_INDEX
+from .mend import IGNORE_INDEX
 
 
 def _check(cond: bool, owner: str, option: str, value: Any, why: str) -> None:

@@ -12,12 +12,12 @@ from torch import Tensor, nn
 
 from ..architectures import profile_for
 from ..config import Config
-from ..editors import EditInfo, Editor, edit_batch
-from ..mend import lm_loss, only_these_require_grad
 from ..records import EditRecord
 from ..text import model_inputs
+from .base import EditInfo, Editor, edit_batch
 from .common import (_all_targets_argmax, _check, _check_common, _Configured, _resolve_module, module_template,
                      scored_for)
+from .mend import lm_loss, only_these_require_grad
 
 __all__ = ["CaliNetConfig", "CaliNet"]
 

@@ -11,11 +11,11 @@ d_out)`` for GPT-2's ``Conv1D``), a rank-one gate on the fine-tuning gradient pl
 2. **Heads.**  Per edited matrix, ``h = tanh(H₁ c)`` and ``[a; γ_a; b; γ_b; η] = H₂ h`` with
    ``a, b ∈ R^rows``, ``γ_a, γ_b ∈ R^cols`` and a scalar ``η``.
 3. **Update.**  ``ΔW = α_W · σ(η) · (softmax(a) γ_aᵀ ⊙ ∇W + softmax(b) γ_bᵀ)``, where ``∇W`` is the
-   true gradient of the edit's loss (:func:`~instructedit_lite.mend.edit_loss` on
+   true gradient of the edit's loss (:func:`~instructedit_lite.editors.mend.edit_loss` on
    ``batch["labels"]``) w.r.t. ``W``, computed with only the edited weights requiring grad (the
    backward pass stops at the lowest edited layer) and detached.  Apply as ``W' = W + ΔW``.
 
-:class:`KEEditor` has the interface of :class:`~instructedit_lite.mend.MendEditor` that the
+:class:`KEEditor` has the interface of :class:`~instructedit_lite.editors.mend.MendEditor` that the
 meta-training loop (:func:`instructedit_lite.train.train`) uses, so KE is trained with MEND's loss
 (``c_e L_e + c_loc KL``), optimisers, accumulation and clipping, as in the GPT ports of KE
 (EasyEdit, MEND's code base).
@@ -53,14 +53,14 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence, pad_sequence
 
-from .atomic import atomic_torch_save
-from .config import Config
+from ..atomic import atomic_torch_save
+from ..config import Config
+from ..text import model_inputs as _model_inputs
 from .mend import WeightInfo, _key, default_weight_names, edit_loss, only_these_require_grad, weight_info
-from .text import model_inputs as _model_inputs
 
 __all__ = ["KEConfig", "KEEditor", "ConditionEncoder", "ConditionedWeight", "FORMAT", "FORMAT_VERSION"]
 
-FORMAT = "instructedit_lite.ke"
+FORMAT = "instructedit_lite.ke"  # the file format's tag (the module's name when it was defined): never change it
 FORMAT_VERSION = 1
 
 
@@ -78,7 +78,7 @@ class KEConfig(Config):
     ``head_hidden``: hidden size of each matrix's two-layer head.
     ``alpha_init``: initial per-matrix step size ``α_W`` (see the module docstring).
     ``weight_names``: full parameter names of the edited matrices; empty means
-    :func:`~instructedit_lite.mend.default_weight_names`.
+    :func:`~instructedit_lite.editors.mend.default_weight_names`.
     """
 
     lstm_hidden: int = 64
@@ -247,7 +247,7 @@ class KEEditor(nn.Module):
 
     def true_gradients(self, model: nn.Module, batch: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], Tensor]:
         """``({name: ∇W}, loss)``: detached float32 gradients of the edit's loss
-        (:func:`~instructedit_lite.mend.edit_loss`: token-mean NLL, plus ConvSent's unlikelihood).
+        (:func:`~instructedit_lite.editors.mend.edit_loss`: token-mean NLL, plus ConvSent's unlikelihood).
 
         Only the edited weights require grad during the pass (so backward stops at the lowest
         edited layer); ``torch.autograd.grad`` leaves every ``.grad`` of the model untouched.

@@ -38,15 +38,15 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .atomic import atomic_save_dir, atomic_torch_save
-from .base_model import cache_dir
-from .editors import EditInfo, Editor
-from .engine import PrefixEngine, model_inputs, scored_batch
-from .evaluate import evaluate_case, locality_rows
-from .instructions import InstructionSet
-from .progress import bar_disabled
-from .records import EditRecord, Probe
-from .text import IGNORE, prompt_target_batch, teacher_forced
+from ..atomic import atomic_save_dir, atomic_torch_save
+from ..base_model import cache_dir
+from ..engine import PrefixEngine, model_inputs, scored_batch
+from ..evaluate import evaluate_case, locality_rows
+from ..instructions import InstructionSet
+from ..progress import bar_disabled
+from ..records import EditRecord, Probe
+from ..text import IGNORE, prompt_target_batch, teacher_forced
+from .base import EditInfo, Editor
 
 __all__ = ["Demo", "demonstrations", "Retriever", "encoder_path", "IKE", "fact_line", "in_context_locality",
            "answer_logits", "locality_scores", "query_sentence",

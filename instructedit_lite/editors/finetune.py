@@ -9,11 +9,11 @@ import torch
 from torch import Tensor, nn
 
 from ..config import Config
-from ..editors import FittedWeightEditor, edit_batch
-from ..mend import IGNORE_INDEX, only_these_require_grad, weight_info
 from ..records import EditRecord
 from ..text import model_inputs
+from .base import FittedWeightEditor, edit_batch
 from .common import _check, _check_common, _Configured, _last_prompt_index, _resolve_module, module_template, scored_for
+from .mend import IGNORE_INDEX, only_these_require_grad, weight_info
 
 __all__ = ["last_prompt_position_nll", "target_nll", "FTLConfig", "FTMConfig", "FTL", "FTM"]
 

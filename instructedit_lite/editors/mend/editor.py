@@ -12,8 +12,8 @@ from typing import Iterator, Mapping
 import torch
 from torch import Tensor, nn
 
-from ..atomic import atomic_torch_save
-from ..text import model_inputs as _model_inputs
+from ...atomic import atomic_torch_save
+from ...text import model_inputs as _model_inputs
 from .networks import GradientTransform, MendConfig
 from .weights import WeightInfo, applied, default_weight_names, edit_loss, lm_loss, only_these_require_grad, weight_info
 

@@ -13,12 +13,12 @@ import torch
 from torch import Tensor, nn
 
 from ..config import Config
-from ..editors import EditInfo, Editor, edit_batch
-from ..mend import lm_loss, only_these_require_grad, weight_info
 from ..records import EditRecord
 from ..text import model_inputs
+from .base import EditInfo, Editor, edit_batch
 from .common import (_all_targets_argmax, _check, _check_common, _Configured, _last_prompt_index, _resolve_module,
                      count_blocks, module_template, scored_for)
+from .mend import lm_loss, only_these_require_grad, weight_info
 
 __all__ = ["GRACEConfig", "Codebook", "GRACE", "REFERENCE_DEPTH"]
 

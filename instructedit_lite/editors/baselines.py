@@ -23,8 +23,8 @@ behaviour on the embedded model is in chapter 5 and docs/measurements.md.
 
 from typing import Any, Sequence
 
-from ..editors import Editor
 from ..engine import lowest_block
+from .base import Editor
 from .calinet import CaliNet, CaliNetConfig
 from .finetune import FTL, FTM, FTLConfig, FTMConfig, last_prompt_position_nll, target_nll
 from .grace import GRACE, Codebook, GRACEConfig

@@ -9,7 +9,7 @@ that it produces the record's target, for the duration of a ``with`` block::
     # ... and exactly the original model again here
 
 Weight-editing methods (MEND, KE, FT-L, FT-M) compute a weight update ``ΔW`` and apply it with
-:func:`~instructedit_lite.mend.applied`, which copies the original weights back on exit.  Methods
+:func:`~instructedit_lite.editors.mend.applied`, which copies the original weights back on exit.  Methods
 that leave the weights alone (GRACE, CaliNet) add forward hooks for the block and remove them on
 exit.  Either way, each test case is an independent single edit on the original model, as in the
 paper's evaluation.
@@ -18,7 +18,7 @@ What an edit is computed from (:func:`edit_rows`): ``(prompt, target_new)`` for 
 ConvSent, the question followed by ``n_responses`` responses of the wanted sentiment, the
 record's ``target_new`` first.  MEND and KE edits of ConvSent also get the question followed by
 ``n_responses`` responses of the *other* sentiment (:func:`unlikely_rows`), whose unlikelihood
-joins the edit's loss (:func:`~instructedit_lite.mend.edit_loss`), as in the reference trainer and
+joins the edit's loss (:func:`~instructedit_lite.editors.mend.edit_loss`), as in the reference trainer and
 in meta-training; the fine-tuning baselines minimise the NLL of the wanted rows.
 """
 
@@ -33,15 +33,15 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import Tensor, nn
 
-from .engine import PrefixEngine, scored_batch
-from .instructions import InstructionSet, maybe_instruct
+from ..engine import PrefixEngine, scored_batch
+from ..instructions import InstructionSet, maybe_instruct
+from ..records import EditRecord
+from ..tasks import is_sentiment
+from ..text import prompt_target_batch
 from .mend import MendEditor, applied
-from .records import EditRecord
-from .tasks import is_sentiment
-from .text import prompt_target_batch
 
 __all__ = ["Editor", "WeightEditor", "MendMethod", "PerTaskMethod", "EditInfo", "edit_rows", "unlikely_rows",
-           "edit_batch", "flagged_batch", "Unedited"]
+           "edit_batch", "flagged_batch", "Unedited", "FittedWeightEditor", "check_restored"]
 
 Row = tuple[str, str]
 
@@ -72,7 +72,7 @@ def edit_batch(tokenizer, record: EditRecord, device=None, n_responses: int = 2,
 
 def flagged_batch(tokenizer, rows: list[Row], unlikely: list[Row], device=None) -> dict[str, Tensor]:
     """``rows`` then ``unlikely`` as one right-padded batch; ``batch["unlikely"]`` flags the
-    latter when there are any (:func:`~instructedit_lite.mend.edit_loss` reads it)."""
+    latter when there are any (:func:`~instructedit_lite.editors.mend.edit_loss` reads it)."""
     prompts, targets = zip(*(rows + unlikely))
     batch = prompt_target_batch(tokenizer, list(prompts), list(targets), device)
     if unlikely:
@@ -152,7 +152,7 @@ class MendMethod(WeightEditor):
     """A trained MEND (or KE) editor as a method: single-task, multi-task or InstructEdit.
 
     ``editor`` is anything with ``compute_deltas(model, batch, meta_grad=False)``: a
-    :class:`~instructedit_lite.mend.MendEditor` or a :class:`~instructedit_lite.ke.KEEditor`.
+    :class:`~instructedit_lite.editors.mend.MendEditor` or a :class:`~instructedit_lite.editors.ke.KEEditor`.
     """
 
     def __init__(self, editor: MendEditor, name: str, *, instructions: InstructionSet | None = None,

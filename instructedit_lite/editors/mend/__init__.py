@@ -15,9 +15,9 @@ factors of the fine-tuning gradient of one edit, and learns to turn them into a 
    per matrix.
 
 The edited model is *functional*: :meth:`MendEditor.edited_params` returns ``W + ΔW`` as tensors on
-the autograd graph and :func:`~instructedit_lite.mend.functional_forward` runs the model with them
+the autograd graph and :func:`~instructedit_lite.editors.mend.functional_forward` runs the model with them
 (``torch.func.functional_call``), so a post-edit loss sends meta-gradients into the editor and the
-step sizes.  For evaluation, :func:`~instructedit_lite.mend.applied` writes the (detached) update into the weights and
+step sizes.  For evaluation, :func:`~instructedit_lite.editors.mend.applied` writes the (detached) update into the weights and
 restores the exact original weights afterwards.
 
 Choices where the reference implementation (``eric-mitchell/mend``, EasyEdit's copy) is not

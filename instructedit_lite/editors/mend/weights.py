@@ -9,8 +9,8 @@ from typing import Iterator, Mapping
 import torch
 from torch import Tensor, nn
 
-from ..architectures import n_blocks, profile_for
-from ..text import model_inputs as _model_inputs
+from ...architectures import n_blocks, profile_for
+from ...text import model_inputs as _model_inputs
 
 try:  # GPT-2's linear layer: y = x W + b with W stored as (d_in, d_out).
     from transformers.pytorch_utils import Conv1D
@@ -43,7 +43,7 @@ def lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
 
 def unlikelihood_loss(logits: Tensor, labels: Tensor) -> Tensor:
     """``−mean log(1 − p(token))`` over the labelled tokens (shifted as in
-    :func:`~instructedit_lite.mend.lm_loss`)."""
+    :func:`~instructedit_lite.editors.mend.lm_loss`)."""
     targets = labels[:, 1:]
     mask = (targets != IGNORE_INDEX).float()
     if mask.sum() == 0:
@@ -55,7 +55,7 @@ def unlikelihood_loss(logits: Tensor, labels: Tensor) -> Tensor:
 
 
 def edit_loss(logits: Tensor, labels: Tensor, unlikely: Tensor | None = None) -> Tensor:
-    """The loss an edit's gradient comes from (chapter 3): :func:`~instructedit_lite.mend.lm_loss` of
+    """The loss an edit's gradient comes from (chapter 3): :func:`~instructedit_lite.editors.mend.lm_loss` of
     the rows, or, when ``unlikely`` (one bool per row) flags some, ``lm_loss`` of the others plus
     :func:`unlikelihood_loss` of the flagged ones.  ConvSent's edits flag the responses of the
     unwanted sentiment, as EasyEdit's trainer does (``multiclass_log_probs(..., unlikelihood=True)``:
