@@ -49,3 +49,27 @@ def record_table(record, title: str | None = None) -> pd.DataFrame:
     if title:
         table.columns = [title]
     return table
+
+
+def scaling_figure(table: pd.DataFrame):
+    """Figure 4b/4c (chapters 6 and 8): the held-out task's scores (left) and the overlap of its edit
+    region with the training tasks' (right) against the number of training tasks.  ``table``:
+    indexed by that number, with ``ZsRE reliability``, ``ZsRE overlap`` and optionally
+    ``ZsRE generalization``."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2), layout="constrained")
+    for column, style in (("ZsRE reliability", "-"), ("ZsRE generalization", "--")):
+        if column in table:
+            axes[0].plot(table.index, table[column], marker="o" if style == "-" else "s", linestyle=style,
+                         label=column.removeprefix("ZsRE "), color=method_colors()["InstructEdit"])
+    axes[0].set_ylabel("score on ZsRE (held out)")
+    axes[0].set_title("Hold-out editing")
+    axes[0].legend()
+    axes[1].plot(table.index, table["ZsRE overlap"], marker="o", color=task_colors()["zsre"])
+    axes[1].set_ylabel("ZsRE region overlap")
+    axes[1].set_title("Overlap with the training tasks")
+    for ax in axes:
+        ax.set_xlabel("number of training tasks")
+        ax.set_xticks(list(table.index))
+    return fig

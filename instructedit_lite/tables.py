@@ -14,7 +14,7 @@ import pandas as pd
 from .atomic import atomic_write_text
 from .config import jsonable
 
-__all__ = ["METRICS", "GEN_METRICS", "WILD_METRICS", "summarize", "average_over_tasks", "nested", "write_results", "timed",
+__all__ = ["METRICS", "GEN_METRICS", "WILD_METRICS", "VIEWS", "ANSWER_KINDS", "answer_views", "summarize", "average_over_tasks", "nested", "write_results", "timed",
            "case_scores", "paired_difference"]
 
 #: Generation-success columns (greedy decoding, chapter 5).
@@ -27,6 +27,29 @@ WILD_METRICS = ("wild_reliability", "wild_generalization", "wild_portability", "
 METRICS = ("reliability", "reliability_em", "token_accuracy", "generalization", "generalization_em",
            "generalization_ref", "portability",
            "portability_em", "locality", "drawdown", *GEN_METRICS, *WILD_METRICS, "fluency")
+
+
+#: The views of what an edited model does, by the column prefix of each (chapters 5 and 8): the
+#: paper's teacher-forced scores, generation success (a prefix test) and WILD.
+VIEWS = {"teacher-forced": "", "prefix": "gen_", "WILD": "wild_"}
+#: The scores every view has.
+ANSWER_KINDS = ("reliability", "generalization", "portability", "locality")
+
+
+def answer_views(table: pd.DataFrame, tasks: Sequence[str]) -> pd.DataFrame:
+    """Every view of each method side by side, averaged over ``tasks`` (fact tasks: ConvSent's
+    answers have no generated view): columns ``(score, view)`` for the :data:`ANSWER_KINDS` and
+    :data:`VIEWS`, reliability also by teacher-forced exact match (first) and by WILD's
+    contains-match.  ``table``: a summary indexed by method and task (``multitask_table``)."""
+    facts = table[table.index.get_level_values("task").isin(list(tasks))]
+    by_method = facts.groupby(level="method", sort=False)
+    side = pd.concat({(k, view): facts[f"{p}{k}"] for k in ANSWER_KINDS for view, p in VIEWS.items()},
+                     axis=1).groupby(level="method", sort=False).mean()
+    side[("reliability", "exact match")] = by_method["reliability_em"].mean()
+    side[("reliability", "WILD contains")] = by_method["wild_contains_reliability"].mean()
+    order = [("reliability", "exact match")] + [
+        (k, view) for k in ANSWER_KINDS for view in (*VIEWS, *(["WILD contains"] if k == "reliability" else []))]
+    return side[order]
 
 
 def summarize(cases: pd.DataFrame, by: Sequence[str] = ("method", "task"),

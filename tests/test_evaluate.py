@@ -597,3 +597,19 @@ def test_views_end_where_each_would_end_alone(model, tok):
     assert found == [[full[0][:3], full[0][:5], full[0][:7]], [full[1][:2]]]
     too_long = [[(generation.context_limit(model), None), (1, None)]]
     assert generation.greedy_views(model, tok, prompts[:1], too_long) == [[None, full[0][:1]]]
+
+
+def test_answer_views_put_the_three_views_side_by_side(model, tok, records):
+    from instructedit_lite import tables
+
+    cases = ev.evaluate_methods([Unedited()], model, tok, {"counterfact": records["counterfact"],
+                                                           "convsent": records["convsent"][:1]},
+                                wild_tokens=4, progress=False)
+    side = tables.answer_views(tables.summarize(cases), ["counterfact"])
+    assert list(side.columns[:5]) == [("reliability", "exact match"), ("reliability", "teacher-forced"),
+                                      ("reliability", "prefix"), ("reliability", "WILD"), ("reliability", "WILD contains")]
+    assert len(side.columns) == 5 + 3 * 3
+    facts = cases[cases.task == "counterfact"]
+    for (kind, view), column in ((("reliability", "WILD"), "wild_reliability"), (("locality", "prefix"), "gen_locality"),
+                                 (("reliability", "exact match"), "reliability_em")):
+        assert side.loc["base model", (kind, view)] == pytest.approx(facts[column].mean())
