@@ -200,8 +200,9 @@ def _unedited(ctx: MethodContext):
 
 
 def _ike(instructed: bool):
-    """IKE (chapter 9): demonstrations retrieved from the training edits of the trainable fact tasks,
-    the context cut to the model's length; ``options["IKE"]``: ``k``, ``n_pool``, ``max_tokens``."""
+    """IKE (chapter 9) at EasyEdit's settings: k demonstrations retrieved from the training edits of
+    the trainable fact tasks and the test fact's own copy demonstration, the context cut to the
+    model's length; ``options["IKE"]``: ``k``, ``n_pool``, ``max_tokens``."""
     def build(ctx: MethodContext):
         if ctx.base is None:
             return None
@@ -213,7 +214,7 @@ def _ike(instructed: bool):
             ctx.shared["ike_retriever"] = IKE(pool, settings["k"]).retriever
         instructions = (ctx.instructions or default_instructions()) if instructed else None
         return IKE(pool, settings["k"], tokenizer=ctx.base.tokenizer, max_tokens=max_tokens,
-                   retriever=ctx.shared["ike_retriever"], instructions=instructions)
+                   retriever=ctx.shared["ike_retriever"], instructions=instructions, own_copy=True)
     return build
 
 

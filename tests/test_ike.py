@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 from tiny import fact_record, snapshot, tiny_model, tiny_tokenizer
 
-from instructedit_lite.editors.baselines import FTM
 from instructedit_lite.editors import check_restored
-from instructedit_lite.editors.ike import (IKE, Retriever, context_cost, context_mediation, demonstrations, evaluate_in_context,
-                                   fact_line, in_context_locality, query_sentence)
+from instructedit_lite.editors.baselines import FTM
+from instructedit_lite.editors.ike import (IKE, Retriever, context_cost, context_mediation, demonstrations,
+                                           evaluate_in_context, fact_line, in_context_locality, query_sentence)
 from instructedit_lite.instructions import default_instructions
 
 
@@ -69,6 +69,25 @@ def test_prepare_puts_the_context_before_every_probe(world):
     assert demos[-1].text not in short.prompt
     with pytest.raises(ValueError, match="hand/zsre/test, record 2, field 'prompt'"):
         IKE(pool, k=3, retriever="tfidf", tokenizer=tok, max_tokens=5).prepare(test)
+
+
+def test_the_own_copy_demonstration_goes_next_to_the_query(world):
+    """EasyEdit's IKE appends the test fact's own copy demonstration after the retrieved ones; it
+    stays when demonstrations are dropped to fit."""
+    tok, _, pool = world
+    test = fact_record("zsre", 2)
+    plain = IKE(pool, k=3, retriever="tfidf").prepare(test)
+    own = f"New Fact: {fact_line(test)}\nPrompt: {fact_line(test)}\n\n"
+    query = f"New Fact: {fact_line(test)}\nPrompt: {test.prompt}"
+    with_own = IKE(pool, k=3, retriever="tfidf", own_copy=True).prepare(test)
+    assert with_own.prompt == plain.prompt.removesuffix(query) + own + query
+    bare = IKE(pool, k=0, retriever="tfidf", own_copy=True).prepare(test)  # the longest row decides
+    rows = [(bare.prompt, test.target_new), *((q, test.target_new) for q in bare.rephrase)]
+    rows += [(p.prompt, p.answers[0]) for p in bare.portability_probes + bare.locality_probes]
+    rows += [(x, test.ground_truth[0]) for x in (bare.prompt, *bare.rephrase) if test.ground_truth]
+    tight = max(len(tok(x + " " + a, add_special_tokens=False)["input_ids"]) for x, a in rows)
+    alone = IKE(pool, k=3, retriever="tfidf", own_copy=True, tokenizer=tok, max_tokens=tight).prepare(test)
+    assert alone.prompt == own + query  # every retrieved demonstration dropped, the own copy kept
 
 
 def test_instruction_wraps_the_whole_input(world):

@@ -170,20 +170,24 @@ class IKE(Editor):
     ``pool``: training edits to draw demonstrations from; ``k``: demonstrations per query (EasyEdit
     GPT2-XL: 16); ``tokenizer``/``max_tokens``: if given, demonstrations are dropped (least similar
     first) until every probe plus its answer fits; ``instructions``: InstructEdit's template and task
-    description around the whole input (``Task: …\\nDescription: …\\nInput: <demos + query>``).
+    description around the whole input (``Task: …\\nDescription: …\\nInput: <demos + query>``);
+    ``own_copy``: the test fact's own copy demonstration goes between the retrieved ones and the
+    query, as EasyEdit's IKE appends it (``New Fact: {fact}\\nPrompt: {fact}\\n\\n``; never dropped
+    to fit).  The method registry's IKE uses EasyEdit's settings (k = 16, the own copy); chapter 9
+    shows the bare variant at the embedded model's short context.
     """
 
     name = "IKE"
 
     def __init__(self, pool: Sequence[EditRecord], k: int = 16, *, retriever: str | Retriever = "minilm",
                  tokenizer=None, max_tokens: int | None = None, instructions: InstructionSet | None = None,
-                 unseen: bool = False, name: str | None = None):
+                 unseen: bool = False, name: str | None = None, own_copy: bool = False):
         self.demos = demonstrations(pool)
         self.retriever = retriever if isinstance(retriever, Retriever) else Retriever([d.text for d in self.demos], retriever)
         if len(self.retriever.sentences) != len(self.demos):
             raise ValueError("IKE: the retriever must index exactly the pool's demonstrations")
         self.k, self.tokenizer, self.max_tokens = k, tokenizer, max_tokens
-        self.instructions, self.unseen = instructions, unseen
+        self.instructions, self.unseen, self.own_copy = instructions, unseen, own_copy
         self.name = name or ("IKE + instruction" if instructions else "IKE")
         self._subjects = np.array([d.subject.casefold() for d in self.demos])
         self._facts = np.array([d.fact.casefold() for d in self.demos])
@@ -198,7 +202,8 @@ class IKE(Editor):
         return [self.demos[i] for i in self.retriever.search(query_sentence(record), self.k, allowed)]
 
     def _wrap(self, record: EditRecord, demos: Sequence[Demo], x: str) -> str:
-        body = "".join(d.text for d in reversed(demos)) + f"New Fact: {fact_line(record)}\nPrompt: {x}"
+        own = f"New Fact: {fact_line(record)}\nPrompt: {fact_line(record)}\n\n" if self.own_copy else ""
+        body = "".join(d.text for d in reversed(demos)) + own + f"New Fact: {fact_line(record)}\nPrompt: {x}"
         if self.instructions is None:
             return body
         description = self.instructions.description_for(record, unseen=self.unseen)
