@@ -276,7 +276,7 @@ def cmd_evaluate(args, stream) -> int:
 
     from .editors.ike import evaluate_in_context
     from .evaluate import evaluate_methods, nested, summarize, write_results
-    from .experiments import build_methods
+    from .experiments import build_methods, evaluation_models
     from .methods import get_method, needed_editors
     from .train import train_editor
 
@@ -294,7 +294,7 @@ def cmd_evaluate(args, stream) -> int:
     records = base.records(args.task, args.split)[: args.n]
     if not records:
         raise ValueError(f"task {args.task!r} has no {args.split!r} records")
-    edited = base.for_editing(next(iter(configs.values())).mend.weight_names if configs else None)
+    ((edited, _),) = evaluation_models({args.method: methods[args.method]}, base)  # its own engine on a real model
     if family == "in-context":  # the context on the locality probes too
         cases = evaluate_in_context([methods[args.method]], edited.model, base.tokenizer, records,
                                     progress=not args.quiet)

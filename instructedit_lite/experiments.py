@@ -34,6 +34,7 @@ from .claims import claim_rows, claims_json, experiment_claims
 from .config import jsonable as _jsonable
 from .editors import Editor, PerTaskMethod
 from .editors.baselines import baseline_options
+from .engine import lowest_block
 from .evaluate import average_over_tasks, evaluate_methods, summarize
 from .figure4 import (ANALYSIS_STEPS, BALANCE_STEPS, BALANCED, UNBALANCED, balance_configs, fact_edits,  # noqa: F401
                       paper_weights, scaling_configs)
@@ -49,7 +50,7 @@ from .train import TrainConfig, TrainedEditor, learning_problem, train_editors
 __all__ = ["editor_configs", "scaling_configs", "balance_configs", "ANALYSIS_STEPS", "BALANCE_STEPS", "fact_edits",
            "paper_weights", "UNBALANCED", "BALANCED",
            "build_methods", "methods_not_learned", "not_learned_among", "PerTaskMethod",
-           "evaluation_records", "main_evaluation", "multitask_table", "holdout_table", "unseen_table",
+           "evaluation_records", "evaluation_models", "main_evaluation", "multitask_table", "holdout_table", "unseen_table",
            "EVALUATION", "N_CASES", "N_CASES_SMOKE", "SMOKE_RESPONSES", "FLUENCY_CASES", "UNSEEN", "SINGLE", "COMPARED", "GENERATION_COLUMNS"]
 
 #: What ``reproduce`` (and the chapters) evaluate on each scale: test records per task by default
@@ -165,23 +166,49 @@ def _fewer_responses(record: EditRecord, k: int) -> EditRecord:
                    locality=locality)
 
 
+def evaluation_models(methods: Mapping[str, Editor], base) -> list[tuple[Any, dict[str, Editor]]]:
+    """The model each method is evaluated on, as ``[(model, {name: method})]``.
+
+    On the embedded scale: ``base`` for all.  On the real scale one frozen-prefix engine per cut
+    (:meth:`~instructedit_lite.base_model.BaseModel.for_editing`): each method runs on the engine
+    whose cached blocks end at the lowest block it edits or hooks
+    (:meth:`~instructedit_lite.editors.Editor.edits_at`), so that a baseline placed lower than the
+    meta-trained editors (FT-L at block 21) is evaluated exactly; a method that changes no weight
+    (the unedited model, IKE) joins the engine of the model's default edited weights.  ``base`` may
+    itself be an engine's model (its full model is used)."""
+    if base.scale != "real":
+        return [(base, dict(methods))]
+    plain = replace(base, model=getattr(base.model, "full_model", base.model))
+    default = plain.weight_names()
+    groups: dict[int, tuple[set[str], dict[str, Editor]]] = {}
+    for name, method in methods.items():
+        names = method.edits_at(plain.model) or default
+        names_of, group = groups.setdefault(lowest_block(names, plain.profile.blocks), (set(), {}))
+        names_of.update(names)
+        group[name] = method
+    return [(plain.for_editing(sorted(names_of)), group) for _, (names_of, group) in sorted(groups.items(), reverse=True)]
+
+
 def main_evaluation(methods: Mapping[str, Editor], base, records: Mapping[str, list[EditRecord]], *,
                     fluency_cases: int = FLUENCY_CASES, progress: bool = True, **options) -> pd.DataFrame:
     """One pass: every method on every record, except the single-task editors on the held-out
-    task (there is no single-task ZsRE editor).  One row per method × case.  ``options``
-    (``generation``, ``fluency``, ``seed``, ...) reach :func:`~instructedit_lite.evaluate.evaluate_methods`."""
+    task (there is no single-task ZsRE editor).  One row per method × case.  Each method runs on
+    its model (:func:`evaluation_models`).
+    ``options`` (``generation``, ``fluency``, ``seed``, ...) reach
+    :func:`~instructedit_lite.evaluate.evaluate_methods`."""
     def held_out(name: str) -> bool:  # unregistered methods are evaluated everywhere
         return name not in _methods.method_names() or _methods.get_method(name).held_out
 
     trainable = _tasks.trainable_tasks()
     fact_records = {t: r for t, r in records.items() if t in trainable}
-    single = [m for name, m in methods.items() if not held_out(name)]
-    others = [m for name, m in methods.items() if held_out(name)]
-    parts = [evaluate_methods(others, base.model, base.tokenizer, records, fluency_cases=fluency_cases,
-                              progress=progress, **options)]
-    if single:
-        parts.append(evaluate_methods(single, base.model, base.tokenizer, fact_records,
-                                      fluency_cases=fluency_cases, progress=progress, **options))
+    parts = []
+    for evaluator, group in evaluation_models(methods, base):
+        single = [m for name, m in group.items() if not held_out(name)]
+        others = [m for name, m in group.items() if held_out(name)]
+        for subset, recs in ((others, records), (single, fact_records)):
+            if subset:
+                parts.append(evaluate_methods(subset, evaluator.model, evaluator.tokenizer, recs,
+                                              fluency_cases=fluency_cases, progress=progress, **options))
     return pd.concat(parts, ignore_index=True)
 
 

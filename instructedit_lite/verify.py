@@ -40,7 +40,7 @@ from .atomic import atomic_write_text
 from .bundles import RESULTS, _evaluation_declaration, _folder, _hash, write_bundle
 from .claims import CLAIMS, claims_json, experiment_claims
 from .evaluate import evaluate_methods
-from .experiments import build_methods, editor_configs, evaluation_records, methods_not_learned
+from .experiments import build_methods, editor_configs, evaluation_models, evaluation_records, methods_not_learned
 from .generation import WILD_MAX_TOKENS
 from .methods import get_method
 from .models import load_model
@@ -234,12 +234,13 @@ def verify(model: str = "embedded", *, seeds: Sequence[int] | None = None, recor
             groups.append(({n: m for n, m in built.items() if n not in meta}, _records(base, plan["baseline_records"])))
             baseline_cases = {(t, int(r.index)) for t, rs in groups[-1][1].items() for r in rs}
         journal = CaseJournal(work / f"cases-seed{seed}.jsonl")
-        edited = base.for_editing(next(iter(trained.values())).config.mend.weight_names)
         phase = time.perf_counter()
         total = sum(_pending(m, r, journal) for m, r in groups)
         with tqdm(total=total, desc=f"verify {model}, seed {seed}: cases", disable=bar_disabled(progress)) as bar:
             for methods, recs in groups:
-                _evaluate_seed(edited, methods, recs, journal, seed=seed, processes=processes, chunk=chunk, bar=bar)
+                for edited, group in evaluation_models(methods, base):  # each method on its engine
+                    _evaluate_seed(edited, group, recs, journal, seed=seed, processes=processes, chunk=chunk,
+                                   bar=bar)
         timings[f"seed {seed}: evaluation_s"] = (timings.get(f"seed {seed}: evaluation_s", 0.0)
                                                  + time.perf_counter() - phase)
         atomic_write_text(timings_path, json.dumps(timings, indent=1))

@@ -15,10 +15,11 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from instructedit_lite import methods, models
 from instructedit_lite import train as tr
 from instructedit_lite.base_model import BaseModel
-from instructedit_lite.editors.baselines import GRACE_STEPS, baseline_options
+from instructedit_lite.editors.baselines import GRACE_STEPS, PLACEMENTS, REFERENCE_BLOCKS, baseline_options
+from instructedit_lite.editors.mend import MendConfig
+from instructedit_lite.experiments import build_methods, evaluation_models, evaluation_records, main_evaluation
 from instructedit_lite.figure4 import balance_configs, scaling_configs
 from instructedit_lite.generation import greedy_tokens
-from instructedit_lite.editors.mend import MendConfig
 from instructedit_lite.real_data import RealData
 from instructedit_lite.records import EditRecord
 
@@ -181,16 +182,42 @@ def test_every_registered_editor_exists_on_both_scales():
             == tr.default_config("multi", size="smoke", seed=1, method="ke", model="smollm2"))
 
 
-def test_baselines_edit_inside_the_edited_blocks(folder, tokenizer):  # noqa: F811
+def test_baselines_at_the_reference_placement_or_inside_the_edited_blocks(folder, tokenizer):  # noqa: F811
     real = tiny_real(folder, tokenizer)
-    assert baseline_options(real, SMOLLM2_WEIGHTS) == {"FT-L": {"layer": 27}, "FT-M": {"layer": 27},
-                                                      "GRACE": {"layer": 27, "n_iter": GRACE_STEPS},
-                                                      "CaliNet": {"layer": 29}}
-    assert all(o.get("steps", o.get("n_iter")) == 2 for o in baseline_options(real, smoke=True).values())
-    assert baseline_options(real)["CaliNet"] == {"layer": 3} and baseline_options(real)["FT-L"]["layer"] == 1
+    same = baseline_options(real, SMOLLM2_WEIGHTS, placement="same-block")
+    assert same == {"FT-L": {"layer": 27}, "FT-M": {"layer": 27}, "GRACE": {"layer": 27, "n_iter": GRACE_STEPS},
+                    "CaliNet": {"layer": 29}}
+    for placement in PLACEMENTS:
+        smoke = baseline_options(real, smoke=True, placement=placement)
+        assert all(o.get("steps", o.get("n_iter")) == 2 for o in smoke.values())
+    assert baseline_options(real, placement="same-block")["FT-L"]["layer"] == 1
+    # EasyEdit's LLaMA placement, clipped to the tiny model's last block (3): FT-L/FT-M without the box,
+    # GRACE on the MLP output matrix
+    reference = baseline_options(real)
+    assert reference["FT-L"] == {"layer": 3, "eps": None} == reference["FT-M"]
+    assert reference["GRACE"] == {"layer": 3, "module": real.profile.mlp_out_module(), "n_iter": GRACE_STEPS}
+    assert reference["CaliNet"] == {"layer": 3}
+    assert REFERENCE_BLOCKS == {"FT-L": 21, "FT-M": 21, "GRACE": 27}
     assert baseline_options(None) == {}  # the embedded scale: each baseline's own default
     with pytest.raises(ValueError, match="not inside a block"):
         baseline_options(real, ["lm_head.weight"])
+    with pytest.raises(ValueError, match="placement must be one of"):
+        baseline_options(real, placement="nearby")
+
+
+def test_each_method_is_evaluated_on_an_engine_cut_at_its_own_block(folder, tokenizer):  # noqa: F811
+    """A baseline placed below the meta-trained editors' blocks gets its own engine; methods that
+    change no weight join the default engine; on the embedded scale the model itself serves all."""
+    real = tiny_real(folder, tokenizer)
+    built = build_methods({}, base=real, smoke=True)  # the reference placement: the last block (3) here
+    models_ = evaluation_models(built, real.for_editing())
+    cuts = {name: evaluator.model.lowest for evaluator, group in models_ for name in group}
+    assert cuts["FT-L"] == cuts["FT-M"] == cuts["GRACE"] == cuts["CaliNet"] == 3
+    assert cuts["base model"] == real.for_editing().model.lowest == 1  # the default edited weights: blocks 1-3
+    assert all(evaluator.model.full_model is real.model for evaluator, _ in models_)
+    records = evaluation_records(real.world, 1, tasks=("counterfact",))
+    cases = main_evaluation(built, real, records, fluency_cases=0, progress=False, wild_tokens=4)
+    assert set(cases.method) == set(built)
 
 
 def test_scaling_and_balance_editors_carry_the_real_settings():

@@ -15,8 +15,8 @@
 Each is registered once, by name, in :mod:`~instructedit_lite.methods`.
 """
 
-from .base import (EditInfo, Editor, FittedWeightEditor, MendMethod, PerTaskMethod, Unedited, WeightEditor, check_restored,
-                   edit_batch, edit_rows, flagged_batch, unlikely_rows)
+from .base import (EditInfo, Editor, FittedWeightEditor, MendMethod, PerTaskMethod, Unedited, WeightEditor,
+                   check_restored, edit_batch, edit_rows, flagged_batch, unlikely_rows)
 
 __all__ = ["Editor", "WeightEditor", "FittedWeightEditor", "MendMethod", "PerTaskMethod", "EditInfo", "edit_rows",
            "unlikely_rows", "edit_batch", "flagged_batch", "Unedited", "check_restored"]

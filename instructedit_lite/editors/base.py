@@ -105,6 +105,12 @@ class Editor(abc.ABC):
         """The record as this method sees it (instructed for InstructEdit, else unchanged)."""
         return maybe_instruct(record, self.instructions, unseen=self.unseen) if self.instructions else record
 
+    def edits_at(self, model: nn.Module) -> list[str]:
+        """The names of the weights this method changes, or of the modules it hooks, on ``model``
+        (empty: it changes nothing there, like the unedited model and IKE).  The evaluation runs a
+        method through a frozen-prefix engine whose cached blocks end below the lowest of them."""
+        return []
+
     @abc.abstractmethod
     def edited(self, model: nn.Module, tokenizer, record: EditRecord) -> contextlib.AbstractContextManager[EditInfo]:
         """Context manager: ``model`` carries the edit of ``record`` inside the block and is exactly the
@@ -160,6 +166,9 @@ class MendMethod(WeightEditor):
         self.editor, self.name, self.instructions, self.unseen = editor, name, instructions, unseen
         self.n_responses = n_responses
 
+    def edits_at(self, model: nn.Module) -> list[str]:
+        return list(self.editor.infos)
+
     def deltas(self, model: nn.Module, tokenizer, record: EditRecord) -> dict[str, Tensor]:
         self.editor.eval()  # no dropout, running statistics frozen
         device = next(model.parameters()).device
@@ -197,6 +206,9 @@ class PerTaskMethod(Editor):
 
     def edited(self, model: nn.Module, tokenizer, record: EditRecord) -> contextlib.AbstractContextManager[EditInfo]:
         return self._for(record).edited(model, tokenizer, record)
+
+    def edits_at(self, model: nn.Module) -> list[str]:
+        return sorted({name for editor in self.by_task.values() for name in editor.edits_at(model)})
 
 
 def check_restored(model: nn.Module, before: Mapping[str, Tensor]) -> None:

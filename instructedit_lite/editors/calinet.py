@@ -100,6 +100,9 @@ class CaliNet(Editor, _Configured):
         gated = cfg.gated if cfg.gated is not None else profile.gated
         return module_template(model, cfg.module, "mlp"), activation, gated
 
+    def edits_at(self, model: nn.Module) -> list[str]:
+        return [_resolve_module(model, self._shape(model)[0], self.config.layer, "CaliNet")[0]]
+
     @staticmethod
     def _activation(name: str, z: Tensor) -> Tensor:
         if name == "relu":

@@ -111,6 +111,9 @@ class _FineTune(FittedWeightEditor, _Configured):
     def _done(self, loss: Tensor, logits: Tensor, labels: Tensor) -> bool:
         return loss.item() < self.config.stop_loss
 
+    def edits_at(self, model: nn.Module) -> list[str]:
+        return self.parameter_names(model)
+
     def parameter_names(self, model: nn.Module) -> list[str]:
         """The tuned parameters: ``<module>.weight`` (a Linear or Conv1D, checked) and its bias."""
         template = module_template(model, self.config.module, "mlp_out")

@@ -193,6 +193,9 @@ class GRACE(Editor, _Configured):
     def module(self, model: nn.Module) -> nn.Module:
         return model.get_submodule(self.module_name(model))
 
+    def edits_at(self, model: nn.Module) -> list[str]:
+        return [self.module_name(model)]
+
     @contextlib.contextmanager
     def hooked(self, model: nn.Module) -> Iterator[Codebook]:
         """The codebook's hook on the wrapped module for the body; removed on exit, also on errors."""

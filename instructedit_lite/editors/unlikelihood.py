@@ -51,6 +51,9 @@ class Unlikelihood(FittedWeightEditor):
     def __init__(self, config: UnlikelihoodConfig | None = None, **overrides):
         self.config = replace(config or UnlikelihoodConfig(), **overrides)
 
+    def edits_at(self, model: nn.Module) -> list[str]:
+        return FTM(layer=self.config.layer, module=self.config.module).parameter_names(model)
+
     @torch.enable_grad()
     def fit(self, model: nn.Module, tokenizer, record: EditRecord) -> tuple[dict[str, Tensor], dict[str, Any]]:
         cfg = self.config
