@@ -32,7 +32,7 @@ from . import tasks as _tasks
 from .atomic import atomic_write_text
 from .claims import claim_rows, claims_json, experiment_claims
 from .config import jsonable as _jsonable
-from .editors import Editor, PerTaskMethod
+from .editors import Editor
 from .editors.baselines import baseline_options
 from .engine import lowest_block
 from .evaluate import average_over_tasks, evaluate_methods, summarize
@@ -49,7 +49,7 @@ from .train import TrainConfig, TrainedEditor, learning_problem, train_editors
 
 __all__ = ["editor_configs", "scaling_configs", "balance_configs", "ANALYSIS_STEPS", "BALANCE_STEPS", "fact_edits",
            "paper_weights", "UNBALANCED", "BALANCED",
-           "build_methods", "methods_not_learned", "not_learned_among", "PerTaskMethod",
+           "build_methods", "methods_not_learned", "not_learned_among",
            "evaluation_records", "evaluation_models", "main_evaluation", "multitask_table", "holdout_table", "unseen_table",
            "EVALUATION", "N_CASES", "N_CASES_SMOKE", "SMOKE_RESPONSES", "FLUENCY_CASES", "UNSEEN", "SINGLE", "COMPARED", "GENERATION_COLUMNS"]
 

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from instructedit_lite import experiments as ex
-from instructedit_lite.editors import EditInfo, Editor
+from instructedit_lite.editors import EditInfo, Editor, PerTaskMethod
 from instructedit_lite.train import TRAINABLE_TASKS
 from tiny import hand_records
 
@@ -73,7 +73,7 @@ class Named(Editor):
 
 def test_per_task_method_dispatches_by_task():
     by_task = {t: Named(t) for t in ("counterfact", "convsent")}
-    method = ex.PerTaskMethod(by_task)
+    method = PerTaskMethod(by_task)
     recs = hand_records()
     with method.edited(None, None, recs["convsent"][0]):
         pass
