@@ -188,7 +188,7 @@ def test_a_short_stream_on_smollm2_through_the_engine_restores_the_model(real):
     from instructedit_lite.editors.baselines import baseline_options
 
     engine = real.for_editing().model
-    options = baseline_options(real, smoke=True)["FT-M"]
+    options = baseline_options(real, smoke=True, placement="same-block")["FT-M"]  # inside the engine's blocks
     method = FTM(**options, eps=None, lr=1e-3)
     stream = [real.world.records(t, "test")[0] for t in ("counterfact", "wikirecent", "zsre")]
     before = {n: p.detach().clone() for n, p in real.model.named_parameters() if ".mlp." in n}
