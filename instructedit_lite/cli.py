@@ -295,12 +295,10 @@ def cmd_evaluate(args, stream) -> int:
     if not records:
         raise ValueError(f"task {args.task!r} has no {args.split!r} records")
     ((edited, _),) = evaluation_models({args.method: methods[args.method]}, base)  # its own engine on a real model
-    if family == "in-context":  # the context on the locality probes too
-        cases = evaluate_in_context([methods[args.method]], edited.model, base.tokenizer, records,
-                                    progress=not args.quiet)
-    else:
-        cases = evaluate_methods([methods[args.method]], edited.model, base.tokenizer, records,
-                                 fluency_cases=args.fluency_cases, progress=not args.quiet)
+    cases = (evaluate_in_context([methods[args.method]], edited.model, base.tokenizer, records, progress=not args.quiet)
+             if family == "in-context" else  # IKE: the context on the locality probes too
+             evaluate_methods([methods[args.method]], edited.model, base.tokenizer, records,
+                              fluency_cases=args.fluency_cases, progress=not args.quiet))
     summary = nested(summarize(cases))
     if args.out is not None:
         paths = write_results(cases, args.out.parent, args.out.stem)

@@ -174,8 +174,7 @@ def evaluation_models(methods: Mapping[str, Editor], base) -> list[tuple[Any, di
     whose cached blocks end at the lowest block it edits or hooks
     (:meth:`~instructedit_lite.editors.Editor.edits_at`), so that a baseline placed lower than the
     meta-trained editors (FT-L at block 21) is evaluated exactly; a method that changes no weight
-    (the unedited model, IKE) joins the engine of the model's default edited weights.  ``base`` may
-    itself be an engine's model (its full model is used)."""
+    (the unedited model, IKE) joins the engine of the default edited weights."""
     if base.scale != "real":
         return [(base, dict(methods))]
     plain = replace(base, model=getattr(base.model, "full_model", base.model))
