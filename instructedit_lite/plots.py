@@ -5,6 +5,7 @@ from __future__ import annotations
 import pandas as pd
 
 from .methods import method_colors
+from .sequential import tidy
 from .tasks import is_sentiment, task_colors
 
 
@@ -72,4 +73,38 @@ def scaling_figure(table: pd.DataFrame):
     for ax in axes:
         ax.set_xlabel("number of training tasks")
         ax.set_xticks(list(table.index))
+    return fig
+
+
+def stream_figure(curves: pd.DataFrame, title: str | None = None):
+    """Lifelong editing (chapter 9): retention, generalization and locality against the number of
+    edits applied so far, a panel each, a line per method (``curves``: from
+    :func:`~instructedit_lite.sequential.streams`)."""
+    import seaborn as sns
+
+    grid = sns.relplot(data=tidy(curves, metrics=("retention", "generalization", "locality")), x="n_edits",
+                       y="value", hue="method", col="metric", kind="line", marker="o", height=3.2, aspect=1.1,
+                       palette=method_colors())
+    grid.set_axis_labels("edits applied so far (N)", "score")
+    grid.set(ylim=(-0.02, 1.02))
+    if title:
+        grid.figure.suptitle(title, y=1.03)
+    return grid
+
+
+def batch_figure(table: pd.DataFrame, title: str | None = None):
+    """Batch editing (chapter 9): reliability and locality against the number of edits in one
+    update, a line per editor and mode (``table``: from :func:`~instructedit_lite.sequential.batches`)."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    for ax, metric in zip(axes, ("reliability", "locality")):
+        sns.lineplot(data=table, x="k", y=metric, hue="label", marker="o", ax=ax, errorbar=("ci", 95))
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("edits in one update (k)")
+        ax.set_ylim(-0.02, 1.02)
+    axes[1].get_legend().remove()
+    if title:
+        fig.suptitle(title)
     return fig

@@ -17,6 +17,9 @@ edits pile up:
   single-edit updates, each computed on the original model (``mode="sum"``, any weight editor).
 * :func:`threshold_crossings`: the number of edits where each method first falls below a threshold.
 
+:func:`streams`, :func:`batches` and :func:`crossing_table` run and read them for several methods
+at once: chapter 9 calls them on the embedded model and on SmolLM2 alike.
+
 Fact tasks only (ConvSent's score is not a token accuracy). Curves are tidy DataFrames (:func:`tidy`).
 """
 
@@ -44,7 +47,7 @@ from .records import EditRecord
 from .text import IGNORE, prompt_target_batch
 
 __all__ = ["Restorer", "answer_predictions", "sequential_editing", "batch_deltas", "batch_editing",
-           "threshold_crossings", "tidy", "bootstrap_interval"]
+           "threshold_crossings", "tidy", "bootstrap_interval", "streams", "batches", "crossing_table"]
 
 Row = tuple[str, str]
 
@@ -296,3 +299,31 @@ def tidy(curves: pd.DataFrame, id_vars: Sequence[str] = ("method", "n_edits"),
     """Wide checkpoint rows → long ``(method, n_edits, metric, value)`` rows (for seaborn)."""
     present = [m for m in metrics if m in curves]
     return curves.melt(id_vars=list(id_vars), value_vars=present, var_name="metric", value_name="value")
+
+
+def streams(methods: Mapping[str, Editor], model: nn.Module, tokenizer, records: Sequence[EditRecord], *,
+            every: int, **options) -> pd.DataFrame:
+    """:func:`sequential_editing` for each method of ``methods`` (name -> editor) over the same
+    records, one table of curves; ``options`` go to every stream (``fluency_prompts``, ``seed``, ...)."""
+    return pd.concat([sequential_editing(method, model, tokenizer, records, every=every, **options)
+                      for method in methods.values()], ignore_index=True)
+
+
+def batches(methods: Mapping[str, Editor], model: nn.Module, tokenizer, records: Sequence[EditRecord],
+            ks: Sequence[int], *, max_groups: int = 4, modes: Sequence[str] = ("batched", "sum")) -> pd.DataFrame:
+    """:func:`batch_editing` for each method and mode, with a ``label`` column ("InstructEdit (sum)")."""
+    table = pd.concat([batch_editing(method, model, tokenizer, records, ks, mode=mode, max_groups=max_groups)
+                       for method in methods.values() for mode in modes], ignore_index=True)
+    return table.assign(label=table.method + " (" + table["mode"] + ")")
+
+
+def crossing_table(curves: pd.DataFrame, retention: float = 0.5, locality: float = 0.9
+                   ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Where each method's retention first falls below ``retention`` and its locality below
+    ``locality``: the long table of :func:`threshold_crossings` and a wide one, a row per method."""
+    long = pd.concat([threshold_crossings(curves, "retention", retention),
+                      threshold_crossings(curves, "locality", locality)], ignore_index=True)
+    wide = long.pivot(index="method", columns="metric", values="first_below").astype("Int64")
+    wide = wide.rename(columns={"retention": f"retention < {retention:g} at N",
+                                "locality": f"locality < {locality:g} at N"})
+    return long, wide

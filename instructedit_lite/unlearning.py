@@ -26,15 +26,18 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from .editors import Editor
-from .editors.ike import answer_logits, locality_scores
+from .editors import Editor, MendMethod
+from .editors.finetune import FTM
+from .editors.ike import IKE, Retriever, answer_logits, locality_scores
+from .editors.unlikelihood import Unlikelihood, UnlikelihoodConfig
 from .evaluate import locality_rows
 from .generation import greedy_text
 from .progress import bar_disabled
 from .records import EditRecord, RecordError
 from .text import target_logprob, teacher_forced
 
-__all__ = ["REFUSAL", "forget_record", "known_facts", "evaluate_unlearning", "summarize_unlearning"]
+__all__ = ["REFUSAL", "forget_record", "known_facts", "unlearning_methods", "evaluate_unlearning",
+           "summarize_unlearning"]
 
 #: The refusal target of a forget edit.
 REFUSAL = "unknown"
@@ -91,6 +94,19 @@ def _probe_case(model, tokenizer, rec: EditRecord, old: str) -> dict[str, float]
             "greedy_old_rephrase": float(np.mean([_greedy_starts_with(model, tokenizer, q, old) for q in rec.rephrase]))
             if rec.rephrase else math.nan,
             "greedy_refusal": float(_greedy_starts_with(model, tokenizer, rec.prompt, rec.target_new))}
+
+
+def unlearning_methods(config: UnlikelihoodConfig, editor, instructions, pool: Sequence[EditRecord], *,
+                       tokenizer, k: int, max_tokens: int, retriever: str | Retriever = "minilm") -> list[Editor]:
+    """The four ways of forgetting that chapter 9 compares, on either model: FT-M towards the refusal
+    on the unlikelihood editor's matrix, steps and learning rate (``config``, no norm box), so that
+    the two differ only in the loss; the unlikelihood editor; IKE with the refusal as the new fact
+    (``k`` demonstrations from ``pool``); and InstructEdit's trained ``editor`` towards the refusal
+    (``instructions``: its task descriptions)."""
+    ftm = FTM(layer=config.layer, module=config.module, steps=config.steps, lr=config.lr, eps=None)
+    ftm.name = "FT-M (refusal)"
+    ike = IKE(pool, k=k, tokenizer=tokenizer, max_tokens=max_tokens, retriever=retriever, name="IKE (refusal)")
+    return [ftm, Unlikelihood(config), ike, MendMethod(editor, "InstructEdit (refusal)", instructions=instructions)]
 
 
 def evaluate_unlearning(methods: Sequence[Editor], model, tokenizer, records: Sequence[EditRecord], *,

@@ -10,8 +10,8 @@ from tiny import hand_records, snapshot, tiny_model, tiny_tokenizer
 from instructedit_lite.editors.baselines import FTM, GRACE
 from instructedit_lite.editors import MendMethod, WeightEditor, check_restored
 from instructedit_lite.editors.mend import MendConfig, MendEditor
-from instructedit_lite.sequential import (answer_predictions, batch_deltas, batch_editing, sequential_editing,
-                                          threshold_crossings, tidy)
+from instructedit_lite.sequential import (answer_predictions, batch_deltas, batch_editing, batches, crossing_table,
+                                          sequential_editing, streams, threshold_crossings, tidy)
 from tiny import fact_record
 
 
@@ -137,6 +137,24 @@ def test_threshold_crossings_and_tidy():
     assert math.isnan(table.loc["b", "first_below"]) and table.loc["b", "never_below"]
     long = tidy(curves)
     assert set(long.metric) == {"retention", "locality"} and len(long) == 12
+
+
+def test_streams_and_batches_run_several_methods_on_the_same_records(world):
+    tok, model, records = world
+    before = snapshot(model)
+    methods = {"FT-M": FTM(eps=0.05, lr=1e-2, steps=3), "scrambler": Scrambler()}
+    curves = streams(methods, model, tok, records[:4], every=2, progress=False, seed=0)
+    assert list(curves.method.unique()) == ["FT-M", "scrambler"]
+    assert curves.groupby("method").n_edits.apply(list).map(tuple).unique().tolist() == [(0, 2, 4)]
+    check_restored(model, before)
+    table = batches({"FT-M": FTM(steps=2)}, model, tok, records, ks=(1, 2), max_groups=1, modes=("sum",))
+    assert list(table.label.unique()) == ["FT-M (sum)"] and sorted(table.k) == [1, 2]
+    check_restored(model, before)
+    # the scrambler's first edit wrecks the answers: its retention falls below 0.5, FT-M's need not
+    long, wide = crossing_table(curves, retention=0.5, locality=0.9)
+    assert set(long.metric) == {"retention", "locality"}
+    assert list(wide.columns) == ["locality < 0.9 at N", "retention < 0.5 at N"]
+    assert str(wide.dtypes.iloc[0]) == "Int64" and set(wide.index) == {"FT-M", "scrambler"}
 
 
 def test_answer_predictions_shapes(world):

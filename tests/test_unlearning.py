@@ -14,7 +14,7 @@ from instructedit_lite.records import RecordError
 from instructedit_lite.text import target_logprob
 from instructedit_lite.editors.unlikelihood import Unlikelihood
 from instructedit_lite.unlearning import (REFUSAL, evaluate_unlearning, forget_record, known_facts,
-                                          summarize_unlearning)
+                                          summarize_unlearning, unlearning_methods)
 
 
 @contextlib.contextmanager
@@ -85,3 +85,21 @@ def test_evaluate_unlearning_table(world):
     befores = cases[cases.phase == "before"].groupby("case").old_prob.nunique()
     assert (befores == 1).all()
     assert cases[cases.phase == "after"].locality.between(0, 1).all()
+
+
+def test_the_four_unlearning_methods_share_the_matrix_and_the_budget(world):
+    from instructedit_lite.editors.mend import MendConfig, MendEditor
+    from instructedit_lite.editors.unlikelihood import UnlikelihoodConfig
+
+    tok, model = world
+    config = UnlikelihoodConfig(layer=-2, steps=7, lr=1e-3)
+    editor = MendEditor(model, MendConfig(rank=4), generator=torch.Generator().manual_seed(0))
+    pool = [fact_record("counterfact", i, split="train") for i in (5, 6, 7)]
+    ftm, unlikely, ike, mend = unlearning_methods(config, editor, None, pool, tokenizer=tok, k=2, max_tokens=64,
+                                                  retriever="tfidf")
+    assert [m.name for m in (ftm, unlikely, ike, mend)] == ["FT-M (refusal)", "FT (unlikelihood)", "IKE (refusal)",
+                                                              "InstructEdit (refusal)"]
+    # FT-M differs from the unlikelihood editor only in its loss: same block, steps, rate, no box
+    settings = ftm.config
+    assert (settings.layer, settings.steps, settings.lr, settings.eps) == (config.layer, config.steps, config.lr, None)
+    assert ike.k == 2 and ike.retriever.kind == "tfidf"
