@@ -5,7 +5,7 @@ neither still builds the whole book: the chapter calls :func:`require_real_model
 cell. With the model and the data it only returns ``True``, and the chapter's code reads as if no
 guard were there. Without them it
 
-1. shows what is missing (the install hint or the missing files, :func:`models.missing`);
+1. shows what is missing (the install hint or the missing files, :func:`~instructedit_lite.models.missing`);
 2. glues ``"n/a"`` for every value that the skipped prose cites: the names of the
    ``{glue:text}`` roles in the notebook's Markdown up to the end of the guarded part (those
    that start with ``prefix``, where a section's names share one), so that the page still
