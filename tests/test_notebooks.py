@@ -114,6 +114,10 @@ def test_notebook_runs_in_smoke_mode(path, tmp_path):
         text = output_text(cell)
         assert text.strip(), f"exercise cell prints nothing:\n{cell.source[:200]}"
         assert not re.search(NAN, text), f"exercise cell prints NaN:\n{cell.source[:200]}\n{text[:400]}"
+    # the guard's cell (input hidden) shows nothing when the model and the data are there
+    for cell in executed.cells:
+        if cell.cell_type == "code" and "require_real_model(" in cell.source and not skipped:
+            assert not cell.get("outputs"), f"the guard's cell shows {output_text(cell)!r}"
     check_glue(path, executed)
 
 
