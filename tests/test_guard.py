@@ -83,7 +83,7 @@ def test_without_the_data_the_section_is_skipped_and_the_chapter_resumes(tmp_pat
     skipped = {name: "'n/a'" for name in ("real_intro", "real_blocks", "real_speed")}
     assert glued == {"early": "1", **skipped, "real_after": "3"}
     shown = json.dumps(out.cells[2].outputs)
-    assert "something is missing" in shown and "no-data" in shown  # what is missing, by path
+    assert guard.NOTE in shown and "no-data" in shown  # what is missing, by path
     assert out.cells[4].outputs == []  # skipped: it would have raised
     assert "resumed False" in out.cells[7].outputs[0]["text"]
 

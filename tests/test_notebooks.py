@@ -15,6 +15,8 @@ import nbformat
 import papermill
 import pytest
 
+from instructedit_lite import guard
+
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 TIMEOUT_S = 600  # per cell
@@ -107,7 +109,7 @@ def test_notebook_runs_in_smoke_mode(path, tmp_path):
     executed = run_notebook(path, tmp_path / path.name, smoke=True)
     # every exercise cell shows the reader a result, and a finite one (a chapter whose model or
     # data are missing says so and skips its cells: instructedit_lite.guard)
-    skipped = any("something is missing" in json.dumps(c.get("outputs", [])) for c in executed.cells)
+    skipped = any(guard.NOTE in json.dumps(c.get("outputs", [])) for c in executed.cells)
     for cell in exercise_cells(executed):
         if skipped and not cell.get("outputs"):
             continue
@@ -116,7 +118,7 @@ def test_notebook_runs_in_smoke_mode(path, tmp_path):
         assert not re.search(NAN, text), f"exercise cell prints NaN:\n{cell.source[:200]}\n{text[:400]}"
     # the guard's cell (input hidden) shows nothing when the model and the data are there
     for cell in executed.cells:
-        if cell.cell_type == "code" and "require_real_model(" in cell.source and not skipped:
+        if cell.cell_type == "code" and guard.CALL in cell.source and not skipped:
             assert not cell.get("outputs"), f"the guard's cell shows {output_text(cell)!r}"
     check_glue(path, executed)
 
@@ -124,20 +126,18 @@ def test_notebook_runs_in_smoke_mode(path, tmp_path):
 #: A glue role of this notebook's own values (a role naming another page, ``page::name``, is not).
 GLUE_ROLE = re.compile(r"\{glue(?::\w+)?\}`([^`:]+)`")
 #: The chapters that need SmolLM2 and the published files (they call the guard).
-REAL_CHAPTERS = [p for p in NOTEBOOKS if "require_real_model(" in p.read_text(encoding="utf-8")]
+REAL_CHAPTERS = [p for p in NOTEBOOKS if guard.CALL in p.read_text(encoding="utf-8")]
 
 
 def check_glue(path: Path, executed: nbformat.NotebookNode) -> None:
     """Every value the chapter's prose (and another page citing it) names was glued, and once: a
     missing or twice-glued name is a warning, and `jupyter-book build -W` fails on it."""
-    from instructedit_lite.guard import cited_elsewhere
-
     names = [o.get("metadata", {}).get("scrapbook", {}).get("name") for c in executed.cells
              for o in c.get("outputs", [])]
     names = [n for n in names if n]
     assert len(names) == len(set(names)), sorted({n for n in names if names.count(n) > 1})
     cited = {n for c in executed.cells if c.cell_type == "markdown" for n in GLUE_ROLE.findall(c.source)}
-    missing = (cited | set(cited_elsewhere(path))) - set(names)
+    missing = (cited | set(guard.cited_elsewhere(path))) - set(names)
     assert not missing, f"cited but never glued: {sorted(missing)}"
 
 
@@ -148,7 +148,7 @@ def test_a_real_chapter_without_its_data_says_so_and_still_builds(path, tmp_path
     code (instructedit_lite.guard) and glues every value its prose cites, so the page builds."""
     monkeypatch.setenv("INSTRUCTEDIT_DATA", str(tmp_path / "no-data"))
     executed = run_notebook(path, tmp_path / path.name, smoke=True)
-    assert any("something is missing" in json.dumps(c.get("outputs", [])) for c in executed.cells)
+    assert any(guard.NOTE in json.dumps(c.get("outputs", [])) for c in executed.cells)
     check_glue(path, executed)
 
 
