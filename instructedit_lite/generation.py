@@ -33,7 +33,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 __all__ = ["greedy_tokens", "greedy_tokens_within", "greedy_views", "View", "wild_view", "context_limit", "kv_cache_argument", "normalize", "begins_with", "sample_text",
-           "greedy_text", "case_generator", "no_cache_growth", "decided", "WILD_MAX_TOKENS", "WILD_STOPS",
+           "greedy_text", "case_generator", "no_cache_growth", "position_wise", "decided", "WILD_MAX_TOKENS", "WILD_STOPS",
            "wild_answers", "wild_tokens", "wild_text", "wild_answer", "answer_normalize", "exact_answer", "contains_answer"]
 
 #: WILD decoding's cap on new tokens (EasyEdit's WILD evaluation: ``max_new_tokens=50``).
@@ -328,15 +328,24 @@ def case_generator(seed: int, *keys) -> torch.Generator:
     return torch.Generator().manual_seed(zlib.crc32(text.encode()))
 
 
+def position_wise(hook: Callable) -> Callable:
+    """Mark a forward hook whose change at a position depends only on that position's input
+    (GRACE's codebook, CaliNet's memory slots): a KV-cached forward, one new token at a time,
+    then changes exactly what a full-sequence forward changes, so decoding keeps the cache."""
+    hook.position_wise = True
+    return hook
+
+
 def _kv_cache_is_exact(model) -> bool:
     """Whether a KV cache gives the same text as full forward passes: a plain Hugging Face model
-    (edited weights or not) with no forward hooks anywhere.  A hook-based edit (GRACE, CaliNet)
-    sees the whole sequence only without the cache; an engine has no cache."""
+    (edited weights or not) whose forward hooks are all :func:`position_wise`.  Any other hook
+    (one that may look along the sequence) gets full forward passes; an engine has no cache."""
     from transformers import PreTrainedModel
 
     if not isinstance(model, PreTrainedModel):
         return False
-    return not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    return all(getattr(hook, "position_wise", False) for m in model.modules()
+               for hook in (*m._forward_hooks.values(), *m._forward_pre_hooks.values()))
 
 
 @torch.no_grad()

@@ -434,6 +434,28 @@ def test_sampled_text_is_the_same_with_and_without_the_kv_cache(model, tok):
         assert not generation._kv_cache_is_exact(model)
 
 
+@pytest.mark.parametrize("name", ["GRACE", "CaliNet"])
+def test_a_position_wise_hook_keeps_the_kv_cache_and_its_answers(model, tok, name):
+    """GRACE's codebook and CaliNet's slots change a position from its own input only: decoding
+    through them keeps the KV cache, and the cached answers are the full forward passes' ones."""
+    from instructedit_lite.editors.baselines import make_baseline
+
+    record = hand_records(n=1)["counterfact"][0]
+    prompts = [record.prompt, *record.rephrase, "Ada Brun was born in"]
+    method = make_baseline(name, **({"n_iter": 20} if name == "GRACE" else {"steps": 20}))
+    with method.edited(model, tok, record):
+        assert generation._kv_cache_is_exact(model)
+        cached = generation.greedy_tokens(model, tok, prompts, 8)
+        full = generation.greedy_tokens(model, tok, prompts, 8, use_cache=False)
+        unmarked = model.transformer.h[0].register_forward_hook(lambda m, i, o: None)
+        try:  # any other hook may look along the sequence: full forward passes
+            assert not generation._kv_cache_is_exact(model)
+        finally:
+            unmarked.remove()
+    assert cached == full
+    assert generation._kv_cache_is_exact(model)
+
+
 def test_greedy_text_is_the_same_with_and_without_the_kv_cache(model, tok):
     prompt = "Ada Brun was born in"
     assert generation.greedy_text(model, tok, prompt, 20, use_cache=True) == generation.greedy_text(

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from ..architectures import profile_for
 from ..config import Config
+from ..generation import position_wise
 from ..records import EditRecord
 from ..text import model_inputs
 from .base import EditInfo, Editor, edit_batch
@@ -127,6 +128,7 @@ class CaliNet(Editor, _Configured):
         template, activation, gated = self._shape(model)
         _, module = _resolve_module(model, template, self.config.layer, "CaliNet")
 
+        @position_wise  # each position's slots read that position's input only: the KV cache stays exact
         def hook(mod, inputs, output):
             x = inputs[0]
             z = x @ keys.T.to(x.dtype)

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import Config
+from ..generation import position_wise
 from ..records import EditRecord
 from ..text import model_inputs
 from .base import EditInfo, Editor, edit_batch
@@ -124,6 +125,7 @@ class Codebook:
         i = int(distances.argmin())
         return i, float(distances[i])
 
+    @position_wise  # decoding through the codebook keeps its KV cache (see above)
     def hook(self, module: nn.Module, inputs: tuple, output: Tensor) -> Tensor | None:
         self.last_entry = None
         if not self.keys:
