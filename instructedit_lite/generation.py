@@ -33,7 +33,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 __all__ = ["greedy_tokens", "greedy_tokens_within", "greedy_views", "View", "wild_view", "context_limit", "kv_cache_argument", "normalize", "begins_with", "sample_text",
-           "greedy_text", "case_generator", "no_cache_growth", "position_wise", "decided", "WILD_MAX_TOKENS", "WILD_STOPS",
+           "greedy_text", "case_generator", "no_cache_growth", "position_wise", "shared_prefix", "SHARED_PREFIX_MIN", "decided", "WILD_MAX_TOKENS", "WILD_STOPS",
            "wild_answers", "wild_tokens", "wild_text", "wild_answer", "answer_normalize", "exact_answer", "contains_answer"]
 
 #: WILD decoding's cap on new tokens (EasyEdit's WILD evaluation: ``max_new_tokens=50``).
@@ -202,16 +202,38 @@ def _full_steps(model, ids: torch.Tensor, lengths: list[int], out: list[list[int
             yield logits[rows, length - 1]
 
 
+#: Rows that start with at least this many equal tokens share one pass over them (:func:`_cached_steps`).
+SHARED_PREFIX_MIN = 64
+
+
+def shared_prefix(ids: torch.Tensor, lengths: Sequence[int]) -> int:
+    """How many leading tokens every row of ``ids`` has in common, short of each row's last token."""
+    if len(lengths) < 2:
+        return 0
+    same = (ids[:, : min(lengths) - 1] == ids[:1, : min(lengths) - 1]).all(0)
+    return int(same.long().cumprod(0).sum())
+
+
 def _cached_steps(model, ids: torch.Tensor, lengths: list[int]):
     """The same with the KV cache: the prompts once, then one token per row and step, at position
-    ``length + k`` of its row; the prompts' padding stays in the cache, masked."""
+    ``length + k`` of its row; the prompts' padding stays in the cache, masked.  Rows that begin
+    with the same :data:`SHARED_PREFIX_MIN` or more tokens (an in-context edit's demonstrations
+    before each of its probes) read that prefix in one pass of one row, its cache then repeated
+    for every row, and only their own tokens after it."""
     width = max(lengths)
     length = torch.tensor(lengths, device=ids.device)
     mask = (torch.arange(width, device=ids.device) < length[:, None]).long()
     rows = torch.arange(len(lengths), device=ids.device)
     arg = kv_cache_argument(model)
-    result = model(input_ids=ids[:, :width], attention_mask=mask, use_cache=True)
-    logits, past = result.logits[rows, length - 1], getattr(result, arg)
+    start = shared_prefix(ids[:, :width], lengths)
+    if start >= SHARED_PREFIX_MIN:
+        head = getattr(model(input_ids=ids[:1, :start], use_cache=True), arg)
+        head.batch_repeat_interleave(len(lengths))
+        result = model(input_ids=ids[:, start:width], attention_mask=mask, use_cache=True, **{arg: head})
+        logits, past = result.logits[rows, length - 1 - start], getattr(result, arg)
+    else:
+        result = model(input_ids=ids[:, :width], attention_mask=mask, use_cache=True)
+        logits, past = result.logits[rows, length - 1], getattr(result, arg)
     while True:
         new = yield logits
         token = logits.argmax(-1) if new is None else new

@@ -20,7 +20,7 @@ from instructedit_lite.editors import EditInfo, Editor, MendMethod, Unedited, We
 from instructedit_lite.instructions import default_instructions
 from instructedit_lite.editors.mend import MendConfig, MendEditor
 from instructedit_lite.text import prompt_target_batch
-from tiny import hand_records, snapshot, tiny_model, tiny_tokenizer
+from tiny import hand_records, snapshot, tiny_decoder, tiny_model, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -483,6 +483,39 @@ def test_cached_greedy_equals_full_passes_on_a_ragged_batch(tok, arch):
     assert cached == full and [len(c) for c in cached] == [6, 3, 5, 4]
     one_by_one = [generation.greedy_tokens(net, tok, [p], n, use_cache=False)[0] for p, n in zip(prompts, [6, 3, 5, 4])]
     assert full == one_by_one  # the padding of a batch changes nothing
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_rows_with_a_shared_prefix_read_it_once_and_decode_the_same(tok, arch, monkeypatch):
+    """An in-context edit puts the same demonstrations before every probe: the cached decoding reads
+    that prefix in one pass of one row and repeats its cache for every row; the tokens are those of
+    full forward passes and of the unshared cache."""
+    net = tiny_model(tok, seed=2) if arch == "gpt2" else tiny_decoder(tok, "llama", n_layer=2)
+    context = "New Fact: Ada Brun was born in Oslo\nPrompt: Ada Brun was born in Oslo\n\n" * 3
+    probes = ["Ada Brun was born in", "What do you think of the band Zorbi? I", "Oslo", "Cy Lorm works as a"]
+    prompts = [context + "New Fact: Ada Brun was born in Oslo\nPrompt: " + p for p in probes]
+    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    padded = torch.zeros(len(ids), max(map(len, ids)), dtype=torch.long)
+    for i, row in enumerate(ids):
+        padded[i, : len(row)] = torch.tensor(row)
+    shared = generation.shared_prefix(padded, [len(r) for r in ids])
+    assert shared >= 20 and all(r[:shared] == ids[0][:shared] for r in ids) and len({r[shared] for r in ids}) > 1
+    assert generation.shared_prefix(padded[:1], [len(ids[0])]) == 0  # one row: nothing to share
+    counts = [6, 3, 5, 4]
+    monkeypatch.setattr(generation, "SHARED_PREFIX_MIN", 10**6)
+    unshared = generation.greedy_tokens(net, tok, prompts, counts, use_cache=True)
+    monkeypatch.setattr(generation, "SHARED_PREFIX_MIN", 8)
+    calls = []
+    hook = net.register_forward_pre_hook(lambda m, args, kwargs: calls.append(kwargs["input_ids"].shape),
+                                         with_kwargs=True)
+    try:
+        cached = generation.greedy_tokens(net, tok, prompts, counts, use_cache=True)
+    finally:
+        hook.remove()
+    assert calls[0] == (1, shared)  # the prefix, one row
+    assert calls[1] == (len(prompts), padded.shape[1] - shared)  # then each row's own tokens
+    full = generation.greedy_tokens(net, tok, prompts, counts, use_cache=False)
+    assert cached == full == unshared
 
 
 def test_generation_success_skips_prompts_longer_than_the_context():

@@ -6,8 +6,9 @@ from tiny import fact_record, snapshot, tiny_model, tiny_tokenizer
 
 from instructedit_lite.editors import check_restored
 from instructedit_lite.editors.baselines import FTM
-from instructedit_lite.editors.ike import (IKE, Retriever, context_cost, context_mediation, demonstrations,
-                                           evaluate_in_context, fact_line, in_context_locality, query_sentence)
+from instructedit_lite.editors.ike import (IKE, REFERENCE_MIX, Retriever, demonstrations, evaluate_in_context,
+                                           fact_line, in_context_locality, query_sentence)
+from instructedit_lite.editors.ike_costs import context_cost, context_mediation
 from instructedit_lite.instructions import default_instructions
 
 
@@ -88,6 +89,34 @@ def test_the_own_copy_demonstration_goes_next_to_the_query(world):
     tight = max(len(tok(x + " " + a, add_special_tokens=False)["input_ids"]) for x, a in rows)
     alone = IKE(pool, k=3, retriever="tfidf", own_copy=True, tokenizer=tok, max_tokens=tight).prepare(test)
     assert alone.prompt == own + query  # every retrieved demonstration dropped, the own copy kept
+
+
+def test_the_reference_mix_takes_each_kind_from_another_nearest_edit(world):
+    """The original IKE: copy, update and retain demonstrations in fixed numbers, each from another
+    of the pool edits nearest to the test fact, the nearest next to the query."""
+    _, _, pool = world
+    test = fact_record("zsre", 2)
+    mix = {"copy": 1, "update": 2, "retain": 3}
+    ike = IKE(pool, retriever="tfidf", mix=mix)
+    assert ike.k == 6 and sum(REFERENCE_MIX.values()) == 32 and REFERENCE_MIX["update"] == 12
+    chosen = ike.retrieve(test)
+    assert {kind: sum(d.kind == kind for d in chosen) for kind in mix} == mix
+    assert len({d.fact for d in chosen}) == 6 and all(d.subject != test.subject for d in chosen)
+    # ordered by their edit's rank: the copy demonstrations' scores, best first
+    scores = ike.retriever.scores(query_sentence(test))
+    copy_score = {d.fact: scores[i] for i, d in enumerate(ike.demos) if d.kind == "copy"}
+    assert [copy_score[d.fact] for d in chosen] == sorted((copy_score[d.fact] for d in chosen), reverse=True)
+    # the six edits are the six nearest allowed ones
+    nearest = sorted((f for f in copy_score if pool[2].prompt not in f), key=lambda f: -copy_score[f])[:6]
+    assert {d.fact for d in chosen} == set(nearest)
+    # an edit without a rephrase makes no update: a kind the pool cannot fill stays short
+    bare = [type(r).from_dict({**r.to_dict(), "rephrase": []}) for r in pool[:6]]
+    short = IKE(bare + pool[6:], retriever="tfidf", mix={"update": 4, "retain": 2}).retrieve(test)
+    updates = [d for d in short if d.kind == "update"]
+    assert len(updates) == 2 and {d.subject for d in updates} == {pool[6].subject, pool[7].subject}
+    assert sum(d.kind == "retain" for d in short) == 2
+    with pytest.raises(ValueError, match="mix must map kinds"):
+        IKE(pool, retriever="tfidf", mix={"copy": 2, "paraphrase": 1})
 
 
 def test_instruction_wraps_the_whole_input(world):

@@ -8,7 +8,10 @@ training edits, three per pool edit, as the original and EasyEdit build them::
     retain  New Fact: {prompt} {target_new}\\nPrompt: {locality prompt} {its answer}\\n\\n
 
 and are retrieved by a sentence encoder (all-MiniLM-L6-v2, dot score of normalised embeddings)
-with the query ``New Fact: {prompt} {target_new}\\nPrompt: {prompt}``. The test case's own query
+with the query ``New Fact: {prompt} {target_new}\\nPrompt: {prompt}``: either the k best
+demonstrations of any kind (EasyEdit's IKE) or, with ``mix``, the original's fixed mix of kinds
+(:data:`REFERENCE_MIX`: 4 copy, 12 update and 16 retain demonstrations, each from another pool
+edit, the nearest to the test fact that can make it). The test case's own query
 follows: ``New Fact: {prompt} {target_new}\\nPrompt: {x}`` for every probe ``x`` (edit prompt,
 rephrases, portability *and* locality probes: locality is measured with the context present).
 Demonstrations built from an edit about the test case's subject are never used (no leak of the
@@ -25,8 +28,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
-import math
-import time
 import warnings
 import zipfile
 from dataclasses import dataclass, replace
@@ -45,14 +46,19 @@ from ..evaluate import evaluate_case, locality_rows
 from ..instructions import InstructionSet
 from ..progress import bar_disabled
 from ..records import EditRecord, Probe
-from ..text import IGNORE, prompt_target_batch, teacher_forced
+from ..text import IGNORE, prompt_target_batch
 from .base import EditInfo, Editor
 
-__all__ = ["Demo", "demonstrations", "Retriever", "encoder_path", "IKE", "fact_line", "in_context_locality",
+__all__ = ["Demo", "demonstrations", "Retriever", "encoder_path", "IKE", "REFERENCE_MIX", "fact_line", "in_context_locality",
            "answer_logits", "locality_scores", "query_sentence",
-           "evaluate_in_context", "context_cost", "context_mediation"]
+           "evaluate_in_context"]
 
 ENCODER_PACKAGE = "all_minilm_l6_v2"
+
+#: The original IKE's demonstrations per test fact (Zheng et al. 2023, ``icl.py``): 32 pool edits
+#: nearest to the test fact, 4 shown as copy, 12 as update and 16 as retain demonstrations.
+REFERENCE_MIX = {"copy": 4, "update": 12, "retain": 16}
+KINDS = ("copy", "update", "retain")
 
 
 @dataclass(frozen=True)
@@ -142,11 +148,14 @@ class Retriever:
         atomic_torch_save(torch.from_numpy(v), path)
         return v
 
+    def scores(self, query: str, allowed: np.ndarray | None = None) -> np.ndarray:
+        """Every sentence's dot score with ``query``; ``-inf`` where ``allowed`` (bool mask) is False."""
+        scores = self.embeddings @ self.embed([query])[0] if len(self.sentences) else np.zeros(0)
+        return scores if allowed is None else np.where(allowed, scores, -np.inf)
+
     def search(self, query: str, k: int, allowed: np.ndarray | None = None) -> list[int]:
         """Indices of the ``k`` best sentences, best first; ``allowed`` (bool mask) filters the candidates."""
-        scores = self.embeddings @ self.embed([query])[0] if len(self.sentences) else np.zeros(0)
-        if allowed is not None:
-            scores = np.where(allowed, scores, -np.inf)
+        scores = self.scores(query, allowed)
         order = np.argsort(-scores, kind="stable")[:k]
         return [int(i) for i in order if np.isfinite(scores[i])]
 
@@ -175,13 +184,28 @@ class IKE(Editor):
     query, as EasyEdit's IKE appends it (``New Fact: {fact}\\nPrompt: {fact}\\n\\n``; never dropped
     to fit).  The method registry's IKE uses EasyEdit's settings (k = 16, the own copy); chapter 9
     shows the bare variant at the embedded model's short context.
+    ``mix`` (kind → count, e.g. :data:`REFERENCE_MIX`): the original's demonstrations instead of the
+    k best of any kind (``k`` is then the mix's total).  Pool edits are ranked by their copy
+    demonstration's score, and each kind takes the best edits not yet used that can make it, the
+    scarcest kind first (update: only edits with a rephrase; retain: only edits with a locality
+    probe), each edit's best-scoring demonstration of that kind.  The original draws the kinds at
+    random over its 32 nearest edits, and an update's rephrase and a retain's probe at random;
+    here the choice is deterministic.  A kind that the pool cannot fill stays short (the KnowEdit
+    CounterFact and Recent files have no rephrases: add edits that have them, such as ZsRE's, to the
+    pool).  The chosen demonstrations are ordered by their edit's rank, the nearest next to the query.
     """
 
     name = "IKE"
 
     def __init__(self, pool: Sequence[EditRecord], k: int = 16, *, retriever: str | Retriever = "minilm",
                  tokenizer=None, max_tokens: int | None = None, instructions: InstructionSet | None = None,
-                 unseen: bool = False, name: str | None = None, own_copy: bool = False):
+                 unseen: bool = False, name: str | None = None, own_copy: bool = False,
+                 mix: dict[str, int] | None = None):
+        if mix is not None:
+            if set(mix) - set(KINDS) or any(not isinstance(n, int) or n < 0 for n in mix.values()):
+                raise ValueError(f"IKE: mix must map kinds {KINDS} to counts >= 0, got {mix!r}")
+            k = sum(mix.values())
+        self.mix = None if mix is None else {kind: mix.get(kind, 0) for kind in KINDS}
         self.demos = demonstrations(pool)
         self.retriever = retriever if isinstance(retriever, Retriever) else Retriever([d.text for d in self.demos], retriever)
         if len(self.retriever.sentences) != len(self.demos):
@@ -192,6 +216,12 @@ class IKE(Editor):
         self._subjects = np.array([d.subject.casefold() for d in self.demos])
         self._facts = np.array([d.fact.casefold() for d in self.demos])
         self._texts = np.array([d.text.casefold() for d in self.demos])
+        # each pool edit's demonstrations by kind (demonstrations() lists an edit's copy first)
+        self._edits: list[dict[str, list[int]]] = []
+        for i, d in enumerate(self.demos):
+            if d.kind == "copy":
+                self._edits.append({kind: [] for kind in KINDS})
+            self._edits[-1][d.kind].append(i)
 
     def retrieve(self, record: EditRecord) -> list[Demo]:
         """The k demonstrations for ``record``, best first: none from an edit of the same subject or
@@ -199,7 +229,31 @@ class IKE(Editor):
         allowed = (self._facts != fact_line(record).casefold()) & (np.char.find(self._texts, record.prompt.casefold()) < 0)
         if record.subject.strip():
             allowed &= self._subjects != record.subject.casefold()
-        return [self.demos[i] for i in self.retriever.search(query_sentence(record), self.k, allowed)]
+        if self.mix is None:
+            return [self.demos[i] for i in self.retriever.search(query_sentence(record), self.k, allowed)]
+        return [self.demos[i] for i in self._mixed(self.retriever.scores(query_sentence(record), allowed))]
+
+    def _mixed(self, scores: np.ndarray) -> list[int]:
+        """The mix's demonstrations (indices), best-ranked edit first (see the class docstring)."""
+        ranked = sorted((e for e, kinds in enumerate(self._edits) if np.isfinite(scores[kinds["copy"][0]])),
+                        key=lambda e: -scores[self._edits[e]["copy"][0]])  # stable: ties keep the pool's order
+        rank = {e: r for r, e in enumerate(ranked)}
+        available = {kind: sum(1 for e in ranked if any(np.isfinite(scores[i]) for i in self._edits[e][kind]))
+                     for kind in KINDS}
+        used: set[int] = set()
+        chosen: list[tuple[int, int]] = []  # (edit rank, demonstration)
+        for kind in sorted(KINDS, key=lambda kind: available[kind]):  # the scarcest kind first
+            need = self.mix[kind]
+            for e in ranked:
+                if need == 0:
+                    break
+                options = [i for i in self._edits[e][kind] if np.isfinite(scores[i])]
+                if e in used or not options:
+                    continue
+                chosen.append((rank[e], max(options, key=lambda i: scores[i])))  # first of equal scores
+                used.add(e)
+                need -= 1
+        return [i for _, i in sorted(chosen)]
 
     def _wrap(self, record: EditRecord, demos: Sequence[Demo], x: str) -> str:
         own = f"New Fact: {fact_line(record)}\nPrompt: {fact_line(record)}\n\n" if self.own_copy else ""
@@ -295,62 +349,4 @@ def evaluate_in_context(methods: Sequence[Editor], model, tokenizer, records: Se
             if isinstance(method, IKE):
                 row["locality"], row["drawdown"] = in_context_locality(model, tokenizer, record, method.prepare(record))
             rows.append(row)
-    return pd.DataFrame(rows)
-
-
-# ---------------------------------------------------------------------------------------------
-# Costs and context mediation
-# ---------------------------------------------------------------------------------------------
-
-
-def _time_forward(model, tokenizer, prompt: str, answer: str, repeats: int = 3) -> float:
-    batch = prompt_target_batch(tokenizer, [prompt], [answer], next(model.parameters()).device)
-    best = math.inf
-    with torch.no_grad():
-        for _ in range(repeats):
-            start = time.perf_counter()
-            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-            best = min(best, time.perf_counter() - start)
-    return best
-
-
-def context_cost(model, tokenizer, edits: Sequence[EditRecord], stored: Sequence[int], *, k: int = 4,
-                 max_tokens: int | None = None, retriever: str = "minilm") -> pd.DataFrame:
-    """Context tokens, seconds per query and whether the query's own fact is in the context, against
-    the number N of stored edits. The query is the latest stored edit; ``all``: every stored fact
-    in the context; ``retrieved``: the ``k`` stored facts nearest to the query prompt (retrieval time
-    included). Queries that do not fit ``max_tokens`` (the model's context) get NaN seconds."""
-    lines = [f"New Fact: {fact_line(r)}\n" for r in edits[:max(stored)]]
-    index = Retriever(lines, retriever)
-    rows = []
-    for n in stored:
-        query = edits[n - 1]
-        start = time.perf_counter()
-        hits = index.search(f"Prompt: {query.prompt}", k, allowed=np.arange(len(lines)) < n)
-        retrieval = time.perf_counter() - start
-        for mode, chosen in (("all", list(range(n))), ("retrieved", list(reversed(hits)))):  # best fact last
-            prompt = "".join(lines[i] for i in chosen) + f"Prompt: {query.prompt}"
-            n_tokens = len(tokenizer(prompt + " " + query.target_new, add_special_tokens=False)["input_ids"])
-            fits = max_tokens is None or n_tokens <= max_tokens
-            seconds = _time_forward(model, tokenizer, prompt, query.target_new) if fits else math.nan
-            correct = teacher_forced(model, tokenizer, [prompt], [query.target_new]).exact_match[0] if fits else math.nan
-            rows.append({"mode": mode, "stored_edits": n, "context_tokens": n_tokens, "fits": fits,
-                         "seconds": seconds + (retrieval if mode == "retrieved" else 0.0),
-                         "fact_in_context": (n - 1) in chosen, "reliability_em": float(correct)})
-    return pd.DataFrame(rows)
-
-
-def context_mediation(model, tokenizer, method: IKE, records: Sequence[EditRecord]) -> pd.DataFrame:
-    """Per record with an old answer: does the model still give the OLD answer (teacher-forced exact
-    match) with the new fact in its context (a context-mediation failure)? Also whether it knew the
-    old answer without context and whether it gives the new one with it."""
-    rows = []
-    for r in records:
-        if not r.ground_truth:
-            continue
-        old, prepared = r.ground_truth[0], method.prepare(r)
-        knew = teacher_forced(model, tokenizer, [r.prompt], [old]).exact_match[0]
-        with_ctx = teacher_forced(model, tokenizer, [prepared.prompt, prepared.prompt], [old, r.target_new]).exact_match
-        rows.append({"method": method.name, "task": r.task, "case": r.index, "knew_old": bool(knew),
-                     "still_old": bool(with_ctx[0]), "gives_new": bool(with_ctx[1])})
     return pd.DataFrame(rows)
