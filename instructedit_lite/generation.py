@@ -202,7 +202,8 @@ def _full_steps(model, ids: torch.Tensor, lengths: list[int], out: list[list[int
             yield logits[rows, length - 1]
 
 
-#: Rows that start with at least this many equal tokens share one pass over them (:func:`_cached_steps`).
+#: Rows that start with at least this many equal tokens share one pass over them (:func:`greedy_tokens`
+#: with the KV cache).
 SHARED_PREFIX_MIN = 64
 
 
