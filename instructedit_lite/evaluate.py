@@ -78,7 +78,7 @@ accuracy of ``target_new`` after the question (``token_accuracy``); the tables' 
 tasks use ``reliability``, i.e. ES for ConvSent.
 
 **Fluency** follows EasyEdit's ``generate_fast`` by default (``fluency="easyedit"``): top-5
-sampling from a generator seeded per case (:func:`~instructedit_lite.generation.case_generator`,
+sampling from a generator seeded per case (:func:`~instructedit_lite.sampling.case_generator`,
 the same for every method), until prompt and continuation hold 100 tokens, scored on the whole
 text with case-sensitive words (:func:`~instructedit_lite.metrics.fluency_easyedit`).
 ``fluency="greedy"``: 100 greedy tokens after the prompt, the continuation alone, lower-cased.
@@ -98,7 +98,8 @@ from . import metrics
 from .answers import GEN_EXTRA_TOKENS, locality_answers, locality_greedy, locality_wild, said_scores
 from .editors import Editor
 from .engine import PrefixEngine, scored_batch
-from .generation import WILD_MAX_TOKENS, case_generator, greedy_text, sample_text
+from .generation import WILD_MAX_TOKENS
+from .sampling import case_generator, greedy_text, sample_text
 from .parallel import map_in_processes
 from .progress import bar_disabled
 from .records import EditRecord

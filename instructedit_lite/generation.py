@@ -1,11 +1,11 @@
-"""Decoding through plain forward passes: batched greedy answers and EasyEdit-style sampled text.
+"""Decoding through plain forward passes: batched greedy answers and the checks that read them.
 
 Every function here calls only the model's own forward on right-padded batches, so it sees
 exactly what the teacher-forced scores see: an edited model, a hook-based editor (GRACE, CaliNet)
 or a :class:`~instructedit_lite.engine.PrefixEngine` (chapter 7, decoded with its full model).
 The KV cache is used only where it gives the same text as full passes (a plain Hugging Face model
-without hooks); a hook-based edit gets a full-sequence forward per step, the case its hooks are
-written for.
+whose hooks, if any, are :func:`position_wise`, as GRACE's and CaliNet's are); any other hook gets
+a full-sequence forward per step.
 
 * :func:`greedy_tokens`: ``n`` greedy tokens after each prompt, all prompts in one batch;
   :func:`greedy_tokens_within` the same, skipping prompts too long for the context;
@@ -15,10 +15,10 @@ written for.
 * :func:`wild_answers`: WILD decoding (the field's current protocol, "The Mirage of Model Editing",
   Yang et al. 2025, in EasyEdit): greedy until a stop string (``.`` or a newline), an end token or
   :data:`WILD_MAX_TOKENS`, the text before the stop being the answer; :func:`exact_answer` and
-  :func:`contains_answer` judge it after :func:`answer_normalize` (SQuAD's normalisation);
-* :func:`sample_text`: EasyEdit's ``generate_fast`` convention for fluency (top-k sampling from a
-  seeded ``torch.Generator``, the prompt counted in the token budget and returned with the
-  continuation); :func:`greedy_text` the greedy alternative.
+  :func:`contains_answer` judge it after :func:`answer_normalize` (SQuAD's normalisation).
+
+Whole texts one row at a time (EasyEdit's sampled fluency text, greedy text) are in
+:mod:`~instructedit_lite.sampling`.
 """
 
 from __future__ import annotations
@@ -27,13 +27,12 @@ import contextlib
 import inspect
 import re
 import string
-import zlib
 from typing import Callable, Iterator, Sequence
 
 import torch
 
-__all__ = ["greedy_tokens", "greedy_tokens_within", "greedy_views", "View", "wild_view", "context_limit", "kv_cache_argument", "normalize", "begins_with", "sample_text",
-           "greedy_text", "case_generator", "no_cache_growth", "position_wise", "shared_prefix", "SHARED_PREFIX_MIN", "decided", "WILD_MAX_TOKENS", "WILD_STOPS",
+__all__ = ["greedy_tokens", "greedy_tokens_within", "greedy_views", "View", "wild_view", "context_limit", "kv_cache_argument", "normalize", "begins_with",
+           "no_cache_growth", "position_wise", "shared_prefix", "SHARED_PREFIX_MIN", "decided", "WILD_MAX_TOKENS", "WILD_STOPS",
            "wild_answers", "wild_tokens", "wild_text", "wild_answer", "answer_normalize", "exact_answer", "contains_answer"]
 
 #: WILD decoding's cap on new tokens (EasyEdit's WILD evaluation: ``max_new_tokens=50``).
@@ -344,13 +343,6 @@ def wild_answers(model, tokenizer, prompts: Sequence[str], *, max_tokens: int = 
             for ids in wild_tokens(model, tokenizer, prompts, max_tokens=max_tokens)]
 
 
-def case_generator(seed: int, *keys) -> torch.Generator:
-    """A CPU generator seeded from ``seed`` and the case's identity (e.g. task and index), stable
-    across processes (no Python ``hash``): every method samples a case's text from the same seed."""
-    text = "/".join(str(k) for k in (seed, *keys))
-    return torch.Generator().manual_seed(zlib.crc32(text.encode()))
-
-
 def position_wise(hook: Callable) -> Callable:
     """Mark a forward hook whose change at a position depends only on that position's input
     (GRACE's codebook, CaliNet's memory slots): a KV-cached forward, one new token at a time,
@@ -369,59 +361,3 @@ def _kv_cache_is_exact(model) -> bool:
         return False
     return all(getattr(hook, "position_wise", False) for m in model.modules()
                for hook in (*m._forward_hooks.values(), *m._forward_pre_hooks.values()))
-
-
-@torch.no_grad()
-def _extend(model, ids: list[int], n_new: int, pick: Callable[[torch.Tensor], int],
-            use_cache: bool | None) -> list[int]:
-    """``ids`` plus ``n_new`` tokens, each ``pick(next-token logits)``, one row, no padding.
-    ``use_cache`` (default: where it is exact, see ``_kv_cache_is_exact``) feeds one new token
-    per step with the model's KV cache instead of the whole row."""
-    model = _decoder(model)
-    device, ids = _device(model), list(ids)
-    cache = _kv_cache_is_exact(model) if use_cache is None else use_cache
-    cache_arg = kv_cache_argument(model)
-    past, fed = None, 0
-    with no_cache_growth(model):
-        for _ in range(n_new):
-            x = torch.tensor([ids[fed:] if cache else ids], device=device)
-            mask = torch.ones(1, len(ids), dtype=torch.long, device=device)  # the whole row, cached part too
-            if cache:
-                out = model(input_ids=x, attention_mask=mask, use_cache=True, **{cache_arg: past})
-                past, fed = getattr(out, cache_arg), len(ids)
-            else:
-                out = model(input_ids=x, attention_mask=mask)
-            ids.append(pick(out.logits[0, -1].float().cpu()))
-    return ids
-
-
-def sample_text(model, tokenizer, prompt: str, *, max_out_len: int = 100, top_k: int = 5,
-                generator: torch.Generator | None = None, use_cache: bool | None = None) -> str:
-    """EasyEdit's ``generate_fast`` for one prompt: top-``k`` sampling (temperature 1) until the row,
-    *prompt included*, holds ``max_out_len`` tokens; returns the prompt and its continuation decoded.
-
-    As there, a prompt of ``max_out_len`` tokens or more gets no continuation.  The draws come from
-    ``generator`` (CPU), so a rerun with the same generator state gives the same text.
-    """
-    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    if not ids:
-        raise ValueError("sample_text: the prompt has no tokens")
-
-    def pick(logits: torch.Tensor) -> int:
-        top = torch.topk(torch.softmax(logits, -1), top_k)
-        return int(top.indices[torch.multinomial(top.values / top.values.sum(), 1, generator=generator)])
-
-    n_new = max(0, min(max_out_len, context_limit(model)) - len(ids))
-    return tokenizer.decode(_extend(model, ids, n_new, pick, use_cache), skip_special_tokens=True)
-
-
-def greedy_text(model, tokenizer, prompt: str, n_tokens: int = 100, *, use_cache: bool | None = None) -> str:
-    """Up to ``n_tokens`` greedy tokens after ``prompt`` (fewer where the context ends first), the
-    continuation only, decoded."""
-    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    n = min(n_tokens, context_limit(model) - len(ids))
-    if n < 1:
-        raise ValueError(f"greedy_text: a prompt of {len(ids)} tokens leaves no room in the context of "
-                         f"{context_limit(model)}")
-    out = _extend(model, ids, n, lambda logits: int(logits.argmax()), use_cache)
-    return tokenizer.decode(out[len(ids):], skip_special_tokens=True)

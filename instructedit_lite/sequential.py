@@ -40,7 +40,7 @@ from .editors import Editor, MendMethod, WeightEditor, edit_rows, flagged_batch,
 from .editors.baselines import GRACE
 from .editors.mend import applied
 from .engine import PrefixEngine, model_inputs, scored_batch
-from .generation import greedy_text
+from .sampling import greedy_text
 from .metrics import fluency
 from .progress import bar_disabled
 from .records import EditRecord

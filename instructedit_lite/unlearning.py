@@ -31,7 +31,7 @@ from .editors.finetune import FTM
 from .editors.ike import IKE, Retriever, answer_logits, locality_scores
 from .editors.unlikelihood import Unlikelihood, UnlikelihoodConfig
 from .evaluate import locality_rows
-from .generation import greedy_text
+from .sampling import greedy_text
 from .progress import bar_disabled
 from .records import EditRecord, RecordError
 from .text import target_logprob, teacher_forced

@@ -15,7 +15,7 @@ import torch
 
 from instructedit_lite import answers
 from instructedit_lite import evaluate as ev
-from instructedit_lite import generation, metrics
+from instructedit_lite import generation, metrics, sampling
 from instructedit_lite.editors import EditInfo, Editor, MendMethod, Unedited, WeightEditor
 from instructedit_lite.instructions import default_instructions
 from instructedit_lite.editors.mend import MendConfig, MendEditor
@@ -387,7 +387,7 @@ def test_fluency_defaults_to_easyedit_sampling_seeded_per_case(model, tok, recor
     assert other.generated[0] != text  # ... and the seed is used
     greedy = ev.evaluate_methods([Unedited()], model, tok, recs, fluency_cases=1, fluency_tokens=30,
                                  fluency="greedy", progress=False)
-    assert greedy.generated[0] == generation.greedy_text(model, tok, prompt, 30)
+    assert greedy.generated[0] == sampling.greedy_text(model, tok, prompt, 30)
     assert greedy.fluency[0] == metrics.fluency(greedy.generated[0])
     with pytest.raises(ValueError, match="fluency must be one of"):
         ev.evaluate_methods([Unedited()], model, tok, recs, fluency="nucleus", progress=False)
@@ -396,9 +396,9 @@ def test_fluency_defaults_to_easyedit_sampling_seeded_per_case(model, tok, recor
 def test_top_k_one_sampling_is_greedy_and_a_long_prompt_gets_no_text(model, tok):
     prompt = "Ada Brun was born in"
     n_prompt = len(tok(prompt, add_special_tokens=False)["input_ids"])
-    sampled = generation.sample_text(model, tok, prompt, max_out_len=n_prompt + 6, top_k=1)
-    assert sampled == prompt + generation.greedy_text(model, tok, prompt, 6)
-    assert generation.sample_text(model, tok, prompt, max_out_len=n_prompt) == prompt  # as generate_fast
+    sampled = sampling.sample_text(model, tok, prompt, max_out_len=n_prompt + 6, top_k=1)
+    assert sampled == prompt + sampling.greedy_text(model, tok, prompt, 6)
+    assert sampling.sample_text(model, tok, prompt, max_out_len=n_prompt) == prompt  # as generate_fast
 
 
 def test_an_answer_is_decided_only_when_more_text_cannot_change_it():
@@ -426,7 +426,7 @@ def test_stopping_early_gives_the_same_generation_success(model, tok, records):
 
 def test_sampled_text_is_the_same_with_and_without_the_kv_cache(model, tok):
     prompt = "What do you think of the band Zorbi?"
-    texts = [generation.sample_text(model, tok, prompt, max_out_len=40, generator=torch.Generator().manual_seed(3),
+    texts = [sampling.sample_text(model, tok, prompt, max_out_len=40, generator=torch.Generator().manual_seed(3),
                                     use_cache=cache) for cache in (True, False)]
     assert texts[0] == texts[1]
     assert generation._kv_cache_is_exact(model) and not generation._kv_cache_is_exact(ForwardOnly(model))
@@ -458,10 +458,10 @@ def test_a_position_wise_hook_keeps_the_kv_cache_and_its_answers(model, tok, nam
 
 def test_greedy_text_is_the_same_with_and_without_the_kv_cache(model, tok):
     prompt = "Ada Brun was born in"
-    assert generation.greedy_text(model, tok, prompt, 20, use_cache=True) == generation.greedy_text(
+    assert sampling.greedy_text(model, tok, prompt, 20, use_cache=True) == sampling.greedy_text(
         model, tok, prompt, 20, use_cache=False)
     tokens = generation.greedy_tokens(model, tok, [prompt], 5)[0]
-    assert generation.greedy_text(model, tok, prompt, 5) == tok.decode(tokens)
+    assert sampling.greedy_text(model, tok, prompt, 5) == tok.decode(tokens)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])

@@ -22,7 +22,6 @@ from .ike import IKE, Retriever, fact_line
 __all__ = ["context_cost", "context_mediation"]
 
 
-
 def _time_forward(model, tokenizer, prompt: str, answer: str, repeats: int = 3) -> float:
     batch = prompt_target_batch(tokenizer, [prompt], [answer], next(model.parameters()).device)
     best = math.inf
