@@ -111,7 +111,7 @@ from .tasks import is_sentiment, task_names
 from .text import model_inputs, prompt_target_batch
 
 __all__ = ["METRICS", "GEN_METRICS", "WILD_METRICS", "locality_wild", "FLUENCY_MODES", "GEN_EXTRA_TOKENS", "evaluate_case", "evaluate_methods",
-           "summarize", "average_over_tasks", "write_results", "locality_rows", "locality_greedy",
+           "summarize", "average_over_tasks", "write_results", "locality_rows", "score_rows", "locality_greedy",
            "nested", "timed", "paired_difference"]
 
 #: How fluency text is produced and scored: EasyEdit's ``generate_fast`` convention, or greedy.
@@ -190,6 +190,12 @@ def _convsent_scores(kinds: list[str], logits, labels, pre_logits) -> dict[str, 
     return out
 
 
+def score_rows(rec: EditRecord) -> list[tuple[str, str, str]]:
+    """The ``(kind, prompt, answer)`` rows a case scores on the edited model: reliability,
+    generalization and portability for a fact task, ConvSent's response rows for a sentiment one."""
+    return _convsent_rows(rec) if is_sentiment(rec.task) else _fact_rows(rec)
+
+
 def _fluency(model, tokenizer, rec: EditRecord, record: EditRecord, tokens: int, mode: str, seed: int):
     if mode == "easyedit":
         text = sample_text(model, tokenizer, rec.prompt, max_out_len=tokens,
@@ -226,9 +232,9 @@ def evaluate_case(method: Editor, model, tokenizer, record: EditRecord, *, pre_l
     if generation and (pre_greedy is None or (wild and pre_wild is None)):
         pre_greedy, pre_wild = locality_answers(model, tokenizer, record, max_tokens=wild_tokens if wild else 0)
     sentiment = is_sentiment(record.task)
-    score_rows = _convsent_rows(rec) if sentiment else _fact_rows(rec)
-    kinds = [k for k, _, _ in score_rows]
-    score_pairs = [(p, a) for _, p, a in score_rows]
+    rows = score_rows(rec)
+    kinds = [k for k, _, _ in rows]
+    score_pairs = [(p, a) for _, p, a in rows]
     pre_scores = None
     if sentiment:  # ES's topic factor; methods that score the same rows share the unedited logits
         pre_cache = {} if pre_cache is None else pre_cache

@@ -26,6 +26,7 @@ Fact tasks only (ConvSent's score is not a token accuracy). Curves are tidy Data
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 from typing import Mapping, Sequence
@@ -42,6 +43,7 @@ from .editors.mend import applied
 from .engine import PrefixEngine, model_inputs, scored_batch
 from .sampling import greedy_text
 from .metrics import fluency
+from .parallel import map_in_processes
 from .progress import bar_disabled
 from .records import EditRecord
 from .text import IGNORE, prompt_target_batch
@@ -302,11 +304,20 @@ def tidy(curves: pd.DataFrame, id_vars: Sequence[str] = ("method", "n_edits"),
 
 
 def streams(methods: Mapping[str, Editor], model: nn.Module, tokenizer, records: Sequence[EditRecord], *,
-            every: int, **options) -> pd.DataFrame:
+            every: int, processes: int = 1, **options) -> pd.DataFrame:
     """:func:`sequential_editing` for each method of ``methods`` (name -> editor) over the same
-    records, one table of curves; ``options`` go to every stream (``fluency_prompts``, ``seed``, ...)."""
-    return pd.concat([sequential_editing(method, model, tokenizer, records, every=every, **options)
-                      for method in methods.values()], ignore_index=True)
+    records, one table of curves; ``options`` go to every stream (``fluency_prompts``, ``seed``, ...).
+    ``processes`` > 1: the streams run that many at a time, each in its own process on its own
+    copy of the model and method (:func:`~instructedit_lite.parallel.map_in_processes`, one thread
+    each; the same rows as one by one on one thread, but the timings)."""
+    jobs = [(method, model, tokenizer, records) for method in methods.values()]
+    if processes > 1 and len(jobs) > 1:
+        run = functools.partial(sequential_editing, every=every, **{**options, "progress": False})
+        tables = map_in_processes(run, jobs, processes, desc="streams", weights=[len(records)] * len(jobs),
+                                  progress=options.get("progress", True))
+    else:
+        tables = [sequential_editing(*job, every=every, **options) for job in jobs]
+    return pd.concat(tables, ignore_index=True)
 
 
 def batches(methods: Mapping[str, Editor], model: nn.Module, tokenizer, records: Sequence[EditRecord],

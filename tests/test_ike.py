@@ -9,6 +9,9 @@ from instructedit_lite.editors.baselines import FTM
 from instructedit_lite.editors.ike import (IKE, REFERENCE_MIX, Retriever, demonstrations, evaluate_in_context,
                                            fact_line, in_context_locality, query_sentence)
 from instructedit_lite.editors.ike_costs import context_cost, context_mediation
+from instructedit_lite.engine import PrefixEngine
+from instructedit_lite.evaluate import locality_rows
+from instructedit_lite.editors.mend import default_weight_names
 from instructedit_lite.instructions import default_instructions
 
 
@@ -142,6 +145,29 @@ def test_no_weight_changes_and_locality_taken_with_the_context(world):
     assert (cases.locality < 1.0).any() and (cases.drawdown > 0).all()
     agree, kl = in_context_locality(model, tok, tests[0], ike.prepare(tests[0]))
     assert cases.locality.iloc[0] == pytest.approx(agree) and cases.drawdown.iloc[0] == pytest.approx(kl)
+
+
+def test_through_the_engine_a_case_reads_its_context_once_with_the_same_scores(world):
+    tok, model, pool = world
+    tiny = tiny_model(tok, n_layer=4)
+    engine = PrefixEngine(tiny, default_weight_names(tiny, n_last=2))
+    ike = IKE(pool, k=3, retriever="tfidf")
+    tests = [fact_record("zsre", i) for i in (1, 2)]
+    plain_rows = [p for p, _ in locality_rows(tests[0])] + [tests[0].prompt, *tests[0].rephrase]
+    longest_plain = max(len(tok(p)["input_ids"]) for p in plain_rows) + 8
+    passes = []  # the rows with the context computed below the edited blocks, per precompute call
+    precompute = engine.precompute
+
+    def counting(rows, **kw):
+        passes.append(sum(len(r) > longest_plain and tuple(r) not in engine.cache for r in rows))
+        return precompute(rows, **kw)
+
+    engine.precompute = counting
+    through = evaluate_in_context([ike], engine, tok, tests[:1], progress=False, generation=False)
+    plain = evaluate_in_context([ike], tiny, tok, tests[:1], progress=False, generation=False)
+    assert passes[0] > 1 and sum(passes[1:]) == 0  # every context row in the first call, none later
+    columns = ["reliability", "generalization", "locality", "drawdown", "locality_plain"]
+    assert np.allclose(through[columns].to_numpy(float), plain[columns].to_numpy(float), atol=1e-5, equal_nan=True)
 
 
 def test_context_cost_grows_only_with_all_edits_in_context(world):

@@ -3,6 +3,7 @@
 import math
 from dataclasses import replace
 
+import pandas as pd
 import pytest
 import torch
 from tiny import hand_records, snapshot, tiny_model, tiny_tokenizer
@@ -155,6 +156,18 @@ def test_streams_and_batches_run_several_methods_on_the_same_records(world):
     assert set(long.metric) == {"retention", "locality"}
     assert list(wide.columns) == ["locality < 0.9 at N", "retention < 0.5 at N"]
     assert str(wide.dtypes.iloc[0]) == "Int64" and set(wide.index) == {"FT-M", "scrambler"}
+
+
+def test_streams_in_processes_give_the_rows_of_one_process(world):
+    tok, model, records = world
+    before = snapshot(model)
+    methods = {"FT-M": FTM(eps=0.05, lr=1e-2, steps=3), "GRACE": GRACE(n_iter=5)}
+    one = streams(methods, model, tok, records[:4], every=2, progress=False, seed=0)
+    two = streams(methods, model, tok, records[:4], every=2, progress=False, seed=0, processes=2)
+    timings = ["edit_seconds"]
+    pd.testing.assert_frame_equal(one.drop(columns=timings), two.drop(columns=timings))
+    assert one.codebook.max() == 4  # the streams edited: GRACE kept a key per edit
+    check_restored(model, before)
 
 
 def test_answer_predictions_shapes(world):
