@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .editors import Editor, MendMethod, WeightEditor, edit_rows, flagged_batch, unlikely_rows
+from .editors import Editor, MendMethod, WeightEditor, check_restored, edit_rows, flagged_batch, unlikely_rows
 from .editors.baselines import GRACE
 from .editors.mend import applied
 from .engine import PrefixEngine, model_inputs, scored_batch
@@ -309,15 +309,26 @@ def streams(methods: Mapping[str, Editor], model: nn.Module, tokenizer, records:
     records, one table of curves; ``options`` go to every stream (``fluency_prompts``, ``seed``, ...).
     ``processes`` > 1: the streams run that many at a time, each in its own process on its own
     copy of the model and method (:func:`~instructedit_lite.parallel.map_in_processes`, one thread
-    each; the same rows as one by one on one thread, but the timings)."""
+    each; the same rows as one by one on one thread, but the timings).  This process's model is
+    then never edited, so each worker checks its own copy: bit-identical after its stream, or an
+    error naming the weight."""
     jobs = [(method, model, tokenizer, records) for method in methods.values()]
     if processes > 1 and len(jobs) > 1:
-        run = functools.partial(sequential_editing, every=every, **{**options, "progress": False})
+        run = functools.partial(_checked_stream, every=every, **{**options, "progress": False})
         tables = map_in_processes(run, jobs, processes, desc="streams", weights=[len(records)] * len(jobs),
                                   progress=options.get("progress", True))
     else:
         tables = [sequential_editing(*job, every=every, **options) for job in jobs]
     return pd.concat(tables, ignore_index=True)
+
+
+def _checked_stream(method: Editor, model: nn.Module, tokenizer, records: Sequence[EditRecord],
+                    **options) -> pd.DataFrame:
+    """:func:`sequential_editing`, then :func:`~instructedit_lite.editors.check_restored` on the model."""
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    table = sequential_editing(method, model, tokenizer, records, **options)
+    check_restored(model, before)
+    return table
 
 
 def batches(methods: Mapping[str, Editor], model: nn.Module, tokenizer, records: Sequence[EditRecord],

@@ -13,6 +13,7 @@ from instructedit_lite.editors import MendMethod, WeightEditor, check_restored
 from instructedit_lite.editors.mend import MendConfig, MendEditor
 from instructedit_lite.sequential import (answer_predictions, batch_deltas, batch_editing, batches, crossing_table,
                                           sequential_editing, streams, threshold_crossings, tidy)
+from instructedit_lite.sequential import _checked_stream
 from tiny import fact_record
 
 
@@ -168,6 +169,25 @@ def test_streams_in_processes_give_the_rows_of_one_process(world):
     pd.testing.assert_frame_equal(one.drop(columns=timings), two.drop(columns=timings))
     assert one.codebook.max() == 4  # the streams edited: GRACE kept a key per edit
     check_restored(model, before)
+
+
+class Leaker(WeightEditor):
+    """A faulty editor: it also writes into the model outside its returned deltas."""
+
+    name = "leaker"
+
+    def deltas(self, model, tokenizer, record):
+        weight = model.get_parameter("transformer.h.1.mlp.c_proj.weight")
+        with torch.no_grad():
+            weight.add_(1.0)
+        return {"transformer.h.1.mlp.c_proj.weight": torch.zeros_like(weight)}
+
+
+def test_a_stream_in_a_worker_checks_that_its_model_was_restored(world):
+    tok, _, records = world
+    model = tiny_model(tok)  # its own copy: this test leaves it edited
+    with pytest.raises(AssertionError, match="transformer.h.1.mlp.c_proj.weight"):
+        _checked_stream(Leaker(), model, tok, records[:2], every=1, progress=False)
 
 
 def test_answer_predictions_shapes(world):
