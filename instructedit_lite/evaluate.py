@@ -110,7 +110,7 @@ from .tables import (GEN_METRICS, METRICS, WILD_METRICS, average_over_tasks, nes
 from .tasks import is_sentiment, task_names
 from .text import model_inputs, prompt_target_batch
 
-__all__ = ["METRICS", "GEN_METRICS", "WILD_METRICS", "locality_wild", "FLUENCY_MODES", "GEN_EXTRA_TOKENS", "evaluate_case", "evaluate_methods",
+__all__ = ["METRICS", "GEN_METRICS", "WILD_METRICS", "locality_wild", "FLUENCY_MODES", "GEN_EXTRA_TOKENS", "evaluate_case", "evaluate_methods", "evaluate_plan",
            "summarize", "average_over_tasks", "write_results", "locality_rows", "score_rows", "locality_greedy",
            "nested", "timed", "paired_difference"]
 
@@ -281,60 +281,93 @@ def evaluate_methods(methods: Sequence[Editor], model, tokenizer, records: Mappi
     each (:func:`~instructedit_lite.parallel.map_in_processes`); every case depends only on the
     record, the method and the seed, so the table is the same, row for row.
     """
-    if isinstance(records, Mapping):
-        records = [r for recs in records.values() for r in recs]
-    names = [m.name for m in methods]
-    if len(set(names)) != len(names):
-        raise ValueError(f"evaluate_methods: method names must be distinct, got {names}")
+    return evaluate_plan([(methods, model, tokenizer, records)], fluency_cases=fluency_cases,
+                         fluency_tokens=fluency_tokens, fluency=fluency, generation=generation,
+                         wild_tokens=wild_tokens, seed=seed, progress=progress, processes=processes)
+
+
+#: One part of an evaluation plan: ``(methods, model, tokenizer, records)``, as
+#: :func:`evaluate_methods` takes them.
+Part = tuple[Sequence[Editor], Any, Any, "Mapping[str, Sequence[EditRecord]] | Sequence[EditRecord]"]
+
+
+def evaluate_plan(parts: Sequence[Part], *, fluency_cases: int = 0, fluency_tokens: int = 100,
+                  fluency: str = "easyedit", generation: bool = True, wild_tokens: int = WILD_MAX_TOKENS,
+                  seed: int = 0, progress: bool = True, processes: int = 1) -> pd.DataFrame:
+    """Several :func:`evaluate_methods` calls in one pass: the table of each part, one after the
+    other, row for row (options as there).
+
+    A record that several parts evaluate (the same object) is one piece of work: the unedited
+    model's greedy locality answers are decoded once where the parts decode with the same model
+    (an engine decodes with the model it wraps), and with ``processes > 1`` each worker receives
+    every part's model once and takes the next record when it is free, the most expensive records
+    first, instead of one fixed share of one part's records per process and a new set of processes
+    for every part (chapter 8 evaluates its methods on three engines).
+    """
     if fluency not in FLUENCY_MODES:
         raise ValueError(f"fluency must be one of {FLUENCY_MODES}, got {fluency!r}")
-    seen_per_task: dict[str, int] = {}
-    items = []  # (position, record, with fluency)
-    for position, record in enumerate(records):
-        n_task = seen_per_task.get(record.task, 0)
-        seen_per_task[record.task] = n_task + 1
-        items.append((position, record, n_task < fluency_cases))
+    shared, jobs = [], {}  # shared: (methods, model, tokenizer) per part; jobs: id(record) -> (record, entries)
+    for k, (methods, model, tokenizer, records) in enumerate(parts):
+        names = [m.name for m in methods]
+        if len(set(names)) != len(names):
+            raise ValueError(f"evaluate_methods: method names must be distinct, got {names}")
+        shared.append((list(methods), model, tokenizer))
+        if isinstance(records, Mapping):
+            records = [r for recs in records.values() for r in recs]
+        seen_per_task: dict[str, int] = {}
+        for position, record in enumerate(records):
+            n_task = seen_per_task.get(record.task, 0)
+            seen_per_task[record.task] = n_task + 1
+            jobs.setdefault(id(record), (record, []))[1].append((k, position, n_task < fluency_cases))
     options = dict(fluency_tokens=fluency_tokens, fluency=fluency, generation=generation, wild_tokens=wild_tokens,
                    seed=seed)
-    if processes > 1 and len(items) > 1:
-        # one interleaved slice per process: each task's records spread evenly over the workers,
-        # and the model (540 MB for SmolLM2) is copied to each worker once
-        n_chunks = min(len(items), processes)
-        chunks = [items[i::n_chunks] for i in range(n_chunks)]
-        parts = map_in_processes(_evaluate_records, [(methods, model, tokenizer, c, options, True) for c in chunks],
-                                 processes, desc="evaluating", weights=[len(c) * len(methods) for c in chunks],
-                                 progress=progress)
-        rows = sorted((row for part in parts for row in part), key=lambda r: (r[0], r[1]))
+    work = list(jobs.values())
+    weights = [sum(len(shared[k][0]) for k, _, _ in entries) for _, entries in work]
+    if processes > 1 and len(work) > 1:
+        # a ConvSent record scores a few dozen response rows: about three fact records' work
+        cost = [w * (3 if is_sentiment(record.task) else 1) for w, (record, _) in zip(weights, work)]
+        order = sorted(range(len(work)), key=lambda i: -cost[i])
+        found = map_in_processes(_evaluate_record, [(work[i][0], work[i][1], options, True) for i in order],
+                                 processes, desc="evaluating", weights=[weights[i] for i in order],
+                                 progress=progress, shared=(shared,))
+        rows = [row for part in found for row in part]
     else:
-        with tqdm(total=len(items) * len(methods), desc="evaluating", disable=bar_disabled(progress)) as bar:
-            rows = _evaluate_records(methods, model, tokenizer, items, options, bar=bar)
-    return pd.DataFrame([row for _, _, row in rows])
+        rows = []
+        with tqdm(total=sum(weights), desc="evaluating", disable=bar_disabled(progress)) as bar:
+            for record, entries in work:
+                rows += _evaluate_record(shared, record, entries, options, bar=bar)
+    rows.sort(key=lambda r: r[:3])
+    return pd.DataFrame([row for *_, row in rows])
 
 
-def _evaluate_records(methods: Sequence[Editor], model, tokenizer, items, options: dict, in_worker: bool = False,
-                      bar=None) -> list[tuple[int, int, dict[str, Any]]]:
-    """The cases of ``items`` (position, record, with fluency): ``(position, method index, row)``."""
-    if in_worker:  # a fresh process knows the built-in tasks only
-        unknown = sorted({r.task for _, r, _ in items} - set(task_names()))
-        if unknown:
-            raise ValueError(f"evaluate_methods: tasks {unknown} were registered at run time and are unknown "
-                             "to worker processes; evaluate them with processes=1")
-    fingerprint = _fingerprint(model)
-    fluency_tokens = options["fluency_tokens"]
+def _evaluate_record(shared, record: EditRecord, entries, options: dict, in_worker: bool = False,
+                     bar=None) -> list[tuple[int, int, int, dict[str, Any]]]:
+    """The cases of one record in the parts of ``entries`` (part, position, with fluency):
+    ``(part, position, method index, row)``."""
+    if in_worker and record.task not in task_names():  # a fresh process knows the built-in tasks only
+        raise ValueError(f"evaluate_methods: task {record.task!r} was registered at run time and is unknown "
+                         "to worker processes; evaluate it with processes=1")
+    models = {id(m): m for m in (getattr(model, "full_model", model) for _, model, _ in shared)}  # engines: their model
+    fingerprints = {key: _fingerprint(model) for key, model in models.items()}
+    answers: dict[int, tuple] = {}  # the unedited greedy locality answers, per decoding model
     rows = []
-    for position, record, with_fluency in items:
+    for k, position, with_fluency in entries:
+        methods, model, tokenizer = shared[k]
         pre = _forward(model, tokenizer, locality_rows(record))[0]
-        pre_greedy, pre_wild = (locality_answers(model, tokenizer, record, max_tokens=options["wild_tokens"])
-                                if options["generation"] else (None, None))
+        decoder = id(getattr(model, "full_model", model))
+        if options["generation"] and decoder not in answers:
+            answers[decoder] = locality_answers(model, tokenizer, record, max_tokens=options["wild_tokens"])
+        pre_greedy, pre_wild = answers.get(decoder, (None, None))
         pre_cache: dict = {}
         for i, method in enumerate(methods):
             row = evaluate_case(method, model, tokenizer, record, pre_locality=pre, pre_greedy=pre_greedy,
                                 pre_wild=pre_wild, pre_cache=pre_cache,
-                                **{**options, "fluency_tokens": fluency_tokens if with_fluency else 0})
-            rows.append((position, i, row))
+                                **{**options, "fluency_tokens": options["fluency_tokens"] if with_fluency else 0})
+            rows.append((k, position, i, row))
             if bar is not None:
                 bar.update(1)
-        if _fingerprint(model) != fingerprint:
+    for key, model in models.items():
+        if _fingerprint(model) != fingerprints[key]:
             raise RuntimeError(f"the model was not restored after editing {record.source}, record {record.index}")
     return rows
 

@@ -35,7 +35,7 @@ from .config import jsonable as _jsonable
 from .editors import Editor
 from .editors.baselines import baseline_options
 from .engine import lowest_block
-from .evaluate import average_over_tasks, evaluate_methods, summarize
+from .evaluate import average_over_tasks, evaluate_plan, summarize
 from .figure4 import (ANALYSIS_STEPS, BALANCE_STEPS, BALANCED, UNBALANCED, balance_configs, fact_edits,  # noqa: F401
                       paper_weights, scaling_configs)
 from .generation import WILD_MAX_TOKENS
@@ -192,9 +192,10 @@ def main_evaluation(methods: Mapping[str, Editor], base, records: Mapping[str, l
                     fluency_cases: int = FLUENCY_CASES, progress: bool = True, **options) -> pd.DataFrame:
     """One pass: every method on every record, except the single-task editors on the held-out
     task (there is no single-task ZsRE editor).  One row per method × case.  Each method runs on
-    its model (:func:`evaluation_models`).
-    ``options`` (``generation``, ``fluency``, ``seed``, ...) reach
-    :func:`~instructedit_lite.evaluate.evaluate_methods`."""
+    its model (:func:`evaluation_models`), all of them in one
+    :func:`~instructedit_lite.evaluate.evaluate_plan` (one set of worker processes, each record's
+    unedited answers decoded once); ``options`` (``generation``, ``fluency``, ``seed``,
+    ``processes``, ...) reach it."""
     def held_out(name: str) -> bool:  # unregistered methods are evaluated everywhere
         return name not in _methods.method_names() or _methods.get_method(name).held_out
 
@@ -204,11 +205,9 @@ def main_evaluation(methods: Mapping[str, Editor], base, records: Mapping[str, l
     for evaluator, group in evaluation_models(methods, base):
         single = [m for name, m in group.items() if not held_out(name)]
         others = [m for name, m in group.items() if held_out(name)]
-        for subset, recs in ((others, records), (single, fact_records)):
-            if subset:
-                parts.append(evaluate_methods(subset, evaluator.model, evaluator.tokenizer, recs,
-                                              fluency_cases=fluency_cases, progress=progress, **options))
-    return pd.concat(parts, ignore_index=True)
+        parts += [(subset, evaluator.model, evaluator.tokenizer, recs)
+                  for subset, recs in ((others, records), (single, fact_records)) if subset]
+    return evaluate_plan(parts, fluency_cases=fluency_cases, progress=progress, **options)
 
 
 def _table(cases: pd.DataFrame, methods: Sequence[str], tasks: Sequence[str]) -> pd.DataFrame:

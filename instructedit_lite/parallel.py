@@ -29,27 +29,42 @@ def cores() -> int:
     return max(1, int(os.environ.get("INSTRUCTEDIT_WORKERS") or os.cpu_count() or 1))
 
 
+#: In a worker process: the ``shared`` arguments of :func:`map_in_processes`, received once.
+_SHARED: tuple = ()
+
+
+def _receive(threads: int, payload: bytes) -> None:
+    global _SHARED
+    torch.set_num_threads(threads)
+    _SHARED = pickle.loads(payload)
+
+
 def _call(fn: Callable, threads: int, payload: bytes) -> Any:
     torch.set_num_threads(threads)
-    return fn(*pickle.loads(payload))
+    return fn(*_SHARED, *pickle.loads(payload))
 
 
 def map_in_processes(fn: Callable, jobs: Sequence[tuple], processes: int, *, threads: int = 1,
                      desc: str | None = None, weights: Sequence[int] | None = None,
-                     progress: bool = True) -> list[Any]:
-    """``[fn(*job) for job in jobs]``, computed ``processes`` jobs at a time in fresh (spawned)
-    processes of ``threads`` torch threads each; results in the order of ``jobs``.
+                     progress: bool = True, shared: tuple = ()) -> list[Any]:
+    """``[fn(*shared, *job) for job in jobs]``, computed ``processes`` jobs at a time in fresh
+    (spawned) processes of ``threads`` torch threads each; results in the order of ``jobs``.
 
     ``fn`` must be importable (a module-level function) and each job picklable; objects within
     one job keep their identity (a method and the model it holds arrive as one object graph), and
     each job's tensors are copies (never memory shared with this process or another job).
+    ``shared``: arguments sent to each worker once, not with every job (a model of 540 MB takes
+    1-3 s to pickle): objects within it keep their identity, and the jobs a worker runs one after
+    the other get the same objects, so a job that changes them must restore them.  Jobs go to
+    whichever worker is free, in the order given: put the longest first.
     A worker's error is raised here.  ``weights`` (one per job) drive the tqdm bar.
     """
     weights = list(weights) if weights is not None else [1] * len(jobs)
     results: list[Any] = [None] * len(jobs)
     # spawn, not fork: a forked child of a process that already ran torch's thread pool can hang.
     context = multiprocessing.get_context("spawn")
-    with cf.ProcessPoolExecutor(max_workers=processes, mp_context=context) as pool, \
+    with cf.ProcessPoolExecutor(max_workers=processes, mp_context=context, initializer=_receive,
+                                initargs=(threads, pickle.dumps(tuple(shared)))) as pool, \
             tqdm(total=sum(weights), desc=desc, disable=bar_disabled(progress)) as bar:
         # Plain pickle, so that every worker gets its own copy: multiprocessing's pickler would
         # pass torch tensors through shared memory, and one worker's in-place edit of the model's

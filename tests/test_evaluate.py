@@ -555,6 +555,42 @@ def test_worker_processes_give_the_same_table_row_for_row(model, tok, records):
     pd.testing.assert_frame_equal(one.drop(columns="edit_seconds"), two.drop(columns="edit_seconds"))
 
 
+def test_a_plan_is_its_parts_tables_one_after_the_other_in_processes_or_not(model, tok, records, monkeypatch):
+    """Two parts share records (as chapter 8's engines do): the plan's table is the concatenation
+    of the parts' own tables, in one process or two, and the unedited model's locality answers are
+    decoded once per record, not once per part."""
+    from instructedit_lite.editors.baselines import FTL
+
+    first = ev.evaluate_methods([Unedited(), TargetBias()], model, tok, records, progress=False, wild_tokens=6)
+    facts = {"counterfact": records["counterfact"]}
+    second = ev.evaluate_methods([FTL(steps=3)], model, tok, facts, progress=False, wild_tokens=6)
+    expected = pd.concat([first, second], ignore_index=True).drop(columns="edit_seconds")
+    parts = [([Unedited(), TargetBias()], model, tok, records), ([FTL(steps=3)], model, tok, facts)]
+    decoded = []
+    real_answers = ev.locality_answers
+    monkeypatch.setattr(ev, "locality_answers", lambda *a, **k: decoded.append(a[2]) or real_answers(*a, **k))
+    one = ev.evaluate_plan(parts, progress=False, wild_tokens=6)
+    fact_calls = [r for r in decoded if r.task == "counterfact"]  # (ConvSent has no answers to decode)
+    assert len(fact_calls) == len(facts["counterfact"])  # once per record, though both parts read them
+    pd.testing.assert_frame_equal(one.drop(columns="edit_seconds"), expected)
+    monkeypatch.undo()
+    two = ev.evaluate_plan(parts, progress=False, wild_tokens=6, processes=2)
+    pd.testing.assert_frame_equal(two.drop(columns="edit_seconds"), expected)
+
+
+def test_a_worker_receives_the_shared_arguments_once_and_keeps_them_between_jobs():
+    from instructedit_lite.parallel import map_in_processes
+
+    out = map_in_processes(_append_to_shared, [(1,), (2,), (3,)], 1, progress=False, shared=([],))
+    assert out == [[1], [1, 2], [1, 2, 3]]  # one worker, one list, in the order given
+    assert map_in_processes(_append_to_shared, [(5,)], 1, progress=False, shared=([0],)) == [[0, 5]]
+
+
+def _append_to_shared(seen: list, x: int) -> list:
+    seen.append(x)
+    return list(seen)
+
+
 def test_wild_answers_are_cut_at_a_stop_and_matched_after_normalisation():
     assert generation.wild_answer(" Paris. It is a city") == "Paris"
     assert generation.wild_answer(" the Eiffel\nTower") == "the Eiffel"
