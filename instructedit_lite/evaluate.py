@@ -349,12 +349,12 @@ def _evaluate_record(shared, record: EditRecord, entries, options: dict, in_work
                          "to worker processes; evaluate it with processes=1")
     models = {id(m): m for m in (getattr(model, "full_model", model) for _, model, _ in shared)}  # engines: their model
     fingerprints = {key: _fingerprint(model) for key, model in models.items()}
-    answers: dict[int, tuple] = {}  # the unedited greedy locality answers, per decoding model
+    answers: dict[tuple[int, int], tuple] = {}  # the unedited greedy locality answers, per decoding model and tokenizer
     rows = []
     for k, position, with_fluency in entries:
         methods, model, tokenizer = shared[k]
         pre = _forward(model, tokenizer, locality_rows(record))[0]
-        decoder = id(getattr(model, "full_model", model))
+        decoder = (id(getattr(model, "full_model", model)), id(tokenizer))
         if options["generation"] and decoder not in answers:
             answers[decoder] = locality_answers(model, tokenizer, record, max_tokens=options["wild_tokens"])
         pre_greedy, pre_wild = answers.get(decoder, (None, None))
