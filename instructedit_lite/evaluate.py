@@ -310,7 +310,8 @@ def evaluate_plan(parts: Sequence[Part], *, fluency_cases: int = 0, fluency_toke
     for k, (methods, model, tokenizer, records) in enumerate(parts):
         names = [m.name for m in methods]
         if len(set(names)) != len(names):
-            raise ValueError(f"evaluate_methods: method names must be distinct, got {names}")
+            where = "evaluate_methods" if len(parts) == 1 else f"evaluate_plan, part {k}"
+            raise ValueError(f"{where}: method names must be distinct, got {names}")
         shared.append((list(methods), model, tokenizer))
         if isinstance(records, Mapping):
             records = [r for recs in records.values() for r in recs]
@@ -345,8 +346,8 @@ def _evaluate_record(shared, record: EditRecord, entries, options: dict, in_work
     """The cases of one record in the parts of ``entries`` (part, position, with fluency):
     ``(part, position, method index, row)``."""
     if in_worker and record.task not in task_names():  # a fresh process knows the built-in tasks only
-        raise ValueError(f"evaluate_methods: task {record.task!r} was registered at run time and is unknown "
-                         "to worker processes; evaluate it with processes=1")
+        raise ValueError(f"evaluate_methods: task {record.task!r} ({record.source}, record {record.index}) was "
+                         "registered at run time and is unknown to worker processes; evaluate it with processes=1")
     models = {id(m): m for m in (getattr(model, "full_model", model) for _, model, _ in shared)}  # engines: their model
     fingerprints = {key: _fingerprint(model) for key, model in models.items()}
     answers: dict[tuple[int, int], tuple] = {}  # the unedited greedy locality answers, per decoding model and tokenizer
